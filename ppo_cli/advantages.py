@@ -1,0 +1,47 @@
+"""Advantage estimators: pure functions of tensors and floats.
+
+Conventions for every function here: tensors are shaped (T, N) = (time, env); step t holds the
+reward r_t received after acting in s_t, the value V(s_t), and ``next_values[t]`` = V(s_{t+1}) of
+the state that followed. When an episode was cut by a time limit at step t, ``next_values[t]`` is
+V of the *final* observation of that episode (not of the first observation of the next one), which
+is what makes bootstrapping through a truncation correct.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    next_values: torch.Tensor,
+    terminated: torch.Tensor,
+    truncated: torch.Tensor,
+    gamma: float,
+    gae_lambda: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised Advantage Estimation (Schulman et al. 2016, eq. 16).
+
+    delta_t = r_t + gamma * V(s_{t+1}) * (1 - terminated_t) - V(s_t)
+    A_t     = delta_t + gamma * lambda * (1 - done_t) * A_{t+1},   done_t = terminated_t or truncated_t
+
+    A terminal state has value 0, so ``terminated`` removes the bootstrap; a time-limit
+    ``truncated`` keeps it (the state was not terminal, we only stopped watching). Either one ends
+    the trace, since step t+1 belongs to another episode.
+
+    lambda = 0 gives the one-step TD error delta_t (low variance, biased by V);
+    lambda = 1 gives the discounted return to the end of the data minus V(s_t) (unbiased, high
+    variance). Returns ``(advantages, returns)`` with returns = advantages + values, the
+    regression target of the critic (the lambda-return).
+    """
+    not_terminated = 1.0 - terminated.to(rewards.dtype)
+    not_done = 1.0 - torch.logical_or(terminated.bool(), truncated.bool()).to(rewards.dtype)
+    deltas = rewards + gamma * next_values * not_terminated - values
+    decay = gamma * gae_lambda * not_done
+    advantages = torch.empty_like(rewards)
+    running = torch.zeros_like(rewards[0])
+    for t in range(rewards.shape[0] - 1, -1, -1):
+        running = deltas[t] + decay[t] * running
+        advantages[t] = running
+    return advantages, advantages + values

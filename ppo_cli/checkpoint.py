@@ -1,0 +1,120 @@
+"""Atomic checkpoint writes and validated reads.
+
+A checkpoint is a dict of tensors and plain Python values only (no pickled classes), so that
+``torch.load(..., weights_only=True)`` reads it and nothing inside it can run code. It is written
+to a temporary file in the same directory, flushed to disk, then ``os.replace``-d over the final
+name: a crash or kill at any moment leaves either the old checkpoint or the new one, never half of
+one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from ppo_cli.errors import UserError
+
+FORMAT_VERSION = 1
+LAST = "last.pt"
+PERIODIC = re.compile(r"step_(\d+)\.pt")
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def save_atomic(payload: dict[str, Any], path: Path) -> None:
+    """Write ``payload`` to ``path`` so that readers only ever see a complete file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist the rename itself (POSIX only; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(payload: dict[str, Any], run_dir: Path, keep: int, periodic: bool) -> Path:
+    """Write ``last.pt`` and, if ``periodic``, ``step_<global_step>.pt``, keeping ``keep`` of those."""
+    directory = checkpoint_dir(run_dir)
+    payload = {"format_version": FORMAT_VERSION, **payload}
+    last = directory / LAST
+    save_atomic(payload, last)
+    if periodic and keep > 0:
+        save_atomic(payload, directory / f"step_{payload['global_step']:010d}.pt")
+        for old in periodic_checkpoints(directory)[:-keep]:
+            old.unlink(missing_ok=True)
+    return last
+
+
+def periodic_checkpoints(directory: Path) -> list[Path]:
+    """Periodic checkpoints, oldest first."""
+    found = [p for p in directory.glob("step_*.pt") if PERIODIC.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(PERIODIC.fullmatch(p.name).group(1)))  # type: ignore[union-attr]
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a run directory (meaning its ``checkpoints/last.pt``)."""
+    path = Path(path)
+    if path.is_dir():
+        path = checkpoint_dir(path) / LAST
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint (give a run directory or a .pt file)")
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read and sanity-check a checkpoint; any unreadable file is a one-line UserError."""
+    file = resolve_checkpoint(path)
+    try:
+        payload = torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{file}: not a readable ppo-cli checkpoint ({first_line})") from None
+    if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{file}: not a ppo-cli checkpoint of format {FORMAT_VERSION}")
+    return payload
+
+
+def describe_spaces(observation_space: gym.spaces.Space, action_space: gym.spaces.Space) -> dict[str, Any]:
+    """The spaces as plain data, enough to rebuild the agent without the environment."""
+    assert isinstance(observation_space, gym.spaces.Box)
+    action: dict[str, Any]
+    if isinstance(action_space, gym.spaces.Discrete):
+        action = {"type": "discrete", "n": int(action_space.n)}
+    else:
+        assert isinstance(action_space, gym.spaces.Box)
+        action = {"type": "box", "low": action_space.low.tolist(), "high": action_space.high.tolist()}
+    return {"observation_shape": list(observation_space.shape), "action": action}
+
+
+def rebuild_spaces(described: dict[str, Any]) -> tuple[gym.spaces.Box, gym.spaces.Space]:
+    """Inverse of :func:`describe_spaces` (observation bounds are not needed by the agent)."""
+    obs = gym.spaces.Box(-np.inf, np.inf, shape=tuple(described["observation_shape"]), dtype=np.float32)
+    action = described["action"]
+    if action["type"] == "discrete":
+        return obs, gym.spaces.Discrete(action["n"])
+    low = np.asarray(action["low"], dtype=np.float32)
+    return obs, gym.spaces.Box(low, np.asarray(action["high"], dtype=np.float32), dtype=np.float32)

@@ -1,0 +1,219 @@
+"""Typed schemas for the Hydra config tree, with range checks.
+
+The YAML files under ``configs/`` hold every default a user sees; the dataclasses here only fix the
+*shape* (which keys exist and their types) and the *allowed ranges*. Hydra merges each YAML file onto
+these schemas, so a misspelt key or a wrong type fails at composition time, and
+:func:`to_train_config` turns the composed ``DictConfig`` into dataclass objects, which runs every
+``__post_init__`` check before any environment or network is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from ppo_cli.errors import ConfigError
+
+DEVICES = ("auto", "cpu", "cuda")
+VECTORIZATIONS = ("auto", "sync", "async", "vector_entry_point")
+ACTIVATIONS = ("tanh", "relu")
+
+
+def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(key, f"got {value!r}, allowed: {allowed}")
+
+
+@dataclass
+class EnvConfig:
+    """Which environment, how many copies, and how observations and rewards are normalised."""
+
+    id: str = MISSING
+    num_envs: int = MISSING
+    num_steps: int = MISSING
+    vectorization: str = "auto"
+    max_episode_steps: int | None = None
+    normalize_obs: bool = False
+    normalize_reward: bool = False
+    clip_obs: float = 10.0
+    clip_reward: float = 10.0
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.id), "env.id", "a registered gymnasium id", self.id)
+        _require(self.num_envs >= 1, "env.num_envs", "an integer >= 1", self.num_envs)
+        _require(self.num_steps >= 1, "env.num_steps", "an integer >= 1", self.num_steps)
+        _require(
+            self.vectorization in VECTORIZATIONS,
+            "env.vectorization",
+            "|".join(VECTORIZATIONS),
+            self.vectorization,
+        )
+        _require(
+            self.max_episode_steps is None or self.max_episode_steps >= 1,
+            "env.max_episode_steps",
+            "null or an integer >= 1",
+            self.max_episode_steps,
+        )
+        _require(self.clip_obs > 0, "env.clip_obs", "a number > 0", self.clip_obs)
+        _require(self.clip_reward > 0, "env.clip_reward", "a number > 0", self.clip_reward)
+
+
+@dataclass
+class AlgoConfig:
+    """Hyperparameters of the learning algorithm (PPO-Clip)."""
+
+    name: str = MISSING
+    learning_rate: float = MISSING
+    anneal_lr: bool = MISSING
+    adam_eps: float = MISSING
+    gamma: float = MISSING
+    gae_lambda: float = MISSING
+    bootstrap_truncated: bool = MISSING
+    update_epochs: int = MISSING
+    num_minibatches: int = MISSING
+    norm_adv: bool = MISSING
+    clip_eps: float = MISSING
+    clip_vloss: bool = MISSING
+    ent_coef: float = MISSING
+    vf_coef: float = MISSING
+    max_grad_norm: float = MISSING
+    target_kl: float | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.learning_rate > 0, "algo.learning_rate", "a number > 0", self.learning_rate)
+        _require(self.adam_eps > 0, "algo.adam_eps", "a number > 0", self.adam_eps)
+        _require(0 < self.gamma <= 1, "algo.gamma", "a number in (0, 1]", self.gamma)
+        _require(
+            0 <= self.gae_lambda <= 1, "algo.gae_lambda", "a number in [0, 1]", self.gae_lambda
+        )
+        _require(self.update_epochs >= 1, "algo.update_epochs", "an integer >= 1", self.update_epochs)
+        _require(
+            self.num_minibatches >= 1, "algo.num_minibatches", "an integer >= 1", self.num_minibatches
+        )
+        _require(self.clip_eps > 0, "algo.clip_eps", "a number > 0", self.clip_eps)
+        _require(self.ent_coef >= 0, "algo.ent_coef", "a number >= 0", self.ent_coef)
+        _require(self.vf_coef >= 0, "algo.vf_coef", "a number >= 0", self.vf_coef)
+        _require(self.max_grad_norm > 0, "algo.max_grad_norm", "a number > 0", self.max_grad_norm)
+        _require(
+            self.target_kl is None or self.target_kl > 0,
+            "algo.target_kl",
+            "null (no early stop) or a number > 0",
+            self.target_kl,
+        )
+
+
+@dataclass
+class AgentConfig:
+    """Network shapes: separate actor and critic MLPs."""
+
+    actor_hidden: list[int] = field(default_factory=lambda: [64, 64])
+    critic_hidden: list[int] = field(default_factory=lambda: [64, 64])
+    activation: str = "tanh"
+    log_std_init: float = 0.0
+
+    def __post_init__(self) -> None:
+        for key in ("actor_hidden", "critic_hidden"):
+            sizes = getattr(self, key)
+            _require(
+                len(sizes) >= 1 and all(s >= 1 for s in sizes),
+                f"agent.{key}",
+                "a non-empty list of integers >= 1",
+                list(sizes),
+            )
+        _require(
+            self.activation in ACTIVATIONS, "agent.activation", "|".join(ACTIVATIONS), self.activation
+        )
+
+
+@dataclass
+class CheckpointConfig:
+    """How often to save, and how many periodic checkpoints to keep beside ``last.pt``."""
+
+    interval: int = 10
+    keep: int = 3
+
+    def __post_init__(self) -> None:
+        _require(
+            self.interval >= 0,
+            "checkpoint.interval",
+            "an integer >= 0 (iterations; 0 saves only at the end)",
+            self.interval,
+        )
+        _require(self.keep >= 0, "checkpoint.keep", "an integer >= 0", self.keep)
+
+
+@dataclass
+class EvalConfig:
+    """The evaluation that ends every training run."""
+
+    episodes: int = 10
+    deterministic: bool = True
+
+    def __post_init__(self) -> None:
+        _require(
+            self.episodes >= 0, "eval.episodes", "an integer >= 0 (0 skips it)", self.episodes
+        )
+
+
+@dataclass
+class TrainConfig:
+    """The whole run: one of each group plus the run-level keys."""
+
+    env: EnvConfig = MISSING
+    algo: AlgoConfig = MISSING
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    device: str = "auto"
+    torch_threads: int = 1
+    total_timesteps: int = MISSING
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.device in DEVICES, "device", "|".join(DEVICES), self.device)
+        _require(
+            self.torch_threads >= 0,
+            "torch_threads",
+            "an integer >= 0 (0 keeps torch's default)",
+            self.torch_threads,
+        )
+        _require(self.seed >= 0, "seed", "an integer >= 0", self.seed)
+        _require(
+            self.total_timesteps >= self.batch_size,
+            "total_timesteps",
+            f"an integer >= env.num_envs * env.num_steps = {self.batch_size}",
+            self.total_timesteps,
+        )
+        if self.batch_size % self.algo.num_minibatches:
+            raise ConfigError(
+                "algo.num_minibatches",
+                f"got {self.algo.num_minibatches}, allowed: a divisor of the batch "
+                f"env.num_envs * env.num_steps = {self.batch_size}",
+            )
+
+    @property
+    def batch_size(self) -> int:
+        """Transitions per iteration: every env steps ``num_steps`` times."""
+        return self.env.num_envs * self.env.num_steps
+
+    @property
+    def num_iterations(self) -> int:
+        """Whole iterations that fit in the step budget."""
+        return self.total_timesteps // self.batch_size
+
+
+def register_schemas() -> None:
+    """Make the schemas known to Hydra; ``configs/train.yaml`` lists ``train_schema`` first."""
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def to_train_config(cfg: DictConfig) -> TrainConfig:
+    """Turn a composed config into checked dataclasses (raises ConfigError on bad values)."""
+    train_cfg = OmegaConf.to_object(cfg)
+    assert isinstance(train_cfg, TrainConfig), type(train_cfg)
+    return train_cfg

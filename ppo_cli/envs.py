@@ -1,0 +1,106 @@
+"""Build the vector environment a run trains or evaluates on.
+
+gymnasium >= 1.0 vector envs reset a finished sub-env on the *next* call to ``step`` by default
+(``AutoresetMode.NEXT_STEP``): that call ignores the action and returns the first observation of
+the new episode with reward 0, a transition no agent should learn from. We ask ``sync`` and
+``async`` vector envs for ``SAME_STEP`` autoreset instead (the final observation then arrives in
+``info["final_obs"]``). gymnasium's numpy-vectorised implementations (e.g. ``CartPoleVectorEnv``) only
+know ``NEXT_STEP``; for those the rollout masks the fake step out (see ``rollout.py``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.wrappers.vector import RecordEpisodeStatistics
+
+from ppo_cli.config import EnvConfig
+from ppo_cli.errors import UserError
+
+SUPPORTED_SPACES = "Box (continuous, 1-D actions) or Discrete actions; Box observations"
+
+
+def _resolve_spec(env_id: str) -> gym.envs.registration.EnvSpec:
+    """Find the registered spec, importing ``package.module`` for ids of the form ``module:Env-v0``."""
+    if ":" in env_id:
+        module, _, _ = env_id.partition(":")
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise UserError(f"env.id: cannot import module {module!r} ({exc})") from None
+        env_id = env_id.split(":", 1)[1]
+    try:
+        return gym.spec(env_id)
+    except gym.error.Error:
+        close = difflib.get_close_matches(env_id, list(gym.registry), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UserError(f"env.id: {env_id!r} is not a registered gymnasium environment{hint}") from None
+
+
+def resolve_vectorization(cfg: EnvConfig, spec: gym.envs.registration.EnvSpec) -> str:
+    """``auto`` picks gymnasium's numpy-vectorised implementation when the env has one."""
+    if cfg.vectorization != "auto":
+        return cfg.vectorization
+    plain = not cfg.kwargs and cfg.max_episode_steps is None
+    return "vector_entry_point" if spec.vector_entry_point is not None and plain else "sync"
+
+
+def make_vector_env(cfg: EnvConfig, num_envs: int | None = None, render_mode: str | None = None) -> VectorEnv:
+    """The vector env described by ``cfg``, with episode statistics recorded in ``info["episode"]``."""
+    spec = _resolve_spec(cfg.id)
+    mode = resolve_vectorization(cfg, spec)
+    if mode == "vector_entry_point" and spec.vector_entry_point is None:
+        raise UserError(
+            f"env.vectorization: {spec.id} has no numpy-vectorised implementation; allowed: auto|sync|async"
+        )
+    kwargs: dict[str, Any] = dict(cfg.kwargs)
+    if render_mode is not None:
+        kwargs["render_mode"] = render_mode
+    if cfg.max_episode_steps is not None:
+        kwargs["max_episode_steps"] = cfg.max_episode_steps
+    vector_kwargs = None if mode == "vector_entry_point" else {"autoreset_mode": AutoresetMode.SAME_STEP}
+    try:
+        envs = gym.make_vec(
+            spec,
+            num_envs=num_envs or cfg.num_envs,
+            vectorization_mode=mode,
+            vector_kwargs=vector_kwargs,
+            **kwargs,
+        )
+    except gym.error.DependencyNotInstalled as exc:
+        raise UserError(f"env.id: {spec.id} needs an optional dependency: {exc}") from None
+    check_spaces(envs, spec.id)
+    return RecordEpisodeStatistics(envs)
+
+
+def check_spaces(envs: VectorEnv, env_id: str) -> None:
+    """Refuse spaces the agent cannot handle, before any network is built."""
+    obs_space, act_space = envs.single_observation_space, envs.single_action_space
+    if not isinstance(obs_space, gym.spaces.Box):
+        raise UserError(
+            f"env.id: {env_id} has a {type(obs_space).__name__} observation space; supported: {SUPPORTED_SPACES}"
+        )
+    ok_box = isinstance(act_space, gym.spaces.Box) and len(act_space.shape) == 1
+    if not (ok_box or isinstance(act_space, gym.spaces.Discrete)):
+        raise UserError(
+            f"env.id: {env_id} has a {act_space} action space; supported: {SUPPORTED_SPACES}"
+        )
+
+
+def uses_next_step_autoreset(envs: VectorEnv) -> bool:
+    """True when the env emits the reset transition as an extra step (see module docstring)."""
+    mode = envs.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)
+    return AutoresetMode(mode) == AutoresetMode.NEXT_STEP
+
+
+def finished_episodes(info: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(env indices, returns, lengths) of the episodes that ended in this step (raw rewards)."""
+    if "episode" not in info:
+        return np.empty(0, dtype=int), np.empty(0), np.empty(0, dtype=int)
+    done = info["_episode"]
+    return np.flatnonzero(done), info["episode"]["r"][done], info["episode"]["l"][done]

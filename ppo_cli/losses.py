@@ -1,0 +1,77 @@
+"""Objective terms and diagnostics: pure functions of tensors and floats, no config objects.
+
+Every loss here is something to *minimise* and is averaged over the minibatch it is given.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def clipped_surrogate_loss(
+    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_eps: float
+) -> torch.Tensor:
+    """PPO-Clip policy loss (Schulman et al. 2017, eq. 7), negated for minimisation.
+
+    L = -mean( min( rho * A, clip(rho, 1 - eps, 1 + eps) * A ) ),   rho = pi(a|s) / pi_old(a|s)
+
+    The min makes the objective a pessimistic bound: moving rho outside [1 - eps, 1 + eps] in
+    the direction that A rewards earns nothing more, while moving it the wrong way is paid in full.
+    """
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages
+    return -torch.minimum(unclipped, clipped).mean()
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    clip_eps: float | None,
+) -> torch.Tensor:
+    """Critic regression loss, optionally with PPO's value clipping in its max form.
+
+    Unclipped: 0.5 * mean( (V - R)^2 ).
+    Clipped:   0.5 * mean( max( (V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2 ) ).
+    Taking the max (not the clipped term alone) means clipping can only make the loss larger, so
+    it slows the critic down near V_old without ever rewarding it for staying there.
+    """
+    unclipped = (values - returns).square()
+    if clip_eps is None:
+        return 0.5 * unclipped.mean()
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
+    clipped = (clipped_values - returns).square()
+    return 0.5 * torch.maximum(unclipped, clipped).mean()
+
+
+def normalize_advantages(advantages: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(A - mean) / (std + eps); a single sample is left centred only (its std is undefined)."""
+    if advantages.numel() < 2:
+        return advantages - advantages.mean()
+    return (advantages - advantages.mean()) / (advantages.std() + eps)
+
+
+def approx_kl(log_prob: torch.Tensor, old_log_prob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two sample estimates of KL(pi_old || pi) from r = pi / pi_old at actions drawn from pi_old.
+
+    k1 = mean(-log r) is unbiased but can be negative on a minibatch;
+    k3 = mean((r - 1) - log r) is unbiased and never negative (Schulman, "Approximating KL
+    Divergence", 2020). Returns ``(k1, k3)``; k3 is the one compared with ``target_kl``.
+    """
+    log_ratio = log_prob - old_log_prob
+    return (-log_ratio).mean(), (torch.expm1(log_ratio) - log_ratio).mean()
+
+
+def clip_fraction(log_prob: torch.Tensor, old_log_prob: torch.Tensor, clip_eps: float) -> torch.Tensor:
+    """Share of samples whose ratio lies outside [1 - eps, 1 + eps]."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    return ((ratio - 1.0).abs() > clip_eps).float().mean()
+
+
+def explained_variance(predictions: torch.Tensor, targets: torch.Tensor) -> float:
+    """1 - Var[R - V] / Var[R]: 1 is a perfect critic, 0 no better than a constant, < 0 worse."""
+    var_targets = targets.var()
+    if var_targets == 0:
+        return float("nan")
+    return float(1.0 - (targets - predictions).var() / var_targets)

@@ -1,0 +1,135 @@
+"""Preallocated rollout storage and the loop that fills it.
+
+One iteration collects ``num_steps`` x ``num_envs`` transitions. Storage is allocated once, on the
+training device, and overwritten in place every iteration.
+
+Two autoreset conventions are handled (see ``envs.py``):
+
+* ``SAME_STEP`` (sync/async vector envs): a finished episode's last observation arrives in
+  ``info["final_obs"]``; when the episode was *truncated*, V(final_obs) is computed here and used as
+  that step's bootstrap value.
+* ``NEXT_STEP`` (numpy-vectorised envs): the step after an episode end is a fake transition (action
+  ignored, reward 0). It is stored with ``valid = False`` and never reaches a loss. Conveniently, the
+  observation stored for the fake step *is* the final observation, so the ordinary
+  ``next_values[t] = values[t + 1]`` already bootstraps a truncation correctly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from gymnasium.vector import VectorEnv
+
+from ppo_cli.agent import ActorCritic
+from ppo_cli.envs import finished_episodes, uses_next_step_autoreset
+from ppo_cli.normalization import RewardScaler
+
+
+class RolloutStorage:
+    """(T, N, ...) tensors for one iteration of experience."""
+
+    def __init__(
+        self,
+        num_steps: int,
+        num_envs: int,
+        obs_shape: tuple[int, ...],
+        action_shape: tuple[int, ...],
+        action_dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        shape = (num_steps, num_envs)
+        self.obs = torch.zeros((*shape, *obs_shape), device=device)
+        self.actions = torch.zeros((*shape, *action_shape), dtype=action_dtype, device=device)
+        self.log_probs = torch.zeros(shape, device=device)
+        self.values = torch.zeros(shape, device=device)
+        self.next_values = torch.zeros(shape, device=device)
+        self.rewards = torch.zeros(shape, device=device)
+        self.terminated = torch.zeros(shape, dtype=torch.bool, device=device)
+        self.truncated = torch.zeros(shape, dtype=torch.bool, device=device)
+        self.valid = torch.ones(shape, dtype=torch.bool, device=device)
+
+
+@dataclass
+class RolloutStats:
+    """Episodes that finished during one collection (raw returns, before any reward scaling)."""
+
+    episode_returns: list[float] = field(default_factory=list)
+    episode_lengths: list[int] = field(default_factory=list)
+
+
+class Collector:
+    """Steps a vector env with an agent and writes the transitions into a storage."""
+
+    def __init__(
+        self,
+        envs: VectorEnv,
+        agent: ActorCritic,
+        storage: RolloutStorage,
+        reward_scaler: RewardScaler | None,
+        bootstrap_truncated: bool,
+        device: torch.device,
+        seed: int,
+    ) -> None:
+        self.envs = envs
+        self.agent = agent
+        self.storage = storage
+        self.reward_scaler = reward_scaler
+        self.bootstrap_truncated = bootstrap_truncated
+        self.device = device
+        self.next_step_autoreset = uses_next_step_autoreset(envs)
+        obs, _ = envs.reset(seed=seed)
+        self.obs = self._observe(obs)
+        self.prev_done = torch.zeros(envs.num_envs, dtype=torch.bool, device=device)
+
+    def _to_tensor(self, array: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.as_tensor(array, dtype=dtype, device=self.device)
+
+    def _observe(self, obs: np.ndarray) -> torch.Tensor:
+        """Fold fresh observations into the statistics, then normalise them."""
+        tensor = self._to_tensor(obs)
+        if self.agent.obs_normalizer is not None:
+            self.agent.obs_normalizer.stats.update(tensor.flatten(1))
+        return self.agent.normalize(tensor)
+
+    @torch.no_grad()
+    def collect(self) -> RolloutStats:
+        """Fill the storage with ``num_steps`` steps of every env."""
+        s, stats = self.storage, RolloutStats()
+        truncation_values: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        for t in range(s.obs.shape[0]):
+            valid = ~self.prev_done if self.next_step_autoreset else torch.ones_like(self.prev_done)
+            sample = self.agent.sample(self.obs)
+            s.obs[t], s.actions[t], s.log_probs[t], s.values[t] = (
+                self.obs, sample.action, sample.log_prob, sample.value
+            )
+            s.valid[t] = valid
+            obs, reward, terminated, truncated, info = self.envs.step(self.agent.env_action(sample.action))
+            s.terminated[t] = self._to_tensor(terminated, torch.bool)
+            s.truncated[t] = self._to_tensor(truncated, torch.bool)
+            done = s.terminated[t] | s.truncated[t]
+            rewards = self._to_tensor(reward)
+            if self.reward_scaler is not None:
+                rewards = self.reward_scaler(rewards, done, valid)
+            s.rewards[t] = rewards
+            if truncated.any() and "final_obs" in info and self.bootstrap_truncated:
+                truncation_values.append(self._final_values(t, truncated, info["final_obs"]))
+            _, returns, lengths = finished_episodes(info)
+            stats.episode_returns += returns.tolist()
+            stats.episode_lengths += lengths.tolist()
+            self.prev_done = done
+            self.obs = self._observe(obs)
+        s.next_values[:-1] = s.values[1:]
+        s.next_values[-1] = self.agent.value(self.obs)
+        for t, idx, values in truncation_values:
+            s.next_values[t, idx] = values
+        return stats
+
+    def _final_values(
+        self, t: int, truncated: np.ndarray, final_obs: np.ndarray
+    ) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(t, env indices, V(final_obs)) for the envs cut by a time limit at step t."""
+        idx = np.flatnonzero(truncated)
+        obs = self.agent.normalize(self._to_tensor(np.stack(final_obs[idx])))
+        return t, torch.as_tensor(idx, device=self.device), self.agent.value(obs)
