@@ -13,6 +13,7 @@ log-probabilities in the update refer to the action that was actually sampled.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import NamedTuple
 
@@ -35,7 +36,7 @@ def mlp(in_dim: int, hidden: list[int], out_dim: int, activation: str, out_gain:
     """Linear layers with the given activation between them, orthogonally initialised."""
     layers: list[nn.Module] = []
     sizes = [in_dim, *hidden]
-    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+    for a, b in itertools.pairwise(sizes):
         layers += [_orthogonal(nn.Linear(a, b), math.sqrt(2)), ACTIVATIONS[activation]()]
     layers.append(_orthogonal(nn.Linear(sizes[-1], out_dim), out_gain))
     return nn.Sequential(*layers)
@@ -121,7 +122,7 @@ class ActorCritic(nn.Module):
         """Sample actions for a batch of normalised observations, with log pi(a|s) and V(s)."""
         dist = self.distribution(obs)
         if deterministic:
-            action = dist.mean if self.continuous else dist.probs.argmax(-1)
+            action = dist.mean if self.continuous else dist.logits.argmax(-1)  # type: ignore[attr-defined]
         else:
             action = dist.sample()
         log_prob, _ = self.log_prob_entropy(dist, action)

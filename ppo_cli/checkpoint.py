@@ -106,7 +106,11 @@ def describe_spaces(observation_space: gym.spaces.Space, action_space: gym.space
         action = {"type": "discrete", "n": int(action_space.n)}
     else:
         assert isinstance(action_space, gym.spaces.Box)
-        action = {"type": "box", "low": action_space.low.tolist(), "high": action_space.high.tolist()}
+        action = {
+            "type": "box",
+            "low": action_space.low.tolist(),
+            "high": action_space.high.tolist(),
+        }
     return {"observation_shape": list(observation_space.shape), "action": action}
 
 

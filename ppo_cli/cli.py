@@ -12,15 +12,16 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from ppo_cli.config import register_schemas, to_train_config
+from ppo_cli.config import register_schemas, to_train_config, unknown_key_error
 from ppo_cli.errors import UserError
 from ppo_cli.logger import write_summary
 from ppo_cli.train import train
@@ -49,17 +50,38 @@ OmegaConf.register_new_resolver("slug", slug, replace=True)
 @hydra.main(version_base="1.3", config_path=find_config_dir(), config_name="train")
 def _train_task(cfg: DictConfig) -> float | None:
     """One Hydra job: validate, train, return the final evaluation mean (for sweepers)."""
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        train_cfg = to_train_config(cfg)
+        try:
+            train_cfg = to_train_config(cfg)
+        except Exception as exc:
+            write_summary(run_dir, {"status": "failed", "global_step": 0, "error": one_line_error(exc)})
+            raise
+        summary = train(train_cfg, run_dir)
     except Exception as exc:
-        write_summary(run_dir, {"status": "failed", "global_step": 0, "error": one_line_error(exc)})
+        # In a single run, report here: past this function Hydra prints its own banner first.
+        message = user_error_message(exc)
+        if message is not None and hydra_cfg.mode == RunMode.RUN:
+            _exit_with_error("ppo-train", message)
         raise
-    summary = train(train_cfg, run_dir)
     print(f"run dir: {run_dir}")
     if "eval_mean" in summary:
         print(f"evaluation: {summary['eval_mean']:.2f} +/- {summary['eval_std']:.2f}")
     return summary.get("eval_mean")
+
+
+def user_error_message(exc: BaseException) -> str | None:
+    """The one-line message if ``exc`` was caused by bad input, None if it is a bug."""
+    user_types = (UserError, HydraException, OmegaConfBaseException)
+    if any(isinstance(err, user_types) for err in _chain(exc)):
+        return one_line_error(exc)
+    return None
+
+
+def _exit_with_error(prog: str, message: str) -> NoReturn:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    sys.exit(USER_ERROR_EXIT)
 
 
 def one_line_error(exc: BaseException) -> str:
@@ -98,47 +120,25 @@ def _missing_option(err: MissingConfigException) -> str:
 
 def _omegaconf_error(err: OmegaConfBaseException) -> str:
     key = str(getattr(err, "full_key", ""))
+    if isinstance(err, MissingMandatoryValue) and not key.endswith(str(getattr(err, "key", ""))):
+        key = f"{key}.{err.key}" if key else str(err.key)
     message = str(getattr(err, "msg", "") or err).strip().splitlines()[0]
-    if "not in struct" in message or "not found" in message.lower():
-        parent = key.rpartition(".")[0]
-        allowed = _schema_keys(parent)
-        hint = f"; allowed keys{' under ' + parent if parent else ''}: {', '.join(allowed)}" if allowed else ""
-        return f"{key}: not a config key{hint}"
-    if "Missing mandatory value" in message:
+    if re.search(r"not in struct|not in '|not found", message, re.IGNORECASE):
+        return str(unknown_key_error(key))
+    if "missing mandatory value" in message.lower():
         return f"{key}: missing value; set it on the command line ({key}=...)"
-    message = re.sub(r"\s*full_key:.*$", "", message)
     return f"{key}: {message}"
-
-
-def _schema_keys(parent: str) -> list[str]:
-    """The keys the schema allows at ``parent`` ('' = top level)."""
-    node: Any = OmegaConf.structured(_train_schema())
-    for part in filter(None, parent.split(".")):
-        if not isinstance(node, DictConfig) or part not in node:
-            return []
-        node = node[part]
-    return sorted(str(k) for k in node.keys()) if isinstance(node, DictConfig) else []
-
-
-def _train_schema() -> type:
-    from ppo_cli.config import TrainConfig
-
-    return TrainConfig
 
 
 def _run_cli(task: Callable[[], Any], prog: str) -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         task()
-    except (UserError, HydraException, OmegaConfBaseException) as exc:
-        print(f"{prog}: error: {one_line_error(exc)}", file=sys.stderr)
-        sys.exit(USER_ERROR_EXIT)
     except Exception as exc:
-        # Composition errors arrive wrapped; a user error anywhere in the chain is still one line.
-        if any(isinstance(e, UserError | OmegaConfBaseException) for e in _chain(exc)):
-            print(f"{prog}: error: {one_line_error(exc)}", file=sys.stderr)
-            sys.exit(USER_ERROR_EXIT)
-        raise
+        message = user_error_message(exc)
+        if message is None:
+            raise
+        _exit_with_error(prog, message)
 
 
 def train_main() -> None:

@@ -9,6 +9,8 @@ these schemas, so a misspelt key or a wrong type fails at composition time, and
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,12 +89,13 @@ class AlgoConfig:
         _require(self.learning_rate > 0, "algo.learning_rate", "a number > 0", self.learning_rate)
         _require(self.adam_eps > 0, "algo.adam_eps", "a number > 0", self.adam_eps)
         _require(0 < self.gamma <= 1, "algo.gamma", "a number in (0, 1]", self.gamma)
-        _require(
-            0 <= self.gae_lambda <= 1, "algo.gae_lambda", "a number in [0, 1]", self.gae_lambda
-        )
+        _require(0 <= self.gae_lambda <= 1, "algo.gae_lambda", "a number in [0, 1]", self.gae_lambda)
         _require(self.update_epochs >= 1, "algo.update_epochs", "an integer >= 1", self.update_epochs)
         _require(
-            self.num_minibatches >= 1, "algo.num_minibatches", "an integer >= 1", self.num_minibatches
+            self.num_minibatches >= 1,
+            "algo.num_minibatches",
+            "an integer >= 1",
+            self.num_minibatches,
         )
         _require(self.clip_eps > 0, "algo.clip_eps", "a number > 0", self.clip_eps)
         _require(self.ent_coef >= 0, "algo.ent_coef", "a number >= 0", self.ent_coef)
@@ -125,7 +128,10 @@ class AgentConfig:
                 list(sizes),
             )
         _require(
-            self.activation in ACTIVATIONS, "agent.activation", "|".join(ACTIVATIONS), self.activation
+            self.activation in ACTIVATIONS,
+            "agent.activation",
+            "|".join(ACTIVATIONS),
+            self.activation,
         )
 
 
@@ -154,9 +160,7 @@ class EvalConfig:
     deterministic: bool = True
 
     def __post_init__(self) -> None:
-        _require(
-            self.episodes >= 0, "eval.episodes", "an integer >= 0 (0 skips it)", self.episodes
-        )
+        _require(self.episodes >= 0, "eval.episodes", "an integer >= 0 (0 skips it)", self.episodes)
 
 
 @dataclass
@@ -214,6 +218,46 @@ def register_schemas() -> None:
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:
     """Turn a composed config into checked dataclasses (raises ConfigError on bad values)."""
+    reject_unknown_keys(cfg, TrainConfig)
     train_cfg = OmegaConf.to_object(cfg)
     assert isinstance(train_cfg, TrainConfig), type(train_cfg)
     return train_cfg
+
+
+def reject_unknown_keys(node: DictConfig, schema: type, prefix: str = "") -> None:
+    """Refuse keys the schema does not define.
+
+    Hydra lets ``+key=value`` add a key even to a structured config, and ``to_object`` would then
+    drop it silently; a typo must be an error instead. Free-form dict fields (``env.kwargs``) are
+    not checked.
+    """
+    fields = {f.name for f in dataclasses.fields(schema)}
+    for key in node:
+        name = str(key)
+        if name not in fields:
+            raise unknown_key_error(f"{prefix}{name}")
+        child_schema = _schema_of(schema, name)
+        if child_schema is not None and isinstance(node[name], DictConfig):
+            reject_unknown_keys(node[name], child_schema, f"{prefix}{name}.")
+
+
+def unknown_key_error(full_key: str) -> ConfigError:
+    """'<key>: not a config key; allowed keys under <parent>: ...', from the schema."""
+    parent, _, _ = full_key.rpartition(".")
+    schema: Any = TrainConfig
+    for part in filter(None, parent.split(".")):
+        schema = _schema_of(schema, part)
+        if schema is None:
+            return ConfigError(
+                full_key,
+                f"not a config key (to add an entry to the mapping {parent} write +{full_key}=...)",
+            )
+    allowed = ", ".join(sorted(f.name for f in dataclasses.fields(schema)))
+    where = f" under {parent}" if parent else ""
+    return ConfigError(full_key, f"not a config key; allowed keys{where}: {allowed}")
+
+
+def _schema_of(schema: type, field_name: str) -> type | None:
+    """The dataclass type of a field, or None for plain fields, mappings and unknown names."""
+    child_type = typing.get_type_hints(schema).get(field_name)
+    return child_type if isinstance(child_type, type) and dataclasses.is_dataclass(child_type) else None

@@ -83,13 +83,12 @@ def check_spaces(envs: VectorEnv, env_id: str) -> None:
     obs_space, act_space = envs.single_observation_space, envs.single_action_space
     if not isinstance(obs_space, gym.spaces.Box):
         raise UserError(
-            f"env.id: {env_id} has a {type(obs_space).__name__} observation space; supported: {SUPPORTED_SPACES}"
+            f"env.id: {env_id} has a {type(obs_space).__name__} observation space; "
+            f"supported: {SUPPORTED_SPACES}"
         )
     ok_box = isinstance(act_space, gym.spaces.Box) and len(act_space.shape) == 1
     if not (ok_box or isinstance(act_space, gym.spaces.Discrete)):
-        raise UserError(
-            f"env.id: {env_id} has a {act_space} action space; supported: {SUPPORTED_SPACES}"
-        )
+        raise UserError(f"env.id: {env_id} has a {act_space} action space; supported: {SUPPORTED_SPACES}")
 
 
 def uses_next_step_autoreset(envs: VectorEnv) -> bool:

@@ -1,8 +1,8 @@
 """The public Python API: load a trained agent and act with it.
 
-    from ppo_cli import load_agent
-    agent = load_agent("runs/CartPole-v1__clip__s0__20260101-120000")
-    action = agent.act(obs, deterministic=True)
+from ppo_cli import load_agent
+agent = load_agent("runs/CartPole-v1__clip__s0__20260101-120000")
+action = agent.act(obs, deterministic=True)
 """
 
 from __future__ import annotations
@@ -62,7 +62,11 @@ def load_agent(path: str | Path, device: str = "cpu") -> TrainedAgent:
     obs_space, act_space = rebuild_spaces(payload["spaces"])
     env_cfg = config["env"]
     network = ActorCritic(
-        obs_space, act_space, AgentConfig(**config["agent"]), env_cfg["normalize_obs"], env_cfg["clip_obs"]
+        obs_space,
+        act_space,
+        AgentConfig(**config["agent"]),
+        env_cfg["normalize_obs"],
+        env_cfg["clip_obs"],
     )
     try:
         network.load_state_dict(payload["agent"])

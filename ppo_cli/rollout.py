@@ -102,7 +102,10 @@ class Collector:
             valid = ~self.prev_done if self.next_step_autoreset else torch.ones_like(self.prev_done)
             sample = self.agent.sample(self.obs)
             s.obs[t], s.actions[t], s.log_probs[t], s.values[t] = (
-                self.obs, sample.action, sample.log_prob, sample.value
+                self.obs,
+                sample.action,
+                sample.log_prob,
+                sample.value,
             )
             s.valid[t] = valid
             obs, reward, terminated, truncated, info = self.envs.step(self.agent.env_action(sample.action))
@@ -131,5 +134,5 @@ class Collector:
     ) -> tuple[int, torch.Tensor, torch.Tensor]:
         """(t, env indices, V(final_obs)) for the envs cut by a time limit at step t."""
         idx = np.flatnonzero(truncated)
-        obs = self.agent.normalize(self._to_tensor(np.stack(final_obs[idx])))
+        obs = self.agent.normalize(self._to_tensor(np.stack(list(final_obs[idx]))))
         return t, torch.as_tensor(idx, device=self.device), self.agent.value(obs)

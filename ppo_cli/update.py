@@ -27,9 +27,7 @@ class Batch:
     returns: torch.Tensor
 
     @classmethod
-    def from_storage(
-        cls, storage: RolloutStorage, advantages: torch.Tensor, returns: torch.Tensor
-    ) -> Batch:
+    def from_storage(cls, storage: RolloutStorage, advantages: torch.Tensor, returns: torch.Tensor) -> Batch:
         """Flatten time and env dimensions and drop the fake steps of NEXT_STEP autoreset."""
         valid = storage.valid.flatten()
         keep = None if bool(valid.all()) else valid.nonzero().squeeze(-1)

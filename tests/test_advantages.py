@@ -1,0 +1,142 @@
+"""GAE against an independent reference and its limiting cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ppo_cli.advantages import gae
+
+GAMMA = 0.9
+
+
+def reference_gae(rewards, values, next_values, terminated, truncated, gamma, lam):
+    """Plain Python double loop over envs and time, straight from the GAE recursion."""
+    T, N = len(rewards), len(rewards[0])
+    adv = [[0.0] * N for _ in range(T)]
+    for n in range(N):
+        running = 0.0
+        for t in reversed(range(T)):
+            term = bool(terminated[t][n])
+            done = term or bool(truncated[t][n])
+            bootstrap = 0.0 if term else gamma * next_values[t][n]
+            delta = rewards[t][n] + bootstrap - values[t][n]
+            running = delta + (0.0 if done else gamma * lam * running)
+            adv[t][n] = running
+    return adv
+
+
+def random_rollout(T: int = 12, N: int = 4, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    rewards = torch.randn(T, N, generator=g, dtype=torch.float64)
+    values = torch.randn(T, N, generator=g, dtype=torch.float64)
+    next_values = torch.randn(T, N, generator=g, dtype=torch.float64)
+    terminated = torch.rand(T, N, generator=g) < 0.2
+    truncated = (torch.rand(T, N, generator=g) < 0.2) & ~terminated
+    assert terminated.any() and truncated.any()
+    return rewards, values, next_values, terminated, truncated
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5, 0.95, 1.0])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gae_matches_reference_loop(lam: float, seed: int) -> None:
+    r, v, nv, term, trunc = random_rollout(seed=seed)
+    adv, ret = gae(r, v, nv, term, trunc, GAMMA, lam)
+    expected = reference_gae(
+        r.tolist(), v.tolist(), nv.tolist(), term.tolist(), trunc.tolist(), GAMMA, lam
+    )
+    torch.testing.assert_close(adv, torch.tensor(expected, dtype=torch.float64))
+    torch.testing.assert_close(ret, adv + v)
+
+
+def test_gae_accepts_float_flags() -> None:
+    r, v, nv, term, trunc = random_rollout(seed=3)
+    a_bool, _ = gae(r, v, nv, term, trunc, GAMMA, 0.9)
+    a_float, _ = gae(r, v, nv, term.double(), trunc.double(), GAMMA, 0.9)
+    torch.testing.assert_close(a_bool, a_float)
+
+
+def test_lambda_zero_is_td_error() -> None:
+    r, v, nv, term, trunc = random_rollout(seed=4)
+    adv, _ = gae(r, v, nv, term, trunc, GAMMA, 0.0)
+    td = r + GAMMA * nv * (1.0 - term.double()) - v
+    torch.testing.assert_close(adv, td)
+
+
+def test_lambda_one_is_discounted_return_minus_value() -> None:
+    r, v, nv, term, trunc = random_rollout(T=10, N=3, seed=5)
+    # As in a real rollout, V(s_{t+1}) inside an episode is the next step's value; only the
+    # ends (terminations, truncations, the last step) carry an independent next value.
+    inside = ~(term | trunc)[:-1]
+    nv[:-1] = torch.where(inside, v[1:], nv[:-1])
+    adv, ret = gae(r, v, nv, term, trunc, GAMMA, 1.0)
+    T, N = r.shape
+    expected = torch.empty_like(r)
+    for n in range(N):
+        for t in range(T):
+            # Sum discounted rewards until the episode ends or the data runs out.
+            total, discount, k = 0.0, 1.0, t
+            while True:
+                total += discount * r[k, n].item()
+                discount *= GAMMA
+                if term[k, n]:
+                    break
+                if trunc[k, n] or k == T - 1:
+                    total += discount * nv[k, n].item()
+                    break
+                k += 1
+            expected[t, n] = total - v[t, n]
+    torch.testing.assert_close(adv, expected)
+    torch.testing.assert_close(ret, expected + v)
+
+
+def test_terminated_step_does_not_bootstrap() -> None:
+    r, v, nv, term, trunc = random_rollout(seed=6)
+    term[5, 1], trunc[5, 1] = True, False
+    adv, _ = gae(r, v, nv, term, trunc, GAMMA, 0.95)
+    nv2 = nv.clone()
+    nv2[5, 1] += 100.0
+    adv2, _ = gae(r, v, nv2, term, trunc, GAMMA, 0.95)
+    torch.testing.assert_close(adv, adv2)
+    # Same change at a non-terminated step does matter (the test above is not vacuous).
+    term[5, 1] = False
+    a, _ = gae(r, v, nv, term, trunc, GAMMA, 0.95)
+    b, _ = gae(r, v, nv2, term, trunc, GAMMA, 0.95)
+    assert (a - b).abs().max() > 1.0
+
+
+def test_truncated_step_bootstraps_and_cuts_trace() -> None:
+    T, N = 8, 2
+    r, v, nv, term, trunc = random_rollout(T=T, N=N, seed=7)
+    term.zero_()
+    trunc.zero_()
+    t_cut = 4
+    trunc[t_cut, 0] = True
+    adv, _ = gae(r, v, nv, term, trunc, GAMMA, 0.95)
+    # The truncated step is the TD error bootstrapped from V(final_obs) = next_values[t].
+    torch.testing.assert_close(adv[t_cut, 0], r[t_cut, 0] + GAMMA * nv[t_cut, 0] - v[t_cut, 0])
+    # Changing next_values at the truncation moves its advantage by gamma * change.
+    nv2 = nv.clone()
+    nv2[t_cut, 0] += 10.0
+    adv_nv, _ = gae(r, v, nv2, term, trunc, GAMMA, 0.95)
+    torch.testing.assert_close(
+        adv_nv[t_cut, 0] - adv[t_cut, 0], torch.tensor(GAMMA * 10.0).double()
+    )
+    # Rewards after the cut do not reach steps before it.
+    r2 = r.clone()
+    r2[t_cut + 1 :, 0] += 50.0
+    adv_r, _ = gae(r2, v, nv, term, trunc, GAMMA, 0.95)
+    torch.testing.assert_close(adv_r[: t_cut + 1, 0], adv[: t_cut + 1, 0])
+    assert (adv_r[t_cut + 1 :, 0] - adv[t_cut + 1 :, 0]).abs().min() > 1.0
+    # ... whereas without the truncation they do (env 1 has none).
+    r3 = r.clone()
+    r3[t_cut + 1 :, 1] += 50.0
+    adv_r3, _ = gae(r3, v, nv, term, trunc, GAMMA, 0.95)
+    assert (adv_r3[t_cut - 1, 1] - adv[t_cut - 1, 1]).abs() > 1.0
+
+
+def test_returns_are_advantages_plus_values() -> None:
+    r, v, nv, term, trunc = random_rollout(seed=8)
+    adv, ret = gae(r, v, nv, term, trunc, 0.99, 0.95)
+    torch.testing.assert_close(ret, adv + v)
+    assert adv.shape == ret.shape == r.shape

@@ -1,0 +1,292 @@
+"""Checkpoint files: rotation, safe loading, atomic writes, and the load_agent round trip."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ppo_cli import checkpoint as ckpt
+from ppo_cli import load_agent
+from ppo_cli.agent import ActorCritic
+from ppo_cli.config import AgentConfig, AlgoConfig, EnvConfig, TrainConfig
+from ppo_cli.errors import UserError
+from ppo_cli.normalization import RewardScaler
+
+
+def _payload(step: int, **extra) -> dict:
+    return {"global_step": step, "weights": torch.full((3,), float(step)), **extra}
+
+
+def _files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def test_save_writes_last_and_rotates_periodic(tmp_path: Path) -> None:
+    steps = [8, 16, 24, 1000, 2048]
+    for step in steps:
+        last = ckpt.save_checkpoint(_payload(step), tmp_path, keep=2, periodic=True)
+    directory = ckpt.checkpoint_dir(tmp_path)
+    assert last == directory / "last.pt"
+    assert _files(directory) == ["last.pt", "step_0000001000.pt", "step_0000002048.pt"]
+    assert ckpt.load_checkpoint(tmp_path)["global_step"] == 2048
+    assert ckpt.load_checkpoint(directory / "step_0000001000.pt")["global_step"] == 1000
+    assert [p.name for p in ckpt.periodic_checkpoints(directory)] == [
+        "step_0000001000.pt",
+        "step_0000002048.pt",
+    ]
+
+
+def test_non_periodic_save_writes_only_last(tmp_path: Path) -> None:
+    ckpt.save_checkpoint(_payload(1), tmp_path, keep=3, periodic=True)
+    ckpt.save_checkpoint(_payload(2), tmp_path, keep=3, periodic=False)
+    ckpt.save_checkpoint(_payload(3), tmp_path, keep=0, periodic=True)
+    directory = ckpt.checkpoint_dir(tmp_path)
+    assert _files(directory) == ["last.pt", "step_0000000001.pt"]
+    assert ckpt.load_checkpoint(directory / "last.pt")["global_step"] == 3
+
+
+def test_checkpoint_loads_with_weights_only(tmp_path: Path) -> None:
+    last = ckpt.save_checkpoint(
+        _payload(5, config={"a": [1, 2], "b": None}), tmp_path, keep=1, periodic=False
+    )
+    payload = torch.load(last, weights_only=True)
+    assert payload["format_version"] == ckpt.FORMAT_VERSION
+    assert payload["global_step"] == 5
+    assert payload["config"] == {"a": [1, 2], "b": None}
+    torch.testing.assert_close(payload["weights"], torch.full((3,), 5.0))
+
+
+def test_truncated_file_is_user_error_naming_file(tmp_path: Path) -> None:
+    last = ckpt.save_checkpoint(_payload(5), tmp_path, keep=1, periodic=False)
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError) as info:
+        ckpt.load_checkpoint(last)
+    assert str(last) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_and_foreign_files_are_user_errors(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="no such checkpoint"):
+        ckpt.load_checkpoint(tmp_path / "nope.pt")
+    other = tmp_path / "other.pt"
+    torch.save({"something": 1}, other)
+    with pytest.raises(UserError, match=str(other)):
+        ckpt.load_checkpoint(other)
+
+
+class _CreateSentinel:
+    """Unpickling this calls open(path, "w"): a stand-in for arbitrary code execution."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+class _ShellSentinel:
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.path}'",))
+
+
+@pytest.mark.parametrize("payload_cls", [_CreateSentinel, _ShellSentinel])
+def test_pickled_code_is_refused(tmp_path: Path, payload_cls) -> None:
+    sentinel = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format_version": ckpt.FORMAT_VERSION, "x": payload_cls(sentinel)}, evil)
+    with pytest.raises(UserError) as info:
+        ckpt.load_checkpoint(evil)
+    assert str(evil) in str(info.value)
+    assert not sentinel.exists()
+
+
+def test_pickled_code_payload_is_live(tmp_path: Path) -> None:
+    """Control for the test above: an unsafe load really would create the sentinel."""
+    sentinel = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format_version": ckpt.FORMAT_VERSION, "x": _CreateSentinel(sentinel)}, evil)
+    loaded = torch.load(evil, weights_only=False)
+    loaded["x"].close()
+    assert sentinel.exists()
+
+
+def test_failed_save_keeps_previous_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ckpt.save_checkpoint(_payload(1), tmp_path, keep=3, periodic=False)
+    directory = ckpt.checkpoint_dir(tmp_path)
+    before = (directory / "last.pt").read_bytes()
+
+    def broken_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_checkpoint(_payload(2), tmp_path, keep=3, periodic=True)
+    monkeypatch.undo()
+    assert _files(directory) == ["last.pt"]  # no temp file, no periodic file
+    assert (directory / "last.pt").read_bytes() == before
+    assert ckpt.load_checkpoint(tmp_path)["global_step"] == 1
+
+
+@pytest.mark.parametrize(
+    ("obs_space", "act_space"),
+    [
+        (gym.spaces.Box(-1.0, 1.0, shape=(4,), dtype=np.float32), gym.spaces.Discrete(5)),
+        (
+            gym.spaces.Box(0.0, 1.0, shape=(2, 3), dtype=np.float32),
+            gym.spaces.Box(
+                np.array([-1.0, -0.5, 0.0], dtype=np.float32),
+                np.array([1.0, 2.0, 3.0], dtype=np.float32),
+            ),
+        ),
+    ],
+)
+def test_describe_rebuild_spaces_round_trip(obs_space, act_space) -> None:
+    described = ckpt.describe_spaces(obs_space, act_space)
+    # plain data only
+    assert torch.load(_roundtrip_bytes(described), weights_only=True) == described
+    obs, act = ckpt.rebuild_spaces(described)
+    assert isinstance(obs, gym.spaces.Box)
+    assert obs.shape == obs_space.shape
+    assert type(act) is type(act_space)
+    if isinstance(act_space, gym.spaces.Discrete):
+        assert act.n == act_space.n
+    else:
+        assert act.shape == act_space.shape
+        np.testing.assert_array_equal(act.low, act_space.low)
+        np.testing.assert_array_equal(act.high, act_space.high)
+    assert ckpt.describe_spaces(obs, act)["action"] == described["action"]
+
+
+def _roundtrip_bytes(obj):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+# --- load_agent round trip -----------------------------------------------------------------------
+
+
+def _train_config(agent_cfg: AgentConfig) -> TrainConfig:
+    env = EnvConfig(id="CartPole-v1", num_envs=2, num_steps=4, normalize_obs=True, clip_obs=3.0)
+    algo = AlgoConfig(
+        name="clip",
+        learning_rate=3e-4,
+        anneal_lr=True,
+        adam_eps=1e-5,
+        gamma=0.99,
+        gae_lambda=0.95,
+        bootstrap_truncated=True,
+        update_epochs=1,
+        num_minibatches=1,
+        norm_adv=True,
+        clip_eps=0.2,
+        clip_vloss=True,
+        ent_coef=0.0,
+        vf_coef=0.5,
+        max_grad_norm=0.5,
+    )
+    return TrainConfig(env=env, algo=algo, agent=agent_cfg, total_timesteps=8)
+
+
+OBS_SPACE = gym.spaces.Box(-np.inf, np.inf, shape=(3,), dtype=np.float32)
+ACTION_SPACES = {
+    "discrete": gym.spaces.Discrete(4),
+    "box": gym.spaces.Box(
+        np.array([-1.0, -0.2], dtype=np.float32), np.array([0.5, 2.0], dtype=np.float32)
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ACTION_SPACES))
+def test_load_agent_round_trip(tmp_path: Path, kind: str) -> None:
+    act_space = ACTION_SPACES[kind]
+    agent_cfg = AgentConfig(
+        actor_hidden=[8], critic_hidden=[6, 6], activation="relu", log_std_init=-0.3
+    )
+    cfg = _train_config(agent_cfg)
+    plain_config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    agent = ActorCritic(OBS_SPACE, act_space, cfg.agent, cfg.env.normalize_obs, cfg.env.clip_obs)
+    stats = agent.obs_normalizer.stats
+    stats.mean.copy_(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+    stats.var.copy_(torch.tensor([4.0, 0.25, 9.0], dtype=torch.float64))
+    stats.count.fill_(123.0)
+    with torch.no_grad():
+        agent.actor[-1].weight.mul_(200.0)  # large outputs: distinct argmaxes, means beyond bounds
+    optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3, eps=1e-5, fused=True)  # as train.py
+    agent.value(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    reward_scaler = RewardScaler(2, 0.99, 10.0)
+    payload = {
+        "config": plain_config,
+        "spaces": ckpt.describe_spaces(OBS_SPACE, act_space),
+        "agent": agent.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "reward_scaler": reward_scaler.state_dict(),
+        "global_step": 4096,
+        "iteration": 7,
+    }
+    ckpt.save_checkpoint(payload, tmp_path, keep=3, periodic=True)
+
+    rng = np.random.default_rng(0)
+    obs = (rng.normal(size=(32, 3)) * [2.0, 0.5, 3.0] + [1.0, -2.0, 0.5]).astype(np.float32)
+    obs[0] = [100.0, -100.0, 0.0]  # clipped by the normaliser
+    mean = torch.tensor([1.0, -2.0, 0.5])
+    std = torch.sqrt(torch.tensor([4.0, 0.25, 9.0]) + 1e-8)
+    normed = torch.clamp((torch.as_tensor(obs) - mean) / std, -3.0, 3.0)
+    with torch.no_grad():
+        head = agent.actor(normed)
+        expected_values = agent.critic(normed).squeeze(-1).numpy()
+    if kind == "discrete":
+        expected = head.argmax(-1).numpy()
+        assert len(set(expected.tolist())) > 1
+    else:
+        expected = np.clip(head.numpy(), act_space.low, act_space.high)
+        assert (head.numpy() < act_space.low).any() or (head.numpy() > act_space.high).any()
+
+    for source in (tmp_path, ckpt.checkpoint_dir(tmp_path) / "step_0000004096.pt"):
+        loaded = load_agent(source)
+        assert loaded.global_step == 4096
+        assert loaded.config == plain_config
+        batch_actions = loaded.act(obs, deterministic=True)
+        np.testing.assert_allclose(batch_actions, expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(loaded.value(obs), expected_values, rtol=1e-5, atol=1e-6)
+        for i in (0, 5):
+            single = loaded.act(obs[i], deterministic=True)
+            assert np.shape(single) == np.shape(expected[i])
+            np.testing.assert_allclose(single, expected[i], rtol=1e-5, atol=1e-6)
+            value = loaded.value(obs[i])
+            assert isinstance(value, float)
+            assert value == pytest.approx(float(expected_values[i]), rel=1e-5, abs=1e-6)
+        torch.testing.assert_close(loaded.network.obs_normalizer.stats.count, stats.count)
+
+
+def test_load_agent_rejects_mismatched_network(tmp_path: Path) -> None:
+    cfg = _train_config(AgentConfig(actor_hidden=[8], critic_hidden=[8]))
+    plain_config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    act_space = gym.spaces.Discrete(2)
+    other = ActorCritic(
+        OBS_SPACE, act_space, AgentConfig(actor_hidden=[5], critic_hidden=[8]), True
+    )
+    payload = {
+        "config": plain_config,
+        "spaces": ckpt.describe_spaces(OBS_SPACE, act_space),
+        "agent": other.state_dict(),
+        "global_step": 1,
+    }
+    ckpt.save_checkpoint(payload, tmp_path, keep=0, periodic=False)
+    with pytest.raises(UserError, match="does not match"):
+        load_agent(tmp_path)

@@ -1,0 +1,104 @@
+"""The config tree composes into checked dataclasses, and every kind of bad input is one line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from ppo_cli import cli
+from ppo_cli.config import TrainConfig, to_train_config
+
+CONFIG_DIR = cli.find_config_dir()
+ENV_PRESETS = sorted(p.stem for p in (Path(CONFIG_DIR) / "env").glob("*.yaml"))
+
+
+def composed(*overrides: str) -> TrainConfig:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return to_train_config(compose("train", overrides=list(overrides)))
+
+
+@pytest.mark.parametrize("preset", ENV_PRESETS)
+def test_every_env_preset_composes_and_validates(preset: str) -> None:
+    cfg = composed(f"env={preset}")
+    assert cfg.env.id.endswith(("-v0", "-v1", "-v3", "-v5"))
+    assert cfg.batch_size % cfg.algo.num_minibatches == 0
+    assert cfg.num_iterations >= 1
+
+
+def test_required_presets_exist() -> None:
+    required = {"CartPole", "Acrobot", "MountainCar", "LunarLander", "Pendulum", "BipedalWalker"}
+    required |= {"HalfCheetah", "Hopper", "Walker2d", "Ant", "Humanoid"}
+    assert required <= set(ENV_PRESETS)
+
+
+def test_env_preset_overrides_algo_defaults_and_command_line_wins() -> None:
+    assert composed("env=HalfCheetah").algo.clip_eps == pytest.approx(0.1)
+    assert composed("env=HalfCheetah", "algo.clip_eps=0.3").algo.clip_eps == pytest.approx(0.3)
+    assert composed("env=HalfCheetah").env.normalize_obs is True
+    assert composed("env=CartPole").env.normalize_obs is False
+
+
+BAD_INPUTS = [
+    (["algo.gamma=1.5"], "algo.gamma: got 1.5, allowed: a number in (0, 1]"),
+    (["algo.gamma=0"], "algo.gamma: got 0.0, allowed: a number in (0, 1]"),
+    (["algo.gae_lambda=1.1"], "algo.gae_lambda: got 1.1, allowed: a number in [0, 1]"),
+    (["algo.clip_eps=0"], "algo.clip_eps: got 0.0, allowed: a number > 0"),
+    (["algo.clip_eps=-0.2"], "algo.clip_eps: got -0.2, allowed: a number > 0"),
+    (["algo.num_minibatches=3"], "algo.num_minibatches: got 3, allowed: a divisor of the batch"),
+    (["algo.gamma=abc"], "algo.gamma: Value 'abc' of type 'str' could not be converted to Float"),
+    (
+        ["env.num_envs=two"],
+        "env.num_envs: Value 'two' of type 'str' could not be converted to Integer",
+    ),
+    (["algo.clp_eps=0.1"], "algo.clp_eps: not a config key; allowed keys under algo:"),
+    (["+typo=1"], "typo: not a config key; allowed keys: agent, algo,"),
+    (["+algo.foo=2"], "algo.foo: not a config key; allowed keys under algo:"),
+    (["env.id=???"], "env.id: missing value"),
+    (["total_timesteps=???"], "total_timesteps: missing value"),
+    (["total_timesteps=10"], "total_timesteps: got 10, allowed: an integer >="),
+    (["device=tpu"], "device: got 'tpu', allowed: auto|cpu|cuda"),
+    (["agent.activation=gelu"], "agent.activation: got 'gelu', allowed: tanh|relu"),
+    (["env=Nope"], "env=Nope: no such option; available: Acrobot, Ant,"),
+    (["algo=nope"], "algo=nope: no such option; available: clip"),
+    (
+        ["env.id=CartPol-v1"],
+        "env.id: 'CartPol-v1' is not a registered gymnasium environment; did you mean",
+    ),
+    (["env.id=nosuchmodule:Env-v0"], "env.id: cannot import module 'nosuchmodule'"),
+    (["env.vectorization=gpu"], "env.vectorization: got 'gpu', allowed: auto|sync|async"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "expected"), BAD_INPUTS, ids=[" ".join(o) for o, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_naming_the_key(
+    overrides: list[str],
+    expected: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["ppo-train", *overrides, f"hydra.run.dir={run_dir}"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.train_main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("ppo-train: error: ")
+    assert expected in err[0]
+    assert not (run_dir / "checkpoints").exists()  # stopped before training
+
+
+def test_unsupported_space_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Blackjack-v1 observes a Tuple of Discrete spaces.
+    monkeypatch.setattr(sys, "argv", ["ppo-train", "env.id=Blackjack-v1", f"hydra.run.dir={tmp_path}"])
+    with pytest.raises(SystemExit):
+        cli.train_main()
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ppo-train: error: env.id: Blackjack-v1 has a Tuple observation space")
+    assert "supported:" in err

@@ -1,0 +1,159 @@
+"""Loss terms and diagnostics on numbers worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ppo_cli import losses
+
+EPS = 0.2
+
+
+def _log_probs(ratios: list[float], old: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi such that pi / pi_old equals ``ratios``."""
+    old_t = torch.tensor(old, dtype=torch.float64)
+    return old_t + torch.log(torch.tensor(ratios, dtype=torch.float64)), old_t
+
+
+@pytest.mark.parametrize(
+    ("ratio", "adv", "objective"),
+    [
+        (1.1, 2.0, 2.2),  # inside the range: plain rho * A
+        (0.9, -1.0, -0.9),  # inside, negative advantage
+        (1.5, 1.0, 1.2),  # above, A > 0: gain capped at (1 + eps) * A
+        (1.5, -1.0, -1.5),  # above, A < 0: paid in full
+        (0.5, 1.0, 0.5),  # below, A > 0: paid in full
+        (0.5, -2.0, -1.6),  # below, A < 0: gain capped at (1 - eps) * A
+    ],
+)
+def test_clipped_surrogate_single_cases(ratio: float, adv: float, objective: float) -> None:
+    log_prob, old = _log_probs([ratio], [-1.3])
+    loss = losses.clipped_surrogate_loss(
+        log_prob, old, torch.tensor([adv], dtype=torch.float64), EPS
+    )
+    assert loss.item() == pytest.approx(-objective, abs=1e-12)
+
+
+def test_clipped_surrogate_is_negated_mean() -> None:
+    log_prob, old = _log_probs([1.1, 1.5, 1.5, 0.5, 0.5], [-1.0, -2.0, -0.5, -3.0, -1.2])
+    adv = torch.tensor([2.0, 1.0, -1.0, 1.0, -2.0], dtype=torch.float64)
+    # min terms: 2.2, 1.2, -1.5, 0.5, -1.6 -> sum 0.8, mean 0.16
+    loss = losses.clipped_surrogate_loss(log_prob, old, adv, EPS)
+    assert loss.item() == pytest.approx(-0.16, abs=1e-12)
+
+
+def test_clipped_surrogate_gradient_vanishes_when_clipped() -> None:
+    log_prob, old = _log_probs([1.5, 1.1], [-1.0, -1.0])
+    log_prob.requires_grad_(True)
+    adv = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    losses.clipped_surrogate_loss(log_prob, old, adv, EPS).backward()
+    assert log_prob.grad is not None
+    assert log_prob.grad[0].item() == 0.0
+    # d/dlogp of -(rho * A)/2 = -rho * A / 2
+    assert log_prob.grad[1].item() == pytest.approx(-1.1 / 2, abs=1e-12)
+
+
+def test_value_loss_unclipped() -> None:
+    values = torch.tensor([1.0, 2.0, 3.0])
+    returns = torch.tensor([0.0, 2.0, 5.0])
+    # squared errors 1, 0, 4 -> mean 5/3 -> half is 5/6
+    loss = losses.value_loss(values, torch.full((3,), 99.0), returns, None)
+    assert loss.item() == pytest.approx(5.0 / 6.0, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("value", "old", "ret", "expected"),
+    [
+        # clipped term larger: V clipped to 0.5, (0.5 - 3)^2 = 6.25 > (2 - 3)^2 = 1
+        (2.0, 0.0, 3.0, 0.5 * 6.25),
+        # unclipped term larger: (2 - 0)^2 = 4 > (0.5 - 0)^2 = 0.25
+        (2.0, 0.0, 0.0, 0.5 * 4.0),
+        # inside the clip range both agree: (1.2 - 2)^2 = 0.64
+        (1.2, 1.0, 2.0, 0.5 * 0.64),
+        # clipped from below: V_old + clip(-3, -0.5, 0.5) = 0.5, (0.5 + 2)^2 = 6.25 > 0
+        (-2.0, 1.0, -2.0, 0.5 * 6.25),
+    ],
+)
+def test_value_loss_clipped_max_form(value: float, old: float, ret: float, expected: float) -> None:
+    loss = losses.value_loss(
+        torch.tensor([value], dtype=torch.float64),
+        torch.tensor([old], dtype=torch.float64),
+        torch.tensor([ret], dtype=torch.float64),
+        0.5,
+    )
+    assert loss.item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_value_loss_clipped_batch_mean() -> None:
+    values = torch.tensor([2.0, 2.0, 1.2], dtype=torch.float64)
+    old = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+    returns = torch.tensor([3.0, 0.0, 2.0], dtype=torch.float64)
+    # max terms 6.25, 4, 0.64 -> mean 3.63 -> half 1.815
+    loss = losses.value_loss(values, old, returns, 0.5)
+    assert loss.item() == pytest.approx(1.815, abs=1e-12)
+    # Clipping can only make the loss larger than the unclipped one (0.5 * (1 + 4 + 0.64) / 3).
+    assert loss.item() > losses.value_loss(values, old, returns, None).item()
+
+
+def test_approx_kl_hand_numbers() -> None:
+    old = torch.tensor([-1.0, -2.0], dtype=torch.float64)
+    log_prob = old + torch.tensor([0.5, -0.5], dtype=torch.float64)
+    k1, k3 = losses.approx_kl(log_prob, old)
+    assert k1.item() == pytest.approx(0.0, abs=1e-12)
+    expected_k3 = ((math.exp(0.5) - 1 - 0.5) + (math.exp(-0.5) - 1 + 0.5)) / 2
+    assert k3.item() == pytest.approx(expected_k3, abs=1e-12)
+
+    # A single sample with ratio 2: k1 = -ln 2, k3 = (2 - 1) - ln 2.
+    k1, k3 = losses.approx_kl(
+        torch.tensor([math.log(2.0)], dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    )
+    assert k1.item() == pytest.approx(-math.log(2.0), abs=1e-12)
+    assert k3.item() == pytest.approx(1.0 - math.log(2.0), abs=1e-12)
+
+
+def test_approx_kl_k3_non_negative_and_zero_at_equality() -> None:
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        old = torch.randn(16, generator=g)
+        new = old + torch.randn(16, generator=g)
+        _, k3 = losses.approx_kl(new, old)
+        assert k3.item() >= 0.0
+    same = torch.randn(8, generator=g)
+    k1, k3 = losses.approx_kl(same, same.clone())
+    assert k1.item() == 0.0
+    assert k3.item() == 0.0
+
+
+def test_clip_fraction() -> None:
+    log_prob, old = _log_probs([1.0, 1.1, 1.25, 0.75, 0.85], [0.0, -1.0, -2.0, -3.0, -4.0])
+    # outside [0.8, 1.2]: 1.25 and 0.75 -> 2 / 5
+    assert losses.clip_fraction(log_prob, old, EPS).item() == pytest.approx(0.4)
+    assert losses.clip_fraction(old, old, EPS).item() == 0.0
+
+
+def test_explained_variance() -> None:
+    targets = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert losses.explained_variance(targets.clone(), targets) == pytest.approx(1.0)
+    constant = torch.full_like(targets, targets.mean().item())
+    assert losses.explained_variance(constant, targets) == pytest.approx(0.0, abs=1e-7)
+    # residuals (0, 0, 0, -1): var 0.25; var of targets 5/3 -> 1 - 0.15 = 0.85
+    pred = torch.tensor([1.0, 2.0, 3.0, 5.0])
+    assert losses.explained_variance(pred, targets) == pytest.approx(0.85, rel=1e-6)
+    # worse than a constant is negative
+    assert losses.explained_variance(-targets, targets) < 0.0
+    assert math.isnan(losses.explained_variance(targets, torch.ones(4)))
+
+
+def test_normalize_advantages() -> None:
+    g = torch.Generator().manual_seed(1)
+    adv = torch.randn(257, generator=g, dtype=torch.float64) * 7.0 + 3.0
+    out = losses.normalize_advantages(adv)
+    assert out.mean().item() == pytest.approx(0.0, abs=1e-10)
+    assert out.std().item() == pytest.approx(1.0, abs=1e-6)
+    # an affine map of the input: order and relative spacing are kept
+    torch.testing.assert_close(out, (adv - adv.mean()) / adv.std(), rtol=1e-6, atol=1e-8)
+    single = losses.normalize_advantages(torch.tensor([5.0]))
+    assert single.tolist() == [0.0]

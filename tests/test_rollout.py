@@ -1,0 +1,194 @@
+"""Rollout collection under both autoreset conventions."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from ppo_cli.agent import ActorCritic
+from ppo_cli.config import AgentConfig, EnvConfig
+from ppo_cli.envs import make_vector_env, uses_next_step_autoreset
+from ppo_cli.rollout import Collector, RolloutStorage
+from ppo_cli.update import Batch
+
+COUNTER_ID = "PpoCliTestCounter-v0"
+CPU = torch.device("cpu")
+
+
+class CounterEnv(gym.Env):
+    """Observation [k, 1] after k steps; reward 1; never terminates (a time limit ends it)."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, shape=(2,), dtype=np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.k = 0
+        return np.array([0.0, 1.0], dtype=np.float32), {}
+
+    def step(self, action):
+        self.k += 1
+        return np.array([float(self.k), 1.0], dtype=np.float32), 1.0, False, False, {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _register_counter():
+    gym.register(id=COUNTER_ID, entry_point=CounterEnv)
+    yield
+    gym.registry.pop(COUNTER_ID, None)
+
+
+def _storage(num_steps, envs, agent) -> RolloutStorage:
+    return RolloutStorage(
+        num_steps,
+        envs.num_envs,
+        tuple(envs.single_observation_space.shape),
+        tuple(envs.single_action_space.shape),
+        torch.float32 if agent.continuous else torch.long,
+        CPU,
+    )
+
+
+def _agent(envs) -> ActorCritic:
+    cfg = AgentConfig(actor_hidden=[8], critic_hidden=[16], activation="tanh")
+    agent = ActorCritic(envs.single_observation_space, envs.single_action_space, cfg)
+    with torch.no_grad():  # make V depend strongly on the step counter
+        agent.critic[0].weight[:, 0].mul_(3.0)
+    return agent
+
+
+def test_same_step_truncation_bootstraps_from_final_obs() -> None:
+    limit, num_steps = 3, 8
+    cfg = EnvConfig(
+        id=COUNTER_ID,
+        num_envs=2,
+        num_steps=num_steps,
+        vectorization="sync",
+        max_episode_steps=limit,
+    )
+    envs = make_vector_env(cfg)
+    try:
+        assert not uses_next_step_autoreset(envs)
+        agent = _agent(envs)
+        storage = _storage(num_steps, envs, agent)
+        collector = Collector(envs, agent, storage, None, True, CPU, seed=0)
+        stats = collector.collect()
+    finally:
+        envs.close()
+
+    def V(k: float) -> float:
+        return agent.value(torch.tensor([[k, 1.0]])).item()
+
+    v_final, v_reset = V(float(limit)), V(0.0)
+    assert abs(v_final - v_reset) > 1e-3  # the check below can tell them apart
+    # Observed counters: 0,1,2 | 0,1,2 | 0,1  (reset obs is stored, never the final one)
+    expected_k = [t % limit for t in range(num_steps)]
+    np.testing.assert_array_equal(storage.obs[:, :, 0].numpy(), np.array([expected_k] * 2).T)
+    trunc_steps = [t for t in range(num_steps) if t % limit == limit - 1]
+    expected_trunc = np.zeros((num_steps, 2), dtype=bool)
+    expected_trunc[trunc_steps] = True
+    np.testing.assert_array_equal(storage.truncated.numpy(), expected_trunc)
+    assert not storage.terminated.any()
+    assert storage.valid.all()
+    for t in trunc_steps:
+        for n in range(2):
+            assert storage.next_values[t, n].item() == pytest.approx(v_final, abs=1e-6)
+            assert storage.next_values[t, n].item() != pytest.approx(v_reset, abs=1e-4)
+    for t in range(num_steps - 1):
+        if t not in trunc_steps:
+            torch.testing.assert_close(storage.next_values[t], storage.values[t + 1])
+    last_k = float((num_steps) % limit)
+    assert storage.next_values[-1, 0].item() == pytest.approx(V(last_k), abs=1e-6)
+    torch.testing.assert_close(storage.values[:, 0], storage.values[:, 1])
+    assert stats.episode_lengths == [limit] * (2 * len(trunc_steps))
+    assert stats.episode_returns == [float(limit)] * (2 * len(trunc_steps))
+
+
+def test_same_step_truncation_without_bootstrap_flag_keeps_reset_value() -> None:
+    cfg = EnvConfig(
+        id=COUNTER_ID, num_envs=1, num_steps=4, vectorization="sync", max_episode_steps=2
+    )
+    envs = make_vector_env(cfg)
+    try:
+        agent = _agent(envs)
+        storage = _storage(4, envs, agent)
+        Collector(envs, agent, storage, None, False, CPU, seed=0).collect()
+    finally:
+        envs.close()
+    assert storage.truncated[1, 0] and storage.truncated[3, 0]
+    torch.testing.assert_close(storage.next_values[1], storage.values[2])
+
+
+def test_next_step_autoreset_marks_fake_steps_invalid() -> None:
+    num_envs, num_steps = 4, 24
+    cfg = EnvConfig(
+        id="CartPole-v1",
+        num_envs=num_envs,
+        num_steps=num_steps,
+        vectorization="vector_entry_point",
+        max_episode_steps=10,
+    )
+    envs = make_vector_env(cfg)
+    try:
+        assert uses_next_step_autoreset(envs)
+        agent = _agent(envs)
+        with torch.no_grad():  # mostly push right: quick terminations, some time-limit cuts
+            agent.actor[-1].bias[1] = 3.0
+        storage = _storage(num_steps, envs, agent)
+        collector = Collector(envs, agent, storage, None, True, CPU, seed=3)
+        collector.collect()
+        first = {k: getattr(storage, k).clone() for k in ("terminated", "truncated", "valid")}
+        stats = collector.collect()
+    finally:
+        envs.close()
+
+    for s in (first, storage.__dict__):
+        done = s["terminated"] | s["truncated"]
+        assert done.sum() >= num_envs
+        # The step right after each episode end is fake, every other step is real.
+        torch.testing.assert_close(s["valid"][1:], ~done[:-1])
+    assert first["valid"][0].all()  # the very first step follows a reset
+    # Across the iteration boundary the mask carries over.
+    first_done = first["terminated"][-1] | first["truncated"][-1]
+    torch.testing.assert_close(storage.valid[0], ~first_done)
+    assert storage.truncated.any() and storage.terminated[:-2].any()
+    # Fake steps carry no reward; real CartPole steps earn 1.
+    assert (storage.rewards[~storage.valid] == 0).all()
+    assert (storage.rewards[storage.valid] == 1).all()
+    # The observation stored at a fake step is the final one: after a termination it lies
+    # outside CartPole's bounds (|x| > 2.4 or |theta| > 12 deg), unlike any reset observation.
+    for t, n in storage.terminated[:-1].nonzero().tolist():
+        x, _, theta, _ = storage.obs[t + 1, n].tolist()
+        assert abs(x) > 2.4 or abs(theta) > 12 * 2 * np.pi / 360
+        if t + 2 < num_steps:
+            assert storage.obs[t + 2, n].abs().max() <= 0.05  # then the reset observation
+    # A truncated step bootstraps from the fake step's observation, i.e. the final one.
+    torch.testing.assert_close(storage.next_values[:-1], storage.values[1:])
+    assert stats.episode_lengths and all(1 <= n <= 10 for n in stats.episode_lengths)
+
+    # Batch.from_storage drops exactly the fake steps, keeping time-major order.
+    T, N = num_steps, num_envs
+    advantages = torch.arange(T * N, dtype=torch.float32).reshape(T, N)
+    returns = advantages + 0.5
+    batch = Batch.from_storage(storage, advantages, returns)
+    keep = storage.valid.flatten()
+    assert (~keep).any()
+    assert len(batch) == int(keep.sum())
+    torch.testing.assert_close(batch.advantages, advantages.flatten()[keep])
+    torch.testing.assert_close(batch.returns, returns.flatten()[keep])
+    torch.testing.assert_close(batch.obs, storage.obs.flatten(0, 1)[keep])
+    torch.testing.assert_close(batch.actions, storage.actions.flatten()[keep])
+    torch.testing.assert_close(batch.log_probs, storage.log_probs.flatten()[keep])
+    torch.testing.assert_close(batch.values, storage.values.flatten()[keep])
+
+
+def test_batch_keeps_everything_when_all_valid() -> None:
+    storage = RolloutStorage(3, 2, (4,), (), torch.long, CPU)
+    storage.obs.copy_(torch.randn(3, 2, 4))
+    adv = torch.randn(3, 2)
+    batch = Batch.from_storage(storage, adv, adv + 1)
+    assert len(batch) == 6
+    torch.testing.assert_close(batch.obs, storage.obs.reshape(6, 4))
+    torch.testing.assert_close(batch.advantages, adv.reshape(6))

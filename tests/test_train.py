@@ -1,0 +1,166 @@
+"""The training loop end to end, in process, on tiny problems whose answer is known."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from ppo_cli import cli, load_agent
+from ppo_cli.config import TrainConfig, to_train_config
+from ppo_cli.train import train
+
+GAMMA = 0.9
+
+
+class EndlessRewardEnv(gym.Env[np.ndarray, int]):
+    """Reward 1 at every step, forever: only the time limit ends an episode.
+
+    The state never changes, so the true value is sum_k gamma^k = 1 / (1 - gamma) as long as
+    truncation is bootstrapped; treating the time limit as terminal teaches a smaller value.
+    """
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        return np.zeros(1, dtype=np.float32), {}
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
+        return np.zeros(1, dtype=np.float32), 1.0, False, False, {}
+
+
+gym.register("ppo-test/EndlessReward-v0", entry_point=EndlessRewardEnv, max_episode_steps=20)
+
+
+def composed(*overrides: str) -> TrainConfig:
+    with initialize_config_dir(config_dir=cli.find_config_dir(), version_base="1.3"):
+        return to_train_config(compose("train", overrides=list(overrides)))
+
+
+def endless_config(bootstrap: bool) -> TrainConfig:
+    return composed(
+        "env.id=ppo-test/EndlessReward-v0",
+        "env.vectorization=sync",
+        "env.num_envs=4",
+        "env.num_steps=64",
+        "total_timesteps=25600",
+        f"algo.gamma={GAMMA}",
+        f"algo.bootstrap_truncated={bootstrap}",
+        "algo.anneal_lr=false",
+        "algo.learning_rate=3e-3",
+        "algo.clip_vloss=false",
+        "algo.num_minibatches=4",
+        "algo.update_epochs=10",
+        "eval.episodes=0",
+    )
+
+
+def test_time_limit_bootstrap_learns_the_infinite_horizon_value(tmp_path: Path) -> None:
+    train(endless_config(bootstrap=True), tmp_path / "bootstrap")
+    value = load_agent(tmp_path / "bootstrap").value(np.zeros(1, dtype=np.float32))
+    assert value == pytest.approx(1 / (1 - GAMMA), rel=0.05)
+
+    # The old behaviour (truncation treated as termination) underestimates it.
+    train(endless_config(bootstrap=False), tmp_path / "terminal")
+    truncated_value = load_agent(tmp_path / "terminal").value(np.zeros(1, dtype=np.float32))
+    assert truncated_value < 0.85 / (1 - GAMMA)
+
+
+def small_cartpole(seed: int = 0) -> TrainConfig:
+    return composed(
+        "env=CartPole",
+        f"seed={seed}",
+        "total_timesteps=4096",
+        "eval.episodes=2",
+        "checkpoint.interval=4",
+        "checkpoint.keep=2",
+    )
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_run_dir_holds_events_checkpoints_and_summary(tmp_path: Path) -> None:
+    summary = train(small_cartpole(), tmp_path)
+    assert summary["status"] == "completed"
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["status"] == "completed"
+    assert on_disk["global_step"] == 4096 == summary["global_step"]
+    assert {"eval_mean", "eval_std", "sps", "wall_time_s", "config"} <= on_disk.keys()
+    assert (tmp_path / "checkpoints" / "last.pt").is_file()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*.pt")) == [
+        "step_0000003072.pt",  # iteration 12 of 16 (256 steps each); iterations 4 and 8 rotated out
+        "step_0000004096.pt",
+    ]
+    tags = scalars(tmp_path)
+    expected = {
+        "charts/episodic_return",
+        "charts/episodic_length",
+        "charts/learning_rate",
+        "charts/SPS",
+        "losses/policy_loss",
+        "losses/value_loss",
+        "losses/entropy",
+        "losses/old_approx_kl",
+        "losses/approx_kl",
+        "losses/clipfrac",
+        "losses/explained_variance",
+        "eval/episodic_return",
+    }
+    assert expected <= tags.keys()
+    steps = [step for step, _ in tags["losses/policy_loss"]]
+    assert steps == list(range(256, 4097, 256))
+    # Linear annealing: the last iteration runs at 1/16 of the initial rate.
+    assert tags["charts/learning_rate"][-1][1] == pytest.approx(1e-3 / 16)
+
+
+def test_same_seed_gives_identical_metrics_on_cpu(tmp_path: Path) -> None:
+    train(small_cartpole(seed=3), tmp_path / "a")
+    train(small_cartpole(seed=3), tmp_path / "b")
+    train(small_cartpole(seed=4), tmp_path / "c")
+    a, b, c = (scalars(tmp_path / x) for x in "abc")
+    timing = {"charts/SPS"}
+    for tag in a.keys() - timing:
+        assert a[tag] == b[tag], tag
+    assert a["losses/value_loss"] != c["losses/value_loss"]
+
+
+def test_failure_is_recorded_in_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_update(*args: object, **kwargs: object) -> dict[str, float]:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("ppo_cli.train.ppo_clip_update", broken_update)
+    with pytest.raises(RuntimeError, match="boom"):
+        train(small_cartpole(), tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    assert summary["error"] == "RuntimeError: boom"
+
+
+def test_continuous_actions_train_and_reload(tmp_path: Path) -> None:
+    cfg = composed(
+        "env=Pendulum",
+        "env.num_envs=2",
+        "env.num_steps=256",
+        "total_timesteps=2048",
+        "algo.num_minibatches=8",
+        "eval.episodes=1",
+    )
+    train(cfg, tmp_path)
+    agent = load_agent(tmp_path)
+    obs = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 8.0]], dtype=np.float32)
+    action = agent.act(obs, deterministic=True)
+    assert action.shape == (2, 1)
+    assert np.all(np.abs(action) <= 2.0)
+    assert torch.is_tensor(agent.network.obs_normalizer.stats.mean)  # type: ignore[union-attr]
