@@ -16,9 +16,7 @@ from ppo_cli.config import AgentConfig
 
 OBS = gym.spaces.Box(-np.inf, np.inf, shape=(5,), dtype=np.float32)
 DISCRETE = gym.spaces.Discrete(3)
-BOX = gym.spaces.Box(
-    np.array([-1.0, -2.0], dtype=np.float32), np.array([1.0, 0.5], dtype=np.float32)
-)
+BOX = gym.spaces.Box(np.array([-1.0, -2.0], dtype=np.float32), np.array([1.0, 0.5], dtype=np.float32))
 
 
 def _linears(seq: nn.Sequential) -> list[nn.Linear]:
@@ -215,3 +213,19 @@ def test_normalize_uses_frozen_obs_statistics(small_agent_cfg) -> None:
     assert stats.count == before
     plain = ActorCritic(OBS, DISCRETE, small_agent_cfg)
     torch.testing.assert_close(plain.normalize(obs), obs)
+
+
+def test_multidimensional_observations_are_normalised_per_element() -> None:
+    """Box observations of any shape: the network flattens them, so must the statistics."""
+    obs_space = gym.spaces.Box(-np.inf, np.inf, shape=(2, 3), dtype=np.float32)
+    cfg = AgentConfig(actor_hidden=[4], critic_hidden=[4])
+    agent = ActorCritic(obs_space, DISCRETE, cfg, normalize_obs=True, clip_obs=100.0)
+    data = torch.randn(50, 2, 3) * torch.tensor([1.0, 2.0, 3.0]) + 5.0
+    stats = agent.obs_normalizer.stats
+    stats.update(data.reshape(len(data), *stats.mean.shape))  # whichever layout it keeps
+    out = agent.normalize(data[:4])
+    assert out.shape == (4, 6)
+    flat = data.flatten(1).double()
+    expected = (flat[:4] - flat.mean(0)) / flat.var(0, unbiased=False).sqrt()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-3, atol=1e-3)
+    assert agent.sample(out).action.shape == (4,)

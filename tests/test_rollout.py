@@ -107,9 +107,7 @@ def test_same_step_truncation_bootstraps_from_final_obs() -> None:
 
 
 def test_same_step_truncation_without_bootstrap_flag_keeps_reset_value() -> None:
-    cfg = EnvConfig(
-        id=COUNTER_ID, num_envs=1, num_steps=4, vectorization="sync", max_episode_steps=2
-    )
+    cfg = EnvConfig(id=COUNTER_ID, num_envs=1, num_steps=4, vectorization="sync", max_episode_steps=2)
     envs = make_vector_env(cfg)
     try:
         agent = _agent(envs)
@@ -192,3 +190,77 @@ def test_batch_keeps_everything_when_all_valid() -> None:
     assert len(batch) == 6
     torch.testing.assert_close(batch.obs, storage.obs.reshape(6, 4))
     torch.testing.assert_close(batch.advantages, adv.reshape(6))
+
+
+class GridCounterEnv(gym.Env):
+    """Like CounterEnv, with a (2, 2) observation: Box spaces of any shape pass check_spaces."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, shape=(2, 2), dtype=np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.k = 0
+        return self._obs(), {}
+
+    def step(self, action):
+        self.k += 1
+        return self._obs(), 1.0, False, False, {}
+
+    def _obs(self):
+        return np.array([[self.k, 1.0], [-self.k, 2.0]], dtype=np.float32)
+
+
+@pytest.mark.parametrize("normalize_obs", [False, True])
+def test_train_on_multidimensional_box_observations(tmp_path, normalize_obs: bool) -> None:
+    from ppo_cli import load_agent
+    from ppo_cli.config import AlgoConfig, EvalConfig, TrainConfig
+    from ppo_cli.train import train
+
+    env_id = "PpoCliTestGridCounter-v0"
+    gym.register(id=env_id, entry_point=GridCounterEnv)
+    try:
+        env = EnvConfig(
+            id=env_id,
+            num_envs=2,
+            num_steps=4,
+            vectorization="sync",
+            max_episode_steps=3,
+            normalize_obs=normalize_obs,
+        )
+        algo = AlgoConfig(
+            name="clip",
+            learning_rate=3e-4,
+            anneal_lr=True,
+            adam_eps=1e-5,
+            gamma=0.99,
+            gae_lambda=0.95,
+            bootstrap_truncated=True,
+            update_epochs=1,
+            num_minibatches=1,
+            norm_adv=True,
+            clip_eps=0.2,
+            clip_vloss=True,
+            ent_coef=0.0,
+            vf_coef=0.5,
+            max_grad_norm=0.5,
+        )
+        cfg = TrainConfig(
+            env=env,
+            algo=algo,
+            agent=AgentConfig(actor_hidden=[4], critic_hidden=[4]),
+            eval=EvalConfig(episodes=0),
+            total_timesteps=8,
+            device="cpu",
+            torch_threads=0,
+            progress=False,
+        )
+        summary = train(cfg, tmp_path)
+    finally:
+        gym.registry.pop(env_id, None)
+    assert summary["status"] == "completed"
+    assert summary["global_step"] == 8
+    agent = load_agent(tmp_path)
+    obs = np.array([[[k, 1.0], [-k, 2.0]] for k in range(3)], dtype=np.float32)
+    assert agent.act(obs).shape == (3,)
+    assert np.shape(agent.act(obs[0])) == ()
