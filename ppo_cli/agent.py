@@ -79,9 +79,9 @@ class ActorCritic(nn.Module):
         clip_obs: float = 10.0,
     ) -> None:
         super().__init__()
-        obs_shape = tuple(observation_space.shape)
-        obs_dim = int(np.prod(obs_shape))
-        self.obs_normalizer = ObservationNormalizer(obs_shape, clip_obs) if normalize_obs else None
+        # Observations of any Box shape are flattened to one vector per sample.
+        obs_dim = self.obs_dim = int(np.prod(observation_space.shape))
+        self.obs_normalizer = ObservationNormalizer((obs_dim,), clip_obs) if normalize_obs else None
         self.critic = mlp(obs_dim, list(cfg.critic_hidden), 1, cfg.activation, out_gain=1.0)
         self.continuous = isinstance(action_space, gym.spaces.Box)
         if self.continuous:

@@ -97,7 +97,7 @@ def _train(cfg: TrainConfig, run_dir: Path, plain_config: Any, summary: dict[str
     storage = RolloutStorage(
         cfg.env.num_steps,
         cfg.env.num_envs,
-        obs_space.shape,
+        (agent.obs_dim,),
         act_space.shape or (),
         torch.float32 if agent.continuous else torch.long,
         device,

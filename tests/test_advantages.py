@@ -42,9 +42,7 @@ def random_rollout(T: int = 12, N: int = 4, seed: int = 0):
 def test_gae_matches_reference_loop(lam: float, seed: int) -> None:
     r, v, nv, term, trunc = random_rollout(seed=seed)
     adv, ret = gae(r, v, nv, term, trunc, GAMMA, lam)
-    expected = reference_gae(
-        r.tolist(), v.tolist(), nv.tolist(), term.tolist(), trunc.tolist(), GAMMA, lam
-    )
+    expected = reference_gae(r.tolist(), v.tolist(), nv.tolist(), term.tolist(), trunc.tolist(), GAMMA, lam)
     torch.testing.assert_close(adv, torch.tensor(expected, dtype=torch.float64))
     torch.testing.assert_close(ret, adv + v)
 
@@ -119,9 +117,7 @@ def test_truncated_step_bootstraps_and_cuts_trace() -> None:
     nv2 = nv.clone()
     nv2[t_cut, 0] += 10.0
     adv_nv, _ = gae(r, v, nv2, term, trunc, GAMMA, 0.95)
-    torch.testing.assert_close(
-        adv_nv[t_cut, 0] - adv[t_cut, 0], torch.tensor(GAMMA * 10.0).double()
-    )
+    torch.testing.assert_close(adv_nv[t_cut, 0] - adv[t_cut, 0], torch.tensor(GAMMA * 10.0).double())
     # Rewards after the cut do not reach steps before it.
     r2 = r.clone()
     r2[t_cut + 1 :, 0] += 50.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -168,9 +169,7 @@ def test_describe_rebuild_spaces_round_trip(obs_space, act_space) -> None:
     assert ckpt.describe_spaces(obs, act)["action"] == described["action"]
 
 
-def _roundtrip_bytes(obj):
-    import io
-
+def _roundtrip_bytes(obj) -> io.BytesIO:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     buffer.seek(0)
@@ -205,18 +204,14 @@ def _train_config(agent_cfg: AgentConfig) -> TrainConfig:
 OBS_SPACE = gym.spaces.Box(-np.inf, np.inf, shape=(3,), dtype=np.float32)
 ACTION_SPACES = {
     "discrete": gym.spaces.Discrete(4),
-    "box": gym.spaces.Box(
-        np.array([-1.0, -0.2], dtype=np.float32), np.array([0.5, 2.0], dtype=np.float32)
-    ),
+    "box": gym.spaces.Box(np.array([-1.0, -0.2], dtype=np.float32), np.array([0.5, 2.0], dtype=np.float32)),
 }
 
 
 @pytest.mark.parametrize("kind", sorted(ACTION_SPACES))
 def test_load_agent_round_trip(tmp_path: Path, kind: str) -> None:
     act_space = ACTION_SPACES[kind]
-    agent_cfg = AgentConfig(
-        actor_hidden=[8], critic_hidden=[6, 6], activation="relu", log_std_init=-0.3
-    )
+    agent_cfg = AgentConfig(actor_hidden=[8], critic_hidden=[6, 6], activation="relu", log_std_init=-0.3)
     cfg = _train_config(agent_cfg)
     plain_config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     agent = ActorCritic(OBS_SPACE, act_space, cfg.agent, cfg.env.normalize_obs, cfg.env.clip_obs)
@@ -278,9 +273,7 @@ def test_load_agent_rejects_mismatched_network(tmp_path: Path) -> None:
     cfg = _train_config(AgentConfig(actor_hidden=[8], critic_hidden=[8]))
     plain_config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     act_space = gym.spaces.Discrete(2)
-    other = ActorCritic(
-        OBS_SPACE, act_space, AgentConfig(actor_hidden=[5], critic_hidden=[8]), True
-    )
+    other = ActorCritic(OBS_SPACE, act_space, AgentConfig(actor_hidden=[5], critic_hidden=[8]), True)
     payload = {
         "config": plain_config,
         "spaces": ckpt.describe_spaces(OBS_SPACE, act_space),

@@ -95,9 +95,7 @@ def test_user_config_dir_adds_presets(tmp_path: Path) -> None:
 
 
 def test_multirun_writes_one_dir_per_job(tmp_path: Path) -> None:
-    result = ppo_train(
-        "-m", "seed=0,1", "total_timesteps=512", "eval.episodes=1", cwd=tmp_path, timeout=300
-    )
+    result = ppo_train("-m", "seed=0,1", "total_timesteps=512", "eval.episodes=1", cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     (sweep_dir,) = (tmp_path / "runs" / "multirun").iterdir()
     job_dirs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir())
@@ -113,7 +111,10 @@ def test_multirun_writes_one_dir_per_job(tmp_path: Path) -> None:
 def test_wheel_ships_configs_inside_the_package(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(REPO)],
-        capture_output=True, text=True, timeout=300, check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     (wheel,) = tmp_path.glob("ppo_cli-*.whl")

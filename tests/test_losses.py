@@ -31,9 +31,7 @@ def _log_probs(ratios: list[float], old: list[float]) -> tuple[torch.Tensor, tor
 )
 def test_clipped_surrogate_single_cases(ratio: float, adv: float, objective: float) -> None:
     log_prob, old = _log_probs([ratio], [-1.3])
-    loss = losses.clipped_surrogate_loss(
-        log_prob, old, torch.tensor([adv], dtype=torch.float64), EPS
-    )
+    loss = losses.clipped_surrogate_loss(log_prob, old, torch.tensor([adv], dtype=torch.float64), EPS)
     assert loss.item() == pytest.approx(-objective, abs=1e-12)
 
 

@@ -25,10 +25,7 @@ def with_prior(data: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
 
 def test_running_mean_std_matches_concatenation() -> None:
     rng = np.random.default_rng(0)
-    batches = [
-        rng.normal(loc=[5.0, -3.0, 0.0], scale=[2.0, 0.5, 10.0], size=(n, 3))
-        for n in (5, 17, 1, 30)
-    ]
+    batches = [rng.normal(loc=[5.0, -3.0, 0.0], scale=[2.0, 0.5, 10.0], size=(n, 3)) for n in (5, 17, 1, 30)]
     rms = RunningMeanStd((3,))
     for b in batches:
         rms.update(torch.as_tensor(b, dtype=torch.float32))

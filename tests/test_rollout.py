@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+from ppo_cli import load_agent
 from ppo_cli.agent import ActorCritic
-from ppo_cli.config import AgentConfig, EnvConfig
+from ppo_cli.config import AgentConfig, AlgoConfig, EnvConfig, EvalConfig, TrainConfig
 from ppo_cli.envs import make_vector_env, uses_next_step_autoreset
 from ppo_cli.rollout import Collector, RolloutStorage
+from ppo_cli.train import train
 from ppo_cli.update import Batch
 
 COUNTER_ID = "PpoCliTestCounter-v0"
@@ -213,10 +215,6 @@ class GridCounterEnv(gym.Env):
 
 @pytest.mark.parametrize("normalize_obs", [False, True])
 def test_train_on_multidimensional_box_observations(tmp_path, normalize_obs: bool) -> None:
-    from ppo_cli import load_agent
-    from ppo_cli.config import AlgoConfig, EvalConfig, TrainConfig
-    from ppo_cli.train import train
-
     env_id = "PpoCliTestGridCounter-v0"
     gym.register(id=env_id, entry_point=GridCounterEnv)
     try:
