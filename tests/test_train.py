@@ -164,3 +164,20 @@ def test_continuous_actions_train_and_reload(tmp_path: Path) -> None:
     assert action.shape == (2, 1)
     assert np.all(np.abs(action) <= 2.0)
     assert torch.is_tensor(agent.network.obs_normalizer.stats.mean)  # type: ignore[union-attr]
+
+
+def test_async_vector_env_gives_the_same_run_as_sync(tmp_path: Path) -> None:
+    """Vectorisation changes where envs run, not what they return."""
+    base = (
+        "env.id=Acrobot-v1",
+        "env.num_envs=2",
+        "env.num_steps=64",
+        "total_timesteps=512",
+        "algo.num_minibatches=2",
+        "eval.episodes=0",
+    )
+    train(composed(*base, "env.vectorization=sync"), tmp_path / "sync")
+    train(composed(*base, "env.vectorization=async"), tmp_path / "async")
+    sync_run, async_run = scalars(tmp_path / "sync"), scalars(tmp_path / "async")
+    assert sync_run["losses/value_loss"] == async_run["losses/value_loss"]
+    assert sync_run["losses/policy_loss"] == async_run["losses/policy_loss"]

@@ -1,0 +1,99 @@
+"""The PPO-Clip update loop: early stopping, minibatch bookkeeping, logged means."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from ppo_cli import losses, update
+from ppo_cli.agent import ActorCritic
+from ppo_cli.config import AgentConfig, AlgoConfig
+from ppo_cli.update import Batch, ppo_clip_update
+
+BATCH = 64
+
+
+def algo(**overrides: object) -> AlgoConfig:
+    values: dict = dict(
+        name="clip",
+        learning_rate=1e-2,
+        anneal_lr=False,
+        adam_eps=1e-5,
+        gamma=0.99,
+        gae_lambda=0.95,
+        bootstrap_truncated=True,
+        update_epochs=3,
+        num_minibatches=4,
+        norm_adv=True,
+        clip_eps=0.2,
+        clip_vloss=True,
+        ent_coef=0.01,
+        vf_coef=0.5,
+        max_grad_norm=0.5,
+        target_kl=None,
+    )
+    values.update(overrides)
+    return AlgoConfig(**values)
+
+
+def setup(small_agent_cfg: AgentConfig) -> tuple[ActorCritic, torch.optim.Optimizer, Batch]:
+    obs_space = gym.spaces.Box(-1.0, 1.0, shape=(3,), dtype=np.float32)
+    agent = ActorCritic(obs_space, gym.spaces.Discrete(3), small_agent_cfg)
+    obs = torch.randn(BATCH, 3)
+    sample = agent.sample(obs)
+    batch = Batch(obs, sample.action, sample.log_prob, sample.value, torch.randn(BATCH), torch.randn(BATCH))
+    return agent, torch.optim.Adam(agent.parameters(), lr=1e-2), batch
+
+
+def test_runs_every_minibatch_of_every_epoch(small_agent_cfg: AgentConfig) -> None:
+    agent, optimizer, batch = setup(small_agent_cfg)
+    metrics = ppo_clip_update(agent, optimizer, batch, algo())
+    assert metrics["minibatch_updates"] == 3 * 4
+    assert metrics["early_stop"] == 0.0
+
+
+def test_target_kl_stops_before_the_step_that_would_exceed_it(small_agent_cfg: AgentConfig) -> None:
+    agent, optimizer, batch = setup(small_agent_cfg)
+    # The first minibatch sees pi == pi_old (KL 0) and steps; every later one sees KL > 0.
+    metrics = ppo_clip_update(agent, optimizer, batch, algo(target_kl=1e-12))
+    assert metrics["minibatch_updates"] == 1
+    assert metrics["early_stop"] == 1.0
+    # Exactly one optimizer step was taken.
+    assert all(state["step"].item() == 1 for state in optimizer.state.values())
+
+
+def test_logged_losses_are_means_over_all_minibatches(
+    small_agent_cfg: AgentConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    agent, optimizer, batch = setup(small_agent_cfg)
+    seen: list[float] = []
+    original = losses.clipped_surrogate_loss
+
+    def recording_loss(*args: torch.Tensor | float) -> torch.Tensor:
+        value = original(*args)  # type: ignore[arg-type]
+        seen.append(value.item())
+        return value
+
+    monkeypatch.setattr(update.losses, "clipped_surrogate_loss", recording_loss)
+    metrics = ppo_clip_update(agent, optimizer, batch, algo())
+    assert len(seen) == 12
+    assert metrics["policy_loss"] == pytest.approx(float(np.mean(seen)), rel=1e-5)
+    assert metrics["policy_loss"] != pytest.approx(seen[-1])
+
+
+def test_minibatches_partition_the_batch_each_epoch(
+    small_agent_cfg: AgentConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    agent, optimizer, batch = setup(small_agent_cfg)
+    sizes: list[int] = []
+    original = agent.evaluate
+
+    def counting_evaluate(obs: torch.Tensor, actions: torch.Tensor):  # type: ignore[no-untyped-def]
+        sizes.append(obs.shape[0])
+        return original(obs, actions)
+
+    monkeypatch.setattr(agent, "evaluate", counting_evaluate)
+    ppo_clip_update(agent, optimizer, batch, algo(update_epochs=2, num_minibatches=4))
+    assert sizes == [16] * 8
