@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -12,10 +13,17 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 SUMMARY = "summary.json"
+TEXT_REPORTS = 20  # progress lines per run when there is no progress bar
+
+log = logging.getLogger(__name__)
 
 
 class RunLogger:
-    """TensorBoard writer plus a progress bar that stays quiet when stderr is not a terminal."""
+    """TensorBoard writer plus console progress.
+
+    On a terminal, progress is a live bar; otherwise (a batch job, a sweep, a pipe) it is a log line
+    at every 5% of the run, which also lands in the run's ``train.log``.
+    """
 
     def __init__(self, run_dir: Path, config_yaml: str, total_steps: int, progress: bool) -> None:
         self.writer = SummaryWriter(log_dir=str(run_dir))
@@ -27,6 +35,8 @@ class RunLogger:
             dynamic_ncols=True,
             disable=not (progress and sys.stderr.isatty()),
         )
+        self.total_steps = total_steps
+        self.next_report = total_steps / TEXT_REPORTS
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         """Log ``{tag: value}`` at ``step`` (environment steps)."""
@@ -34,8 +44,13 @@ class RunLogger:
             self.writer.add_scalar(tag, value, step)
 
     def progress(self, step: int, sps: float, mean_return: float | None) -> None:
-        self.bar.n = step
         recent = "n/a" if mean_return is None else f"{mean_return:.1f}"
+        if self.bar.disable:
+            if step >= self.next_report:
+                log.info("step %d/%d  SPS %.0f  recent return %s", step, self.total_steps, sps, recent)
+                self.next_report += self.total_steps / TEXT_REPORTS
+            return
+        self.bar.n = step
         self.bar.set_postfix(SPS=f"{sps:.0f}", ret=recent, refresh=False)
         self.bar.refresh()
 
