@@ -22,6 +22,7 @@ from ppo_cli.agent import ActorCritic
 from ppo_cli.checkpoint import describe_spaces, save_checkpoint
 from ppo_cli.config import TrainConfig
 from ppo_cli.envs import make_vector_env
+from ppo_cli.errors import ConfigError
 from ppo_cli.evaluate import evaluate
 from ppo_cli.logger import RunLogger, write_summary
 from ppo_cli.losses import explained_variance
@@ -42,11 +43,10 @@ def seed_everything(seed: int) -> None:
 
 
 def pick_device(name: str) -> torch.device:
+    """``auto`` means CUDA when torch sees a GPU; asking for CUDA without one is a user error."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        from ppo_cli.errors import ConfigError
-
         raise ConfigError("device", "got 'cuda' but torch sees no CUDA device; allowed: auto|cpu")
     return torch.device(name)
 
