@@ -124,7 +124,7 @@ def _omegaconf_error(err: OmegaConfBaseException) -> str:
         key = f"{key}.{err.key}" if key else str(err.key)
     message = str(getattr(err, "msg", "") or err).strip().splitlines()[0]
     if re.search(r"not in struct|not in '|not found", message, re.IGNORECASE):
-        return str(unknown_key_error(key))
+        return str(unknown_key_error(key, getattr(err, "object_type", None)))
     if "missing mandatory value" in message.lower():
         return f"{key}: missing value; set it on the command line ({key}=...)"
     return f"{key}: {message}"

@@ -10,7 +10,6 @@ these schemas, so a misspelt key or a wrong type fails at composition time, and
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,47 +65,75 @@ class EnvConfig:
 
 @dataclass
 class AlgoConfig:
-    """Hyperparameters of the learning algorithm (PPO-Clip)."""
+    """Keys every variant of the family uses. Each variant's schema adds its own keys, so a key
+    that the chosen variant does not use is an unknown key, not a silently ignored one."""
 
     name: str = MISSING
     learning_rate: float = MISSING
     anneal_lr: bool = MISSING
     adam_eps: float = MISSING
-    gamma: float = MISSING
-    gae_lambda: float = MISSING
-    bootstrap_truncated: bool = MISSING
-    update_epochs: int = MISSING
-    num_minibatches: int = MISSING
-    norm_adv: bool = MISSING
-    clip_eps: float = MISSING
-    clip_vloss: bool = MISSING
-    ent_coef: float = MISSING
-    vf_coef: float = MISSING
     max_grad_norm: float = MISSING
-    target_kl: float | None = None
+    ent_coef: float = MISSING
 
     def __post_init__(self) -> None:
         _require(self.learning_rate > 0, "algo.learning_rate", "a number > 0", self.learning_rate)
         _require(self.adam_eps > 0, "algo.adam_eps", "a number > 0", self.adam_eps)
+        _require(self.max_grad_norm > 0, "algo.max_grad_norm", "a number > 0", self.max_grad_norm)
+        _require(self.ent_coef >= 0, "algo.ent_coef", "a number >= 0", self.ent_coef)
+
+    def check_batch(self, batch_size: int) -> None:
+        """Checks that need the rollout size (env.num_envs * env.num_steps); none by default."""
+
+
+@dataclass
+class ActorCriticConfig(AlgoConfig):
+    """Variants with a learned critic and GAE advantages."""
+
+    gamma: float = MISSING
+    gae_lambda: float = MISSING
+    bootstrap_truncated: bool = MISSING
+    norm_adv: bool = MISSING
+    vf_coef: float = MISSING
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         _require(0 < self.gamma <= 1, "algo.gamma", "a number in (0, 1]", self.gamma)
         _require(0 <= self.gae_lambda <= 1, "algo.gae_lambda", "a number in [0, 1]", self.gae_lambda)
-        _require(self.update_epochs >= 1, "algo.update_epochs", "an integer >= 1", self.update_epochs)
-        _require(
-            self.num_minibatches >= 1,
-            "algo.num_minibatches",
-            "an integer >= 1",
-            self.num_minibatches,
-        )
-        _require(self.clip_eps > 0, "algo.clip_eps", "a number > 0", self.clip_eps)
-        _require(self.ent_coef >= 0, "algo.ent_coef", "a number >= 0", self.ent_coef)
         _require(self.vf_coef >= 0, "algo.vf_coef", "a number >= 0", self.vf_coef)
-        _require(self.max_grad_norm > 0, "algo.max_grad_norm", "a number > 0", self.max_grad_norm)
+
+
+@dataclass
+class ClipConfig(ActorCriticConfig):
+    """PPO-Clip: epochs of minibatch steps on the clipped surrogate."""
+
+    update_epochs: int = MISSING
+    num_minibatches: int = MISSING
+    clip_eps: float = MISSING
+    clip_vloss: bool = MISSING
+    target_kl: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.update_epochs >= 1, "algo.update_epochs", "an integer >= 1", self.update_epochs)
+        _require(self.num_minibatches >= 1, "algo.num_minibatches", "an integer >= 1", self.num_minibatches)
+        _require(self.clip_eps > 0, "algo.clip_eps", "a number > 0", self.clip_eps)
         _require(
             self.target_kl is None or self.target_kl > 0,
             "algo.target_kl",
             "null (no early stop) or a number > 0",
             self.target_kl,
         )
+
+    def check_batch(self, batch_size: int) -> None:
+        if batch_size % self.num_minibatches:
+            raise ConfigError(
+                "algo.num_minibatches",
+                f"got {self.num_minibatches}, allowed: a divisor of the batch "
+                f"env.num_envs * env.num_steps = {batch_size}",
+            )
+
+
+ALGO_SCHEMAS: dict[str, type[AlgoConfig]] = {"clip": ClipConfig}
 
 
 @dataclass
@@ -193,12 +220,7 @@ class TrainConfig:
             f"an integer >= env.num_envs * env.num_steps = {self.batch_size}",
             self.total_timesteps,
         )
-        if self.batch_size % self.algo.num_minibatches:
-            raise ConfigError(
-                "algo.num_minibatches",
-                f"got {self.algo.num_minibatches}, allowed: a divisor of the batch "
-                f"env.num_envs * env.num_steps = {self.batch_size}",
-            )
+        self.algo.check_batch(self.batch_size)
 
     @property
     def batch_size(self) -> int:
@@ -212,52 +234,50 @@ class TrainConfig:
 
 
 def register_schemas() -> None:
-    """Make the schemas known to Hydra; ``configs/train.yaml`` lists ``train_schema`` first."""
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    """Make the schemas known to Hydra: ``train.yaml`` starts from ``train_schema``, and each
+    ``algo/<name>.yaml`` from ``<name>_schema``."""
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+    for name, schema in ALGO_SCHEMAS.items():
+        store.store(group="algo", name=f"{name}_schema", node=schema)
 
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:
     """Turn a composed config into checked dataclasses (raises ConfigError on bad values)."""
-    reject_unknown_keys(cfg, TrainConfig)
+    reject_unknown_keys(cfg)
     train_cfg = OmegaConf.to_object(cfg)
     assert isinstance(train_cfg, TrainConfig), type(train_cfg)
     return train_cfg
 
 
-def reject_unknown_keys(node: DictConfig, schema: type, prefix: str = "") -> None:
-    """Refuse keys the schema does not define.
+def reject_unknown_keys(node: DictConfig, prefix: str = "") -> None:
+    """Refuse keys the node's schema does not define.
 
     Hydra lets ``+key=value`` add a key even to a structured config, and ``to_object`` would then
-    drop it silently; a typo must be an error instead. Free-form dict fields (``env.kwargs``) are
-    not checked.
+    drop it silently; a typo must be an error instead. Each node is checked against its own
+    schema (the chosen algo variant's, not the base class's); free-form mappings (``env.kwargs``)
+    are not checked.
     """
+    schema = OmegaConf.get_type(node)
+    if not (isinstance(schema, type) and dataclasses.is_dataclass(schema)):
+        return
     fields = {f.name for f in dataclasses.fields(schema)}
     for key in node:
         name = str(key)
         if name not in fields:
-            raise unknown_key_error(f"{prefix}{name}")
-        child_schema = _schema_of(schema, name)
-        if child_schema is not None and isinstance(node[name], DictConfig):
-            reject_unknown_keys(node[name], child_schema, f"{prefix}{name}.")
+            raise unknown_key_error(f"{prefix}{name}", schema)
+        child = node._get_node(name)
+        if isinstance(child, DictConfig) and not child._is_missing():
+            reject_unknown_keys(child, f"{prefix}{name}.")
 
 
-def unknown_key_error(full_key: str) -> ConfigError:
-    """'<key>: not a config key; allowed keys under <parent>: ...', from the schema."""
-    parent, _, _ = full_key.rpartition(".")
-    schema: Any = TrainConfig
-    for part in filter(None, parent.split(".")):
-        schema = _schema_of(schema, part)
-        if schema is None:
-            return ConfigError(
-                full_key,
-                f"not a config key (to add an entry to the mapping {parent} write +{full_key}=...)",
-            )
+def unknown_key_error(full_key: str, schema: type | None) -> ConfigError:
+    """'<key>: not a config key; allowed keys under <parent>: ...'; ``schema`` is the parent's type."""
+    parent = full_key.rpartition(".")[0]
+    if not (isinstance(schema, type) and dataclasses.is_dataclass(schema)):
+        return ConfigError(
+            full_key, f"not a config key (to add an entry to the mapping {parent} write +{full_key}=...)"
+        )
     allowed = ", ".join(sorted(f.name for f in dataclasses.fields(schema)))
     where = f" under {parent}" if parent else ""
     return ConfigError(full_key, f"not a config key; allowed keys{where}: {allowed}")
-
-
-def _schema_of(schema: type, field_name: str) -> type | None:
-    """The dataclass type of a field, or None for plain fields, mappings and unknown names."""
-    child_type = typing.get_type_hints(schema).get(field_name)
-    return child_type if isinstance(child_type, type) and dataclasses.is_dataclass(child_type) else None

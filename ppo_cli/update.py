@@ -9,7 +9,7 @@ from torch import nn
 
 from ppo_cli import losses
 from ppo_cli.agent import ActorCritic
-from ppo_cli.config import AlgoConfig
+from ppo_cli.config import ClipConfig
 from ppo_cli.rollout import RolloutStorage
 
 LOGGED = ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac")
@@ -53,7 +53,7 @@ def ppo_clip_update(
     agent: ActorCritic,
     optimizer: torch.optim.Optimizer,
     batch: Batch,
-    cfg: AlgoConfig,
+    cfg: ClipConfig,
     generator: torch.Generator | None = None,
 ) -> dict[str, float]:
     """Run ``update_epochs`` passes over ``batch`` in ``num_minibatches`` shuffled minibatches.

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from ppo_cli import checkpoint as ckpt
 from ppo_cli import load_agent
 from ppo_cli.agent import ActorCritic
-from ppo_cli.config import AgentConfig, AlgoConfig, EnvConfig, TrainConfig
+from ppo_cli.config import AgentConfig, ClipConfig, EnvConfig, TrainConfig
 from ppo_cli.errors import UserError
 from ppo_cli.normalization import RewardScaler
 
@@ -181,7 +181,7 @@ def _roundtrip_bytes(obj) -> io.BytesIO:
 
 def _train_config(agent_cfg: AgentConfig) -> TrainConfig:
     env = EnvConfig(id="CartPole-v1", num_envs=2, num_steps=4, normalize_obs=True, clip_obs=3.0)
-    algo = AlgoConfig(
+    algo = ClipConfig(
         name="clip",
         learning_rate=3e-4,
         anneal_lr=True,

@@ -9,7 +9,7 @@ import torch
 
 from ppo_cli import load_agent
 from ppo_cli.agent import ActorCritic
-from ppo_cli.config import AgentConfig, AlgoConfig, EnvConfig, EvalConfig, TrainConfig
+from ppo_cli.config import AgentConfig, ClipConfig, EnvConfig, EvalConfig, TrainConfig
 from ppo_cli.envs import make_vector_env, uses_next_step_autoreset
 from ppo_cli.rollout import Collector, RolloutStorage
 from ppo_cli.train import train
@@ -226,7 +226,7 @@ def test_train_on_multidimensional_box_observations(tmp_path, normalize_obs: boo
             max_episode_steps=3,
             normalize_obs=normalize_obs,
         )
-        algo = AlgoConfig(
+        algo = ClipConfig(
             name="clip",
             learning_rate=3e-4,
             anneal_lr=True,

@@ -9,13 +9,13 @@ import torch
 
 from ppo_cli import losses, update
 from ppo_cli.agent import ActorCritic
-from ppo_cli.config import AgentConfig, AlgoConfig
+from ppo_cli.config import AgentConfig, ClipConfig
 from ppo_cli.update import Batch, ppo_clip_update
 
 BATCH = 64
 
 
-def algo(**overrides: object) -> AlgoConfig:
+def algo(**overrides: object) -> ClipConfig:
     values: dict = dict(
         name="clip",
         learning_rate=1e-2,
@@ -35,7 +35,7 @@ def algo(**overrides: object) -> AlgoConfig:
         target_kl=None,
     )
     values.update(overrides)
-    return AlgoConfig(**values)
+    return ClipConfig(**values)
 
 
 def setup(small_agent_cfg: AgentConfig) -> tuple[ActorCritic, torch.optim.Optimizer, Batch]:
