@@ -21,7 +21,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 from torch import nn
-from torch.distributions import Categorical, Distribution, Normal
+from torch.distributions import Categorical, Distribution, Normal, kl_divergence
 
 from ppo_cli.config import AgentConfig
 from ppo_cli.normalization import ObservationNormalizer
@@ -54,6 +54,7 @@ class ActionSample(NamedTuple):
     action: torch.Tensor
     log_prob: torch.Tensor
     value: torch.Tensor
+    policy_params: torch.Tensor  # enough to rebuild pi_old(.|s) later: see ``policy_params``
 
 
 class Evaluation(NamedTuple):
@@ -62,6 +63,7 @@ class Evaluation(NamedTuple):
     log_prob: torch.Tensor
     entropy: torch.Tensor
     value: torch.Tensor
+    distribution: Distribution
 
 
 class ActorCritic(nn.Module):
@@ -87,12 +89,16 @@ class ActorCritic(nn.Module):
         if self.continuous:
             assert isinstance(action_space, gym.spaces.Box)
             act_dim = int(action_space.shape[0])
+            self.policy_param_dim = 2 * act_dim
+            self.action_shape: tuple[int, ...] = (act_dim,)
             self.actor = mlp(obs_dim, list(cfg.actor_hidden), act_dim, cfg.activation, out_gain=0.01)
             self.log_std = nn.Parameter(torch.full((act_dim,), float(cfg.log_std_init)))
             self.register_buffer("action_low", torch.as_tensor(action_space.low, dtype=torch.float32))
             self.register_buffer("action_high", torch.as_tensor(action_space.high, dtype=torch.float32))
         else:
             assert isinstance(action_space, gym.spaces.Discrete)
+            self.policy_param_dim = int(action_space.n)
+            self.action_shape = ()
             self.actor = mlp(obs_dim, list(cfg.actor_hidden), int(action_space.n), cfg.activation, 0.01)
 
     def normalize(self, obs: torch.Tensor) -> torch.Tensor:
@@ -100,12 +106,31 @@ class ActorCritic(nn.Module):
         obs = obs.flatten(1)
         return obs if self.obs_normalizer is None else self.obs_normalizer(obs)
 
-    def distribution(self, obs: torch.Tensor) -> Distribution:
-        """pi(.|s) for a batch of normalised observations."""
+    def policy_params(self, obs: torch.Tensor) -> torch.Tensor:
+        """pi(.|s) as one tensor per sample: logits, or [mean, log_std] for the Gaussian.
+
+        Stored with each transition so that the exact KL(pi_old || pi) can be computed later.
+        """
         out = self.actor(obs)
         if self.continuous:
-            return Normal(out, self.log_std.exp().expand_as(out))
-        return Categorical(logits=out)
+            return torch.cat([out, self.log_std.expand_as(out)], dim=-1)
+        return out
+
+    def distribution_from_params(self, params: torch.Tensor) -> Distribution:
+        """Inverse of :meth:`policy_params`."""
+        if self.continuous:
+            mean, log_std = params.chunk(2, dim=-1)
+            return Normal(mean, log_std.exp())
+        return Categorical(logits=params)
+
+    def distribution(self, obs: torch.Tensor) -> Distribution:
+        """pi(.|s) for a batch of normalised observations."""
+        return self.distribution_from_params(self.policy_params(obs))
+
+    def exact_kl(self, old_params: torch.Tensor, new: Distribution) -> torch.Tensor:
+        """KL(pi_old || pi) per sample, in closed form (summed over the dimensions of a Gaussian)."""
+        kl = kl_divergence(self.distribution_from_params(old_params), new)
+        return kl.sum(-1) if self.continuous else kl
 
     def value(self, obs: torch.Tensor) -> torch.Tensor:
         """V(s) for a batch of normalised observations, shape (batch,)."""
@@ -120,19 +145,20 @@ class ActorCritic(nn.Module):
     @torch.no_grad()
     def sample(self, obs: torch.Tensor, deterministic: bool = False) -> ActionSample:
         """Sample actions for a batch of normalised observations, with log pi(a|s) and V(s)."""
-        dist = self.distribution(obs)
+        params = self.policy_params(obs)
+        dist = self.distribution_from_params(params)
         if deterministic:
             action = dist.mean if self.continuous else dist.logits.argmax(-1)  # type: ignore[attr-defined]
         else:
             action = dist.sample()
         log_prob, _ = self.log_prob_entropy(dist, action)
-        return ActionSample(action, log_prob, self.value(obs))
+        return ActionSample(action, log_prob, self.value(obs), params)
 
     def evaluate(self, obs: torch.Tensor, action: torch.Tensor) -> Evaluation:
         """log pi(a|s), entropy and V(s) with gradients, for the update."""
         dist = self.distribution(obs)
         log_prob, entropy = self.log_prob_entropy(dist, action)
-        return Evaluation(log_prob, entropy, self.value(obs))
+        return Evaluation(log_prob, entropy, self.value(obs), dist)
 
     def env_action(self, action: torch.Tensor) -> np.ndarray:
         """The action as the environment takes it: clipped to the bounds for Box spaces."""

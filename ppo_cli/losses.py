@@ -5,6 +5,8 @@ Every loss here is something to *minimise* and is averaged over the minibatch it
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 
@@ -52,15 +54,27 @@ def normalize_advantages(advantages: torch.Tensor, eps: float = 1e-8) -> torch.T
     return (advantages - advantages.mean()) / (advantages.std() + eps)
 
 
-def approx_kl(log_prob: torch.Tensor, old_log_prob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two sample estimates of KL(pi_old || pi) from r = pi / pi_old at actions drawn from pi_old.
+class KLEstimates(NamedTuple):
+    """Sample estimates of KL(pi_old || pi) from log r = log pi(a|s) - log pi_old(a|s), a ~ pi_old."""
 
-    k1 = mean(-log r) is unbiased but can be negative on a minibatch;
-    k3 = mean((r - 1) - log r) is unbiased and never negative (Schulman, "Approximating KL
-    Divergence", 2020). Returns ``(k1, k3)``; k3 is the one compared with ``target_kl``.
+    k1: torch.Tensor
+    k2: torch.Tensor
+    k3: torch.Tensor
+
+
+def kl_estimates(log_prob: torch.Tensor, old_log_prob: torch.Tensor) -> KLEstimates:
+    """Schulman's three estimators ("Approximating KL Divergence", 2020), averaged over the batch.
+
+    k1 = mean(-log r): unbiased, high variance, can be negative on a finite batch.
+    k2 = mean(0.5 * (log r)^2): biased but low variance, always >= 0; exact to second order.
+    k3 = mean((r - 1) - log r): unbiased, low variance, always >= 0 (r - 1 >= log r).
     """
     log_ratio = log_prob - old_log_prob
-    return (-log_ratio).mean(), (torch.expm1(log_ratio) - log_ratio).mean()
+    return KLEstimates(
+        (-log_ratio).mean(),
+        (0.5 * log_ratio.square()).mean(),
+        (torch.expm1(log_ratio) - log_ratio).mean(),
+    )
 
 
 def clip_fraction(log_prob: torch.Tensor, old_log_prob: torch.Tensor, clip_eps: float) -> torch.Tensor:

@@ -28,21 +28,15 @@ from ppo_cli.normalization import RewardScaler
 
 
 class RolloutStorage:
-    """(T, N, ...) tensors for one iteration of experience."""
+    """(T, N, ...) tensors for one iteration of experience, shaped for ``agent``."""
 
-    def __init__(
-        self,
-        num_steps: int,
-        num_envs: int,
-        obs_shape: tuple[int, ...],
-        action_shape: tuple[int, ...],
-        action_dtype: torch.dtype,
-        device: torch.device,
-    ) -> None:
+    def __init__(self, num_steps: int, num_envs: int, agent: ActorCritic, device: torch.device) -> None:
         shape = (num_steps, num_envs)
-        self.obs = torch.zeros((*shape, *obs_shape), device=device)
-        self.actions = torch.zeros((*shape, *action_shape), dtype=action_dtype, device=device)
+        action_dtype = torch.float32 if agent.continuous else torch.long
+        self.obs = torch.zeros((*shape, agent.obs_dim), device=device)
+        self.actions = torch.zeros((*shape, *agent.action_shape), dtype=action_dtype, device=device)
         self.log_probs = torch.zeros(shape, device=device)
+        self.policy_params = torch.zeros((*shape, agent.policy_param_dim), device=device)
         self.values = torch.zeros(shape, device=device)
         self.next_values = torch.zeros(shape, device=device)
         self.rewards = torch.zeros(shape, device=device)
@@ -101,11 +95,12 @@ class Collector:
         for t in range(s.obs.shape[0]):
             valid = ~self.prev_done if self.next_step_autoreset else torch.ones_like(self.prev_done)
             sample = self.agent.sample(self.obs)
-            s.obs[t], s.actions[t], s.log_probs[t], s.values[t] = (
+            s.obs[t], s.actions[t], s.log_probs[t], s.values[t], s.policy_params[t] = (
                 self.obs,
                 sample.action,
                 sample.log_prob,
                 sample.value,
+                sample.policy_params,
             )
             s.valid[t] = valid
             obs, reward, terminated, truncated, info = self.envs.step(self.agent.env_action(sample.action))

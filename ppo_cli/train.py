@@ -95,14 +95,7 @@ def _train(cfg: TrainConfig, run_dir: Path, plain_config: Any, summary: dict[str
         if cfg.env.normalize_reward
         else None
     )
-    storage = RolloutStorage(
-        cfg.env.num_steps,
-        cfg.env.num_envs,
-        (agent.obs_dim,),
-        act_space.shape or (),
-        torch.float32 if agent.continuous else torch.long,
-        device,
-    )
+    storage = RolloutStorage(cfg.env.num_steps, cfg.env.num_envs, agent, device)
     collector = Collector(envs, agent, storage, reward_scaler, algo.bootstrap_truncated, device, cfg.seed)
     logger = RunLogger(run_dir, OmegaConf.to_yaml(plain_config), cfg.total_timesteps, cfg.progress)
     spaces = describe_spaces(obs_space, act_space)

@@ -12,7 +12,19 @@ from ppo_cli.agent import ActorCritic
 from ppo_cli.config import ClipConfig
 from ppo_cli.rollout import RolloutStorage
 
-LOGGED = ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac")
+# old_approx_kl and approx_kl keep CleanRL's names for k1 and k3; kl_* are every estimate side by side.
+LOGGED = (
+    "policy_loss",
+    "value_loss",
+    "entropy",
+    "old_approx_kl",
+    "approx_kl",
+    "clipfrac",
+    "kl_k1",
+    "kl_k2",
+    "kl_k3",
+    "kl_exact",
+)
 
 
 @dataclass
@@ -22,6 +34,7 @@ class Batch:
     obs: torch.Tensor
     actions: torch.Tensor
     log_probs: torch.Tensor
+    policy_params: torch.Tensor
     values: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
@@ -40,6 +53,7 @@ class Batch:
             flat(storage.obs),
             flat(storage.actions),
             flat(storage.log_probs),
+            flat(storage.policy_params),
             flat(storage.values),
             flat(advantages),
             flat(returns),
@@ -73,8 +87,9 @@ def ppo_clip_update(
             out = agent.evaluate(batch.obs[idx], batch.actions[idx])
             old_log_prob = batch.log_probs[idx]
             with torch.no_grad():
-                old_approx_kl, approx_kl = losses.approx_kl(out.log_prob, old_log_prob)
-            if cfg.target_kl is not None and approx_kl.item() > cfg.target_kl:
+                kl = losses.kl_estimates(out.log_prob, old_log_prob)
+                kl_exact = agent.exact_kl(batch.policy_params[idx], out.distribution).mean()
+            if cfg.target_kl is not None and kl.k3.item() > cfg.target_kl:
                 return _means(total, steps, stopped_early=True)
             advantages = batch.advantages[idx]
             if cfg.norm_adv:
@@ -96,7 +111,7 @@ def ppo_clip_update(
                 clipfrac = losses.clip_fraction(out.log_prob, old_log_prob, cfg.clip_eps)
             # Summed on the device; read back once per update to avoid a host sync per minibatch.
             total += torch.stack(
-                [policy_loss, value_loss, entropy, old_approx_kl, approx_kl, clipfrac]
+                [policy_loss, value_loss, entropy, kl.k1, kl.k3, clipfrac, *kl, kl_exact]
             ).detach()
             steps += 1
     return _means(total, steps, stopped_early=False)

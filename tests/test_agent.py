@@ -229,3 +229,29 @@ def test_multidimensional_observations_are_normalised_per_element() -> None:
     expected = (flat[:4] - flat.mean(0)) / flat.var(0, unbiased=False).sqrt()
     torch.testing.assert_close(out.double(), expected, rtol=1e-3, atol=1e-3)
     assert agent.sample(out).action.shape == (4,)
+
+
+def test_exact_kl_matches_closed_forms(small_agent_cfg: AgentConfig) -> None:
+    obs_space = gym.spaces.Box(-1.0, 1.0, shape=(3,), dtype=np.float32)
+    obs = torch.randn(5, 3)
+
+    gaussian = ActorCritic(obs_space, gym.spaces.Box(-1.0, 1.0, shape=(2,)), small_agent_cfg)
+    old_params = gaussian.policy_params(obs).detach()
+    with torch.no_grad():
+        gaussian.log_std.add_(torch.tensor([0.3, -0.2]))
+    new = gaussian.distribution(obs)
+    mu0, log_s0 = old_params.chunk(2, dim=-1)
+    mu1, s1 = new.mean, new.stddev
+    s0 = log_s0.exp()
+    # KL(N0 || N1) = log(s1/s0) + (s0^2 + (mu0 - mu1)^2) / (2 s1^2) - 1/2, summed over dimensions
+    expected = (torch.log(s1 / s0) + (s0**2 + (mu0 - mu1) ** 2) / (2 * s1**2) - 0.5).sum(-1)
+    torch.testing.assert_close(gaussian.exact_kl(old_params, new), expected)
+
+    categorical = ActorCritic(obs_space, gym.spaces.Discrete(3), small_agent_cfg)
+    old_logits = categorical.policy_params(obs).detach()
+    assert torch.all(categorical.exact_kl(old_logits, categorical.distribution(obs)).abs() < 1e-6)
+    shifted = old_logits + torch.tensor([0.5, 0.0, -0.5])
+    p_old, p_new = old_logits.softmax(-1), shifted.softmax(-1)
+    expected = (p_old * (p_old.log() - p_new.log())).sum(-1)
+    new_dist = categorical.distribution_from_params(shifted)
+    torch.testing.assert_close(categorical.exact_kl(old_logits, new_dist), expected)

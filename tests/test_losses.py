@@ -96,33 +96,56 @@ def test_value_loss_clipped_batch_mean() -> None:
     assert loss.item() > losses.value_loss(values, old, returns, None).item()
 
 
-def test_approx_kl_hand_numbers() -> None:
+def test_kl_estimates_hand_numbers() -> None:
     old = torch.tensor([-1.0, -2.0], dtype=torch.float64)
     log_prob = old + torch.tensor([0.5, -0.5], dtype=torch.float64)
-    k1, k3 = losses.approx_kl(log_prob, old)
+    k1, k2, k3 = losses.kl_estimates(log_prob, old)
     assert k1.item() == pytest.approx(0.0, abs=1e-12)
+    assert k2.item() == pytest.approx(0.125, abs=1e-12)  # mean(0.5 * 0.25)
     expected_k3 = ((math.exp(0.5) - 1 - 0.5) + (math.exp(-0.5) - 1 + 0.5)) / 2
     assert k3.item() == pytest.approx(expected_k3, abs=1e-12)
 
-    # A single sample with ratio 2: k1 = -ln 2, k3 = (2 - 1) - ln 2.
-    k1, k3 = losses.approx_kl(
+    # A single sample with ratio 2: k1 = -ln 2, k2 = 0.5 ln^2 2, k3 = (2 - 1) - ln 2.
+    k1, k2, k3 = losses.kl_estimates(
         torch.tensor([math.log(2.0)], dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
     )
     assert k1.item() == pytest.approx(-math.log(2.0), abs=1e-12)
+    assert k2.item() == pytest.approx(0.5 * math.log(2.0) ** 2, abs=1e-12)
     assert k3.item() == pytest.approx(1.0 - math.log(2.0), abs=1e-12)
 
 
-def test_approx_kl_k3_non_negative_and_zero_at_equality() -> None:
+def test_kl_estimates_non_negative_k2_k3_and_zero_at_equality() -> None:
     g = torch.Generator().manual_seed(0)
     for _ in range(20):
         old = torch.randn(16, generator=g)
         new = old + torch.randn(16, generator=g)
-        _, k3 = losses.approx_kl(new, old)
+        _, k2, k3 = losses.kl_estimates(new, old)
+        assert k2.item() >= 0.0
         assert k3.item() >= 0.0
     same = torch.randn(8, generator=g)
-    k1, k3 = losses.approx_kl(same, same.clone())
-    assert k1.item() == 0.0
-    assert k3.item() == 0.0
+    assert all(k.item() == 0.0 for k in losses.kl_estimates(same, same.clone()))
+
+
+@pytest.mark.parametrize("family", ["categorical", "gaussian"])
+def test_sample_estimators_track_the_exact_kl(family: str) -> None:
+    """With many samples from pi_old, k1 and k3 converge to the closed-form KL; k2 is close."""
+    g = torch.Generator().manual_seed(1)
+    if family == "categorical":
+        old = torch.distributions.Categorical(logits=torch.tensor([0.0, 1.0, -1.0]))
+        new = torch.distributions.Categorical(logits=torch.tensor([0.3, 0.6, -0.8]))
+        exact = torch.distributions.kl_divergence(old, new).item()
+        actions = torch.multinomial(old.probs, 200_000, replacement=True, generator=g)
+        log_old, log_new = old.log_prob(actions), new.log_prob(actions)
+    else:
+        old_n = torch.distributions.Normal(torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.5]))
+        new_n = torch.distributions.Normal(torch.tensor([0.2, 0.8]), torch.tensor([0.9, 0.6]))
+        exact = torch.distributions.kl_divergence(old_n, new_n).sum().item()
+        actions = old_n.mean + old_n.stddev * torch.randn(200_000, 2, generator=g)
+        log_old, log_new = old_n.log_prob(actions).sum(-1), new_n.log_prob(actions).sum(-1)
+    k1, k2, k3 = losses.kl_estimates(log_new.double(), log_old.double())
+    assert k1.item() == pytest.approx(exact, rel=0.05)
+    assert k3.item() == pytest.approx(exact, rel=0.05)
+    assert k2.item() == pytest.approx(exact, rel=0.25)
 
 
 def test_clip_fraction() -> None:

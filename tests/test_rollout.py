@@ -43,14 +43,7 @@ def _register_counter():
 
 
 def _storage(num_steps, envs, agent) -> RolloutStorage:
-    return RolloutStorage(
-        num_steps,
-        envs.num_envs,
-        tuple(envs.single_observation_space.shape),
-        tuple(envs.single_action_space.shape),
-        torch.float32 if agent.continuous else torch.long,
-        CPU,
-    )
+    return RolloutStorage(num_steps, envs.num_envs, agent, CPU)
 
 
 def _agent(envs) -> ActorCritic:
@@ -185,7 +178,9 @@ def test_next_step_autoreset_marks_fake_steps_invalid() -> None:
 
 
 def test_batch_keeps_everything_when_all_valid() -> None:
-    storage = RolloutStorage(3, 2, (4,), (), torch.long, CPU)
+    obs_space = gym.spaces.Box(-1.0, 1.0, shape=(4,), dtype=np.float32)
+    agent = ActorCritic(obs_space, gym.spaces.Discrete(2), AgentConfig([4], [4]))
+    storage = RolloutStorage(3, 2, agent, CPU)
     storage.obs.copy_(torch.randn(3, 2, 4))
     adv = torch.randn(3, 2)
     batch = Batch.from_storage(storage, adv, adv + 1)

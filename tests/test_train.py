@@ -116,6 +116,10 @@ def test_run_dir_holds_events_checkpoints_and_summary(tmp_path: Path) -> None:
         "losses/approx_kl",
         "losses/clipfrac",
         "losses/explained_variance",
+        "losses/kl_k1",
+        "losses/kl_k2",
+        "losses/kl_k3",
+        "losses/kl_exact",
         "eval/episodic_return",
     }
     assert expected <= tags.keys()

@@ -43,7 +43,15 @@ def setup(small_agent_cfg: AgentConfig) -> tuple[ActorCritic, torch.optim.Optimi
     agent = ActorCritic(obs_space, gym.spaces.Discrete(3), small_agent_cfg)
     obs = torch.randn(BATCH, 3)
     sample = agent.sample(obs)
-    batch = Batch(obs, sample.action, sample.log_prob, sample.value, torch.randn(BATCH), torch.randn(BATCH))
+    batch = Batch(
+        obs,
+        sample.action,
+        sample.log_prob,
+        sample.policy_params,
+        sample.value,
+        torch.randn(BATCH),
+        torch.randn(BATCH),
+    )
     return agent, torch.optim.Adam(agent.parameters(), lr=1e-2), batch
 
 
