@@ -103,20 +103,17 @@ class ActorCriticConfig(AlgoConfig):
 
 
 @dataclass
-class ClipConfig(ActorCriticConfig):
-    """PPO-Clip: epochs of minibatch steps on the clipped surrogate."""
+class SurrogateConfig(ActorCriticConfig):
+    """Variants that take epochs of minibatch steps on a ratio objective (clip, penalty)."""
 
     update_epochs: int = MISSING
     num_minibatches: int = MISSING
-    clip_eps: float = MISSING
-    clip_vloss: bool = MISSING
     target_kl: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _require(self.update_epochs >= 1, "algo.update_epochs", "an integer >= 1", self.update_epochs)
         _require(self.num_minibatches >= 1, "algo.num_minibatches", "an integer >= 1", self.num_minibatches)
-        _require(self.clip_eps > 0, "algo.clip_eps", "a number > 0", self.clip_eps)
         _require(
             self.target_kl is None or self.target_kl > 0,
             "algo.target_kl",
@@ -131,6 +128,18 @@ class ClipConfig(ActorCriticConfig):
                 f"got {self.num_minibatches}, allowed: a divisor of the batch "
                 f"env.num_envs * env.num_steps = {batch_size}",
             )
+
+
+@dataclass
+class ClipConfig(SurrogateConfig):
+    """PPO-Clip: the clipped surrogate objective."""
+
+    clip_eps: float = MISSING
+    clip_vloss: bool = MISSING
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.clip_eps > 0, "algo.clip_eps", "a number > 0", self.clip_eps)
 
 
 ALGO_SCHEMAS: dict[str, type[AlgoConfig]] = {"clip": ClipConfig}

@@ -28,7 +28,7 @@ from ppo_cli.logger import RunLogger, write_summary
 from ppo_cli.losses import explained_variance
 from ppo_cli.normalization import RewardScaler
 from ppo_cli.rollout import Collector, RolloutStorage
-from ppo_cli.update import Batch, ppo_clip_update
+from ppo_cli.update import Batch, make_updater
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ def _train(cfg: TrainConfig, run_dir: Path, plain_config: Any, summary: dict[str
         if cfg.env.normalize_reward
         else None
     )
+    updater = make_updater(algo, agent, optimizer)
     storage = RolloutStorage(cfg.env.num_steps, cfg.env.num_envs, agent, device)
     collector = Collector(envs, agent, storage, reward_scaler, algo.bootstrap_truncated, device, cfg.seed)
     logger = RunLogger(run_dir, OmegaConf.to_yaml(plain_config), cfg.total_timesteps, cfg.progress)
@@ -143,7 +144,7 @@ def _train(cfg: TrainConfig, run_dir: Path, plain_config: Any, summary: dict[str
             batch = Batch.from_storage(storage, advantages, returns)
 
             # --- update ------------------------------------------------------------------------
-            metrics = ppo_clip_update(agent, optimizer, batch, algo)
+            metrics = updater.update(batch)
 
             # --- log ---------------------------------------------------------------------------
             sps = global_step / (time.perf_counter() - train_start)

@@ -2,29 +2,17 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from ppo_cli import losses
 from ppo_cli.agent import ActorCritic
-from ppo_cli.config import ClipConfig
+from ppo_cli.config import AlgoConfig, ClipConfig, SurrogateConfig
 from ppo_cli.rollout import RolloutStorage
-
-# old_approx_kl and approx_kl keep CleanRL's names for k1 and k3; kl_* are every estimate side by side.
-LOGGED = (
-    "policy_loss",
-    "value_loss",
-    "entropy",
-    "old_approx_kl",
-    "approx_kl",
-    "clipfrac",
-    "kl_k1",
-    "kl_k2",
-    "kl_k3",
-    "kl_exact",
-)
 
 
 @dataclass
@@ -63,62 +51,129 @@ class Batch:
         return self.obs.shape[0]
 
 
-def ppo_clip_update(
-    agent: ActorCritic,
-    optimizer: torch.optim.Optimizer,
-    batch: Batch,
-    cfg: ClipConfig,
-    generator: torch.Generator | None = None,
-) -> dict[str, float]:
-    """Run ``update_epochs`` passes over ``batch`` in ``num_minibatches`` shuffled minibatches.
+class Updater(ABC):
+    """Turns one rollout's Batch into parameter updates for one variant of the family.
 
-    With ``target_kl`` set, the approximate KL of each minibatch is checked *before* its optimizer
-    step (it is computed from the same forward pass), and the update stops at the first minibatch
-    that exceeds it, so no step is ever taken from a policy already too far from pi_old.
-
-    Returns the mean of each logged quantity over all minibatches that ran.
+    State that must survive from one iteration to the next (PPO-Penalty's beta) lives here and
+    goes into checkpoints through :meth:`state_dict`.
     """
-    total = torch.zeros(len(LOGGED), device=batch.obs.device)
-    steps = 0
-    params = [p for p in agent.parameters() if p.requires_grad]
-    for _ in range(cfg.update_epochs):
-        order = torch.randperm(len(batch), device=batch.obs.device, generator=generator)
-        for idx in torch.tensor_split(order, cfg.num_minibatches):
-            out = agent.evaluate(batch.obs[idx], batch.actions[idx])
-            old_log_prob = batch.log_probs[idx]
-            with torch.no_grad():
-                kl = losses.kl_estimates(out.log_prob, old_log_prob)
-                kl_exact = agent.exact_kl(batch.policy_params[idx], out.distribution).mean()
-            if cfg.target_kl is not None and kl.k3.item() > cfg.target_kl:
-                return _means(total, steps, stopped_early=True)
-            advantages = batch.advantages[idx]
-            if cfg.norm_adv:
-                advantages = losses.normalize_advantages(advantages)
-            policy_loss = losses.clipped_surrogate_loss(out.log_prob, old_log_prob, advantages, cfg.clip_eps)
-            value_loss = losses.value_loss(
-                out.value,
-                batch.values[idx],
-                batch.returns[idx],
-                cfg.clip_eps if cfg.clip_vloss else None,
-            )
-            entropy = out.entropy.mean()
-            loss = policy_loss - cfg.ent_coef * entropy + cfg.vf_coef * value_loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            with torch.no_grad():
-                clipfrac = losses.clip_fraction(out.log_prob, old_log_prob, cfg.clip_eps)
-            # Summed on the device; read back once per update to avoid a host sync per minibatch.
-            total += torch.stack(
-                [policy_loss, value_loss, entropy, kl.k1, kl.k3, clipfrac, *kl, kl_exact]
-            ).detach()
-            steps += 1
-    return _means(total, steps, stopped_early=False)
+
+    def __init__(self, agent: ActorCritic, optimizer: torch.optim.Optimizer) -> None:
+        self.agent = agent
+        self.optimizer = optimizer
+        self.params = [p for p in agent.parameters() if p.requires_grad]
+
+    @abstractmethod
+    def update(self, batch: Batch) -> dict[str, float]:
+        """Update the agent; returns the quantities to log (means over the minibatches that ran)."""
+
+    def state_dict(self) -> dict[str, float]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        """Restore what :meth:`state_dict` returned; stateless variants accept only ``{}``."""
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, got {sorted(state)}")
 
 
-def _means(total: torch.Tensor, steps: int, stopped_early: bool) -> dict[str, float]:
-    means = dict(zip(LOGGED, (total / max(steps, 1)).tolist(), strict=True))
-    means["minibatch_updates"] = float(steps)
-    means["early_stop"] = float(stopped_early)
-    return means
+class SurrogateUpdater(Updater):
+    """Epochs x shuffled minibatches on a ratio objective (PPO-Clip and PPO-Penalty).
+
+    With ``target_kl`` set, the k3 estimate of KL(pi_old || pi) of each minibatch is checked
+    *before* its optimizer step (it comes from the same forward pass), and the update stops at the
+    first minibatch that exceeds it, so no step is ever taken from a policy already too far away.
+    """
+
+    def __init__(self, agent: ActorCritic, optimizer: torch.optim.Optimizer, cfg: SurrogateConfig) -> None:
+        super().__init__(agent, optimizer)
+        self.cfg = cfg
+
+    @abstractmethod
+    def policy_loss(
+        self, log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, kl: KLTerms
+    ) -> dict[str, torch.Tensor]:
+        """``{"policy_loss": ..., <extra logged terms>}`` for one minibatch; may carry gradients."""
+
+    def value_clip_eps(self) -> float | None:
+        return None
+
+    def update(self, batch: Batch) -> dict[str, float]:
+        cfg = self.cfg
+        totals: dict[str, torch.Tensor] = {}
+        steps, stopped_early = 0, False
+        for _ in range(cfg.update_epochs):
+            order = torch.randperm(len(batch), device=batch.obs.device)
+            for idx in torch.tensor_split(order, cfg.num_minibatches):
+                out = self.agent.evaluate(batch.obs[idx], batch.actions[idx])
+                old_log_prob = batch.log_probs[idx]
+                kl = KLTerms(
+                    *losses.kl_estimates(out.log_prob, old_log_prob),
+                    self.agent.exact_kl(batch.policy_params[idx], out.distribution).mean(),
+                )
+                if cfg.target_kl is not None and kl.k3.item() > cfg.target_kl:
+                    stopped_early = True
+                    break
+                advantages = batch.advantages[idx]
+                if cfg.norm_adv:
+                    advantages = losses.normalize_advantages(advantages)
+                terms = self.policy_loss(out.log_prob, old_log_prob, advantages, kl)
+                terms["value_loss"] = losses.value_loss(
+                    out.value, batch.values[idx], batch.returns[idx], self.value_clip_eps()
+                )
+                terms["entropy"] = out.entropy.mean()
+                loss = (
+                    terms["policy_loss"] - cfg.ent_coef * terms["entropy"] + cfg.vf_coef * terms["value_loss"]
+                )
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                self.optimizer.step()
+                terms.update(kl.logged())
+                # Summed on the device; read back once per update, not once per minibatch.
+                for key, value in terms.items():
+                    totals[key] = totals.get(key, 0) + value.detach()
+                steps += 1
+            if stopped_early:
+                break
+        means = {key: float(value) / max(steps, 1) for key, value in totals.items()}
+        means.update(minibatch_updates=float(steps), early_stop=float(stopped_early))
+        return means
+
+
+class KLTerms(NamedTuple):
+    """The sample estimates of KL(pi_old || pi) and its exact value, for one minibatch."""
+
+    k1: torch.Tensor
+    k2: torch.Tensor
+    k3: torch.Tensor
+    exact: torch.Tensor
+
+    def logged(self) -> dict[str, torch.Tensor]:
+        """Every estimate under ``kl_*``, plus CleanRL's names for k1 and k3 so curves overlay."""
+        terms = {f"kl_{name}": value for name, value in self._asdict().items()}
+        return {**terms, "old_approx_kl": self.k1, "approx_kl": self.k3}
+
+
+class ClipUpdater(SurrogateUpdater):
+    """PPO-Clip: the clipped surrogate; value clipping with the same epsilon."""
+
+    cfg: ClipConfig
+
+    def policy_loss(
+        self, log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, kl: KLTerms
+    ) -> dict[str, torch.Tensor]:
+        eps = self.cfg.clip_eps
+        return {
+            "policy_loss": losses.clipped_surrogate_loss(log_prob, old_log_prob, advantages, eps),
+            "clipfrac": losses.clip_fraction(log_prob.detach(), old_log_prob, eps),
+        }
+
+    def value_clip_eps(self) -> float | None:
+        return self.cfg.clip_eps if self.cfg.clip_vloss else None
+
+
+def make_updater(cfg: AlgoConfig, agent: ActorCritic, optimizer: torch.optim.Optimizer) -> Updater:
+    """The updater of the configured variant."""
+    if isinstance(cfg, ClipConfig):
+        return ClipUpdater(agent, optimizer, cfg)
+    raise NotImplementedError(f"no updater for {type(cfg).__name__}")

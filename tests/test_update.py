@@ -10,7 +10,7 @@ import torch
 from ppo_cli import losses, update
 from ppo_cli.agent import ActorCritic
 from ppo_cli.config import AgentConfig, ClipConfig
-from ppo_cli.update import Batch, ppo_clip_update
+from ppo_cli.update import Batch, ClipUpdater
 
 BATCH = 64
 
@@ -57,7 +57,7 @@ def setup(small_agent_cfg: AgentConfig) -> tuple[ActorCritic, torch.optim.Optimi
 
 def test_runs_every_minibatch_of_every_epoch(small_agent_cfg: AgentConfig) -> None:
     agent, optimizer, batch = setup(small_agent_cfg)
-    metrics = ppo_clip_update(agent, optimizer, batch, algo())
+    metrics = ClipUpdater(agent, optimizer, algo()).update(batch)
     assert metrics["minibatch_updates"] == 3 * 4
     assert metrics["early_stop"] == 0.0
 
@@ -65,7 +65,7 @@ def test_runs_every_minibatch_of_every_epoch(small_agent_cfg: AgentConfig) -> No
 def test_target_kl_stops_before_the_step_that_would_exceed_it(small_agent_cfg: AgentConfig) -> None:
     agent, optimizer, batch = setup(small_agent_cfg)
     # The first minibatch sees pi == pi_old (KL 0) and steps; every later one sees KL > 0.
-    metrics = ppo_clip_update(agent, optimizer, batch, algo(target_kl=1e-12))
+    metrics = ClipUpdater(agent, optimizer, algo(target_kl=1e-12)).update(batch)
     assert metrics["minibatch_updates"] == 1
     assert metrics["early_stop"] == 1.0
     # Exactly one optimizer step was taken.
@@ -85,7 +85,7 @@ def test_logged_losses_are_means_over_all_minibatches(
         return value
 
     monkeypatch.setattr(update.losses, "clipped_surrogate_loss", recording_loss)
-    metrics = ppo_clip_update(agent, optimizer, batch, algo())
+    metrics = ClipUpdater(agent, optimizer, algo()).update(batch)
     assert len(seen) == 12
     assert metrics["policy_loss"] == pytest.approx(float(np.mean(seen)), rel=1e-5)
     assert metrics["policy_loss"] != pytest.approx(seen[-1])
@@ -103,5 +103,5 @@ def test_minibatches_partition_the_batch_each_epoch(
         return original(obs, actions)
 
     monkeypatch.setattr(agent, "evaluate", counting_evaluate)
-    ppo_clip_update(agent, optimizer, batch, algo(update_epochs=2, num_minibatches=4))
+    ClipUpdater(agent, optimizer, algo(update_epochs=2, num_minibatches=4)).update(batch)
     assert sizes == [16] * 8
