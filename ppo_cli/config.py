@@ -142,7 +142,44 @@ class ClipConfig(SurrogateConfig):
         _require(self.clip_eps > 0, "algo.clip_eps", "a number > 0", self.clip_eps)
 
 
-ALGO_SCHEMAS: dict[str, type[AlgoConfig]] = {"clip": ClipConfig}
+KL_ESTIMATORS = ("k1", "k2", "k3", "exact")
+
+
+@dataclass
+class PenaltyConfig(SurrogateConfig):
+    """PPO-Penalty: the unclipped surrogate minus beta * KL(pi_old || pi), beta adaptive or fixed."""
+
+    kl_estimator: str = MISSING
+    adaptive: bool = MISSING
+    kl_coef: float = MISSING
+    kl_target: float = MISSING
+    beta_factor: float = MISSING
+    kl_tolerance: float = MISSING
+    beta_min: float = MISSING
+    beta_max: float = MISSING
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(
+            self.kl_estimator in KL_ESTIMATORS,
+            "algo.kl_estimator",
+            "|".join(KL_ESTIMATORS),
+            self.kl_estimator,
+        )
+        _require(self.kl_coef >= 0, "algo.kl_coef", "a number >= 0", self.kl_coef)
+        _require(self.kl_target > 0, "algo.kl_target", "a number > 0", self.kl_target)
+        _require(self.beta_factor > 1, "algo.beta_factor", "a number > 1", self.beta_factor)
+        _require(self.kl_tolerance > 1, "algo.kl_tolerance", "a number > 1", self.kl_tolerance)
+        _require(self.beta_min > 0, "algo.beta_min", "a number > 0", self.beta_min)
+        _require(
+            self.beta_max >= self.beta_min,
+            "algo.beta_max",
+            f"a number >= algo.beta_min = {self.beta_min}",
+            self.beta_max,
+        )
+
+
+ALGO_SCHEMAS: dict[str, type[AlgoConfig]] = {"clip": ClipConfig, "penalty": PenaltyConfig}
 
 
 @dataclass

@@ -54,6 +54,39 @@ def normalize_advantages(advantages: torch.Tensor, eps: float = 1e-8) -> torch.T
     return (advantages - advantages.mean()) / (advantages.std() + eps)
 
 
+def surrogate_loss(
+    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor
+) -> torch.Tensor:
+    """The unclipped importance-sampled surrogate, negated: -mean(rho * A), rho = pi / pi_old.
+
+    Its gradient at pi = pi_old is the policy gradient; away from pi_old nothing stops it from
+    growing without bound, which is what PPO-Penalty's KL term (or PPO-Clip's clip) is for.
+    """
+    return -(torch.exp(log_prob - old_log_prob) * advantages).mean()
+
+
+def adaptive_kl_coef(
+    beta: float,
+    kl: float,
+    kl_target: float,
+    factor: float = 2.0,
+    tolerance: float = 1.5,
+    bounds: tuple[float, float] = (0.0, float("inf")),
+) -> float:
+    """PPO-Penalty's beta rule (Schulman et al. 2017, sec. 4), applied once per iteration.
+
+    beta * factor  if KL > tolerance * d_targ   (the policy moved too far: penalise more)
+    beta / factor  if KL < d_targ / tolerance   (it barely moved: penalise less)
+    beta           otherwise;                   then clipped to ``bounds``.
+    The paper uses factor 2 and tolerance 1.5.
+    """
+    if kl > tolerance * kl_target:
+        beta *= factor
+    elif kl < kl_target / tolerance:
+        beta /= factor
+    return min(max(beta, bounds[0]), bounds[1])
+
+
 class KLEstimates(NamedTuple):
     """Sample estimates of KL(pi_old || pi) from log r = log pi(a|s) - log pi_old(a|s), a ~ pi_old."""
 

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from ppo_cli.advantages import gae
 from ppo_cli.agent import ActorCritic
 from ppo_cli.checkpoint import describe_spaces, save_checkpoint
-from ppo_cli.config import ClipConfig, TrainConfig
+from ppo_cli.config import ActorCriticConfig, TrainConfig
 from ppo_cli.envs import make_vector_env
 from ppo_cli.errors import ConfigError
 from ppo_cli.evaluate import evaluate
@@ -82,7 +82,7 @@ def _train(cfg: TrainConfig, run_dir: Path, plain_config: Any, summary: dict[str
         torch.set_num_threads(cfg.torch_threads)
     device = pick_device(cfg.device)
     algo = cfg.algo
-    assert isinstance(algo, ClipConfig), type(algo)
+    assert isinstance(algo, ActorCriticConfig), type(algo)
     envs = make_vector_env(cfg.env)
     obs_space, act_space = envs.single_observation_space, envs.single_action_space
     assert isinstance(obs_space, gym.spaces.Box)  # make_vector_env refuses anything else
@@ -111,6 +111,7 @@ def _train(cfg: TrainConfig, run_dir: Path, plain_config: Any, summary: dict[str
             "agent": agent.state_dict(),
             "optimizer": optimizer.state_dict(),
             "reward_scaler": None if reward_scaler is None else reward_scaler.state_dict(),
+            "updater": updater.state_dict(),
             "global_step": global_step,
             "iteration": iteration,
         }

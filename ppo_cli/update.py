@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from ppo_cli import losses
-from ppo_cli.agent import ActorCritic
-from ppo_cli.config import AlgoConfig, ClipConfig, SurrogateConfig
+from ppo_cli.agent import ActorCritic, Evaluation
+from ppo_cli.config import AlgoConfig, ClipConfig, PenaltyConfig, SurrogateConfig
 from ppo_cli.rollout import RolloutStorage
 
 
@@ -106,10 +106,7 @@ class SurrogateUpdater(Updater):
             for idx in torch.tensor_split(order, cfg.num_minibatches):
                 out = self.agent.evaluate(batch.obs[idx], batch.actions[idx])
                 old_log_prob = batch.log_probs[idx]
-                kl = KLTerms(
-                    *losses.kl_estimates(out.log_prob, old_log_prob),
-                    self.agent.exact_kl(batch.policy_params[idx], out.distribution).mean(),
-                )
+                kl = KLTerms.measure(self.agent, out, old_log_prob, batch.policy_params[idx])
                 if cfg.target_kl is not None and kl.k3.item() > cfg.target_kl:
                     stopped_early = True
                     break
@@ -148,6 +145,14 @@ class KLTerms(NamedTuple):
     k3: torch.Tensor
     exact: torch.Tensor
 
+    @classmethod
+    def measure(
+        cls, agent: ActorCritic, out: Evaluation, old_log_prob: torch.Tensor, old_params: torch.Tensor
+    ) -> KLTerms:
+        """All four for the samples behind ``out`` (with gradients, if ``out`` has them)."""
+        exact = agent.exact_kl(old_params, out.distribution).mean()
+        return cls(*losses.kl_estimates(out.log_prob, old_log_prob), exact)
+
     def logged(self) -> dict[str, torch.Tensor]:
         """Every estimate under ``kl_*``, plus CleanRL's names for k1 and k3 so curves overlay."""
         terms = {f"kl_{name}": value for name, value in self._asdict().items()}
@@ -172,8 +177,56 @@ class ClipUpdater(SurrogateUpdater):
         return self.cfg.clip_eps if self.cfg.clip_vloss else None
 
 
+class PenaltyUpdater(SurrogateUpdater):
+    """PPO-Penalty: -mean(rho * A) + beta * KL(pi_old || pi), KL from ``algo.kl_estimator``.
+
+    beta starts at ``kl_coef``; with ``adaptive`` it follows :func:`losses.adaptive_kl_coef` after
+    every iteration, driven by the KL between pi_old and the updated policy over the whole batch.
+    """
+
+    cfg: PenaltyConfig
+
+    def __init__(self, agent: ActorCritic, optimizer: torch.optim.Optimizer, cfg: PenaltyConfig) -> None:
+        super().__init__(agent, optimizer, cfg)
+        self.beta = cfg.kl_coef
+
+    def policy_loss(
+        self, log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, kl: KLTerms
+    ) -> dict[str, torch.Tensor]:
+        penalty = getattr(kl, self.cfg.kl_estimator)
+        surrogate = losses.surrogate_loss(log_prob, old_log_prob, advantages)
+        return {"policy_loss": surrogate + self.beta * penalty, "surrogate_loss": surrogate}
+
+    def update(self, batch: Batch) -> dict[str, float]:
+        metrics = super().update(batch)
+        metrics["kl_beta"] = self.beta  # the beta this iteration's update used
+        if self.cfg.adaptive:
+            with torch.no_grad():
+                out = self.agent.evaluate(batch.obs, batch.actions)
+                kl = KLTerms.measure(self.agent, out, batch.log_probs, batch.policy_params)
+            measured = float(getattr(kl, self.cfg.kl_estimator))
+            metrics["kl_after_update"] = measured
+            self.beta = losses.adaptive_kl_coef(
+                self.beta,
+                measured,
+                self.cfg.kl_target,
+                self.cfg.beta_factor,
+                self.cfg.kl_tolerance,
+                (self.cfg.beta_min, self.cfg.beta_max),
+            )
+        return metrics
+
+    def state_dict(self) -> dict[str, float]:
+        return {"beta": self.beta}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.beta = float(state["beta"])
+
+
 def make_updater(cfg: AlgoConfig, agent: ActorCritic, optimizer: torch.optim.Optimizer) -> Updater:
     """The updater of the configured variant."""
     if isinstance(cfg, ClipConfig):
         return ClipUpdater(agent, optimizer, cfg)
+    if isinstance(cfg, PenaltyConfig):
+        return PenaltyUpdater(agent, optimizer, cfg)
     raise NotImplementedError(f"no updater for {type(cfg).__name__}")

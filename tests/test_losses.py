@@ -178,3 +178,31 @@ def test_normalize_advantages() -> None:
     torch.testing.assert_close(out, (adv - adv.mean()) / adv.std(), rtol=1e-6, atol=1e-8)
     single = losses.normalize_advantages(torch.tensor([5.0]))
     assert single.tolist() == [0.0]
+
+
+@pytest.mark.parametrize(
+    ("kl", "expected_beta"),
+    [
+        (0.016, 2.0),  # above 1.5 * 0.01: doubled
+        (0.015, 1.0),  # on the upper edge: unchanged
+        (0.010, 1.0),  # inside the band: unchanged
+        (0.01 / 1.5, 1.0),  # on the lower edge: unchanged
+        (0.006, 0.5),  # below 0.01 / 1.5: halved
+    ],
+)
+def test_adaptive_kl_coef_three_branches(kl: float, expected_beta: float) -> None:
+    assert losses.adaptive_kl_coef(1.0, kl, kl_target=0.01) == pytest.approx(expected_beta)
+
+
+def test_adaptive_kl_coef_factor_tolerance_and_bounds() -> None:
+    assert losses.adaptive_kl_coef(1.0, 0.05, 0.01, factor=3.0, tolerance=2.0) == pytest.approx(3.0)
+    assert losses.adaptive_kl_coef(1.0, 0.019, 0.01, factor=3.0, tolerance=2.0) == pytest.approx(1.0)
+    assert losses.adaptive_kl_coef(8.0, 1.0, 0.01, bounds=(0.1, 10.0)) == pytest.approx(10.0)
+    assert losses.adaptive_kl_coef(0.15, 0.0, 0.01, bounds=(0.1, 10.0)) == pytest.approx(0.1)
+
+
+def test_surrogate_loss_hand_numbers() -> None:
+    log_prob = torch.log(torch.tensor([1.5, 0.5]))
+    advantages = torch.tensor([2.0, -1.0])
+    # -mean(1.5 * 2, 0.5 * -1) = -(3 - 0.5) / 2
+    assert losses.surrogate_loss(log_prob, torch.zeros(2), advantages).item() == pytest.approx(-1.25)

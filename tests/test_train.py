@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -185,3 +186,16 @@ def test_async_vector_env_gives_the_same_run_as_sync(tmp_path: Path) -> None:
     sync_run, async_run = scalars(tmp_path / "sync"), scalars(tmp_path / "async")
     assert sync_run["losses/value_loss"] == async_run["losses/value_loss"]
     assert sync_run["losses/policy_loss"] == async_run["losses/policy_loss"]
+
+
+def test_penalty_logs_beta_and_saves_it_in_checkpoints(tmp_path: Path) -> None:
+    cfg = composed("algo=penalty", "total_timesteps=2048", "eval.episodes=0", "algo.num_minibatches=4")
+    train(cfg, tmp_path)
+    betas = [value for _, value in scalars(tmp_path)["losses/kl_beta"]]
+    assert len(betas) == 8
+    assert betas[0] == pytest.approx(1.0)
+    # Each logged beta is the previous one doubled, halved or kept (the adaptive rule).
+    for before, after in itertools.pairwise(betas):
+        assert after / before == pytest.approx(2.0) or after / before == pytest.approx(0.5) or after == before
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert checkpoint["updater"]["beta"] > 0

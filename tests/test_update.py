@@ -9,8 +9,8 @@ import torch
 
 from ppo_cli import losses, update
 from ppo_cli.agent import ActorCritic
-from ppo_cli.config import AgentConfig, ClipConfig
-from ppo_cli.update import Batch, ClipUpdater
+from ppo_cli.config import AgentConfig, ClipConfig, PenaltyConfig
+from ppo_cli.update import Batch, ClipUpdater, PenaltyUpdater, make_updater
 
 BATCH = 64
 
@@ -105,3 +105,94 @@ def test_minibatches_partition_the_batch_each_epoch(
     monkeypatch.setattr(agent, "evaluate", counting_evaluate)
     ClipUpdater(agent, optimizer, algo(update_epochs=2, num_minibatches=4)).update(batch)
     assert sizes == [16] * 8
+
+
+def penalty(**overrides: object) -> PenaltyConfig:
+    values: dict = dict(
+        name="penalty",
+        learning_rate=1e-2,
+        anneal_lr=False,
+        adam_eps=1e-5,
+        gamma=0.99,
+        gae_lambda=0.95,
+        bootstrap_truncated=True,
+        update_epochs=2,
+        num_minibatches=4,
+        norm_adv=True,
+        ent_coef=0.0,
+        vf_coef=0.5,
+        max_grad_norm=0.5,
+        target_kl=None,
+        kl_estimator="k3",
+        adaptive=True,
+        kl_coef=1.0,
+        kl_target=0.01,
+        beta_factor=2.0,
+        kl_tolerance=1.5,
+        beta_min=1e-4,
+        beta_max=1e4,
+    )
+    values.update(overrides)
+    return PenaltyConfig(**values)
+
+
+def test_make_updater_picks_the_variant(small_agent_cfg: AgentConfig) -> None:
+    agent, optimizer, _ = setup(small_agent_cfg)
+    assert type(make_updater(algo(), agent, optimizer)) is ClipUpdater
+    assert type(make_updater(penalty(), agent, optimizer)) is PenaltyUpdater
+
+
+def test_fixed_beta_stays_and_is_logged(small_agent_cfg: AgentConfig) -> None:
+    agent, optimizer, batch = setup(small_agent_cfg)
+    updater = PenaltyUpdater(agent, optimizer, penalty(adaptive=False, kl_coef=0.3))
+    for _ in range(3):
+        metrics = updater.update(batch)
+        assert metrics["kl_beta"] == pytest.approx(0.3)
+    assert updater.state_dict() == {"beta": pytest.approx(0.3)}
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3", "exact"])
+def test_adaptive_beta_applies_the_rule_to_the_measured_kl(
+    small_agent_cfg: AgentConfig, estimator: str
+) -> None:
+    agent, optimizer, batch = setup(small_agent_cfg)
+    for target in (1e-9, 1e-2, 1e3):
+        updater = PenaltyUpdater(agent, optimizer, penalty(kl_estimator=estimator, kl_target=target))
+        measured = updater.update(batch)["kl_after_update"]
+        assert updater.beta == pytest.approx(losses.adaptive_kl_coef(1.0, measured, target))
+
+
+@pytest.mark.parametrize("estimator", ["k2", "k3", "exact"])  # k1 may be negative on a batch
+def test_adaptive_beta_doubles_on_overshoot_and_halves_on_undershoot(
+    small_agent_cfg: AgentConfig, estimator: str
+) -> None:
+    agent, optimizer, batch = setup(small_agent_cfg)
+    updater = PenaltyUpdater(agent, optimizer, penalty(kl_estimator=estimator, kl_target=1e-9))
+    updater.update(batch)
+    assert updater.beta == pytest.approx(2.0)
+    updater = PenaltyUpdater(agent, optimizer, penalty(kl_estimator=estimator, kl_target=1e3))
+    updater.update(batch)
+    assert updater.beta == pytest.approx(0.5)
+
+
+def test_penalty_term_pulls_towards_pi_old(small_agent_cfg: AgentConfig) -> None:
+    """With beta large, the update moves the policy much less than without the penalty."""
+
+    def kl_after(beta: float) -> float:
+        torch.manual_seed(0)
+        agent, optimizer, batch = setup(small_agent_cfg)
+        cfg = penalty(adaptive=False, kl_coef=beta, update_epochs=5)
+        return PenaltyUpdater(agent, optimizer, cfg).update(batch)["kl_exact"]
+
+    assert kl_after(100.0) < 0.5 * kl_after(0.0)
+
+
+def test_beta_round_trips_through_state_dict(small_agent_cfg: AgentConfig) -> None:
+    agent, optimizer, batch = setup(small_agent_cfg)
+    updater = PenaltyUpdater(agent, optimizer, penalty(kl_target=1e-9))
+    updater.update(batch)
+    restored = PenaltyUpdater(agent, optimizer, penalty())
+    restored.load_state_dict(updater.state_dict())
+    assert restored.beta == updater.beta == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="keeps no state"):
+        ClipUpdater(agent, optimizer, algo()).load_state_dict({"beta": 1.0})
