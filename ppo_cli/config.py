@@ -179,7 +179,41 @@ class PenaltyConfig(SurrogateConfig):
         )
 
 
-ALGO_SCHEMAS: dict[str, type[AlgoConfig]] = {"clip": ClipConfig, "penalty": PenaltyConfig}
+@dataclass
+class PGConfig(ActorCriticConfig):
+    """REINFORCE with a learned baseline: one policy-gradient step per rollout, then the critic is
+    fitted to the returns by regression."""
+
+    value_epochs: int = MISSING
+    value_minibatches: int = MISSING
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.value_epochs >= 1, "algo.value_epochs", "an integer >= 1", self.value_epochs)
+        _require(
+            self.value_minibatches >= 1, "algo.value_minibatches", "an integer >= 1", self.value_minibatches
+        )
+
+    def check_batch(self, batch_size: int) -> None:
+        if batch_size % self.value_minibatches:
+            raise ConfigError(
+                "algo.value_minibatches",
+                f"got {self.value_minibatches}, allowed: a divisor of the batch "
+                f"env.num_envs * env.num_steps = {batch_size}",
+            )
+
+
+@dataclass
+class A2CConfig(ActorCriticConfig):
+    """Synchronous advantage actor-critic: one step on policy + value loss per (short) rollout."""
+
+
+ALGO_SCHEMAS: dict[str, type[AlgoConfig]] = {
+    "clip": ClipConfig,
+    "penalty": PenaltyConfig,
+    "pg": PGConfig,
+    "a2c": A2CConfig,
+}
 
 
 @dataclass

@@ -54,6 +54,15 @@ def normalize_advantages(advantages: torch.Tensor, eps: float = 1e-8) -> torch.T
     return (advantages - advantages.mean()) / (advantages.std() + eps)
 
 
+def policy_gradient_loss(log_prob: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """-mean(log pi(a|s) * A): the score-function (REINFORCE) estimator of the policy gradient.
+
+    Only valid on data from the current policy: one step per rollout (Williams 1992; with a
+    baseline V(s) subtracted inside A to reduce variance, Sutton & Barto 2018, sec. 13.4).
+    """
+    return -(log_prob * advantages).mean()
+
+
 def surrogate_loss(
     log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor
 ) -> torch.Tensor:

@@ -11,7 +11,15 @@ from torch import nn
 
 from ppo_cli import losses
 from ppo_cli.agent import ActorCritic, Evaluation
-from ppo_cli.config import AlgoConfig, ClipConfig, PenaltyConfig, SurrogateConfig
+from ppo_cli.config import (
+    A2CConfig,
+    ActorCriticConfig,
+    AlgoConfig,
+    ClipConfig,
+    PenaltyConfig,
+    PGConfig,
+    SurrogateConfig,
+)
 from ppo_cli.rollout import RolloutStorage
 
 
@@ -223,10 +231,77 @@ class PenaltyUpdater(SurrogateUpdater):
         self.beta = float(state["beta"])
 
 
+class A2CUpdater(Updater):
+    """A2C: one step per rollout on -mean(log pi * A) - c2 * H + c1 * 0.5 * mean((V - R)^2)."""
+
+    def __init__(self, agent: ActorCritic, optimizer: torch.optim.Optimizer, cfg: ActorCriticConfig) -> None:
+        super().__init__(agent, optimizer)
+        self.cfg = cfg
+
+    def _policy_terms(self, batch: Batch) -> tuple[Evaluation, dict[str, torch.Tensor]]:
+        out = self.agent.evaluate(batch.obs, batch.actions)
+        advantages = losses.normalize_advantages(batch.advantages) if self.cfg.norm_adv else batch.advantages
+        terms = {
+            "policy_loss": losses.policy_gradient_loss(out.log_prob, advantages),
+            "entropy": out.entropy.mean(),
+        }
+        return out, terms
+
+    def _step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+
+    def update(self, batch: Batch) -> dict[str, float]:
+        out, terms = self._policy_terms(batch)
+        terms["value_loss"] = losses.value_loss(out.value, batch.values, batch.returns, None)
+        self._step(
+            terms["policy_loss"]
+            - self.cfg.ent_coef * terms["entropy"]
+            + self.cfg.vf_coef * terms["value_loss"]
+        )
+        return _after_step_metrics(self.agent, batch, terms)
+
+
+class PGUpdater(A2CUpdater):
+    """REINFORCE with baseline: one policy step, then ``value_epochs`` x ``value_minibatches``
+    regression steps of the critic on the returns (the critic does not touch the policy step)."""
+
+    cfg: PGConfig
+
+    def update(self, batch: Batch) -> dict[str, float]:
+        _, terms = self._policy_terms(batch)
+        self._step(terms["policy_loss"] - self.cfg.ent_coef * terms["entropy"])
+        value_losses = []
+        for _ in range(self.cfg.value_epochs):
+            order = torch.randperm(len(batch), device=batch.obs.device)
+            for idx in torch.tensor_split(order, self.cfg.value_minibatches):
+                value_loss = losses.value_loss(
+                    self.agent.value(batch.obs[idx]), batch.values[idx], batch.returns[idx], None
+                )
+                self._step(self.cfg.vf_coef * value_loss)
+                value_losses.append(value_loss.detach())
+        terms["value_loss"] = torch.stack(value_losses).mean()
+        return _after_step_metrics(self.agent, batch, terms)
+
+
+def _after_step_metrics(agent: ActorCritic, batch: Batch, terms: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The logged terms plus how far the single step moved the policy (every KL estimate)."""
+    with torch.no_grad():
+        out = agent.evaluate(batch.obs, batch.actions)
+        kl = KLTerms.measure(agent, out, batch.log_probs, batch.policy_params)
+    return {key: float(value) for key, value in {**terms, **kl.logged()}.items()}
+
+
 def make_updater(cfg: AlgoConfig, agent: ActorCritic, optimizer: torch.optim.Optimizer) -> Updater:
     """The updater of the configured variant."""
     if isinstance(cfg, ClipConfig):
         return ClipUpdater(agent, optimizer, cfg)
     if isinstance(cfg, PenaltyConfig):
         return PenaltyUpdater(agent, optimizer, cfg)
+    if isinstance(cfg, PGConfig):
+        return PGUpdater(agent, optimizer, cfg)
+    if isinstance(cfg, A2CConfig):
+        return A2CUpdater(agent, optimizer, cfg)
     raise NotImplementedError(f"no updater for {type(cfg).__name__}")
