@@ -291,7 +291,7 @@ def _after_step_metrics(agent: ActorCritic, batch: Batch, terms: dict[str, torch
     with torch.no_grad():
         out = agent.evaluate(batch.obs, batch.actions)
         kl = KLTerms.measure(agent, out, batch.log_probs, batch.policy_params)
-    return {key: float(value) for key, value in {**terms, **kl.logged()}.items()}
+    return {key: float(value.detach()) for key, value in {**terms, **kl.logged()}.items()}
 
 
 def make_updater(cfg: AlgoConfig, agent: ActorCritic, optimizer: torch.optim.Optimizer) -> Updater:

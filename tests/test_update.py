@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from ppo_cli import losses, update
+from ppo_cli.advantages import gae
 from ppo_cli.agent import ActorCritic
-from ppo_cli.config import AgentConfig, ClipConfig, PenaltyConfig
-from ppo_cli.update import Batch, ClipUpdater, PenaltyUpdater, make_updater
+from ppo_cli.config import A2CConfig, AgentConfig, ClipConfig, PenaltyConfig, PGConfig
+from ppo_cli.update import A2CUpdater, Batch, ClipUpdater, PenaltyUpdater, PGUpdater, make_updater
 
 BATCH = 64
 
@@ -196,3 +197,77 @@ def test_beta_round_trips_through_state_dict(small_agent_cfg: AgentConfig) -> No
     assert restored.beta == updater.beta == pytest.approx(2.0)
     with pytest.raises(ValueError, match="keeps no state"):
         ClipUpdater(agent, optimizer, algo()).load_state_dict({"beta": 1.0})
+
+
+COMMON = dict(
+    learning_rate=1e-2,
+    anneal_lr=False,
+    adam_eps=1e-5,
+    gamma=0.5,
+    gae_lambda=1.0,
+    bootstrap_truncated=True,
+    norm_adv=False,
+    ent_coef=0.0,
+    vf_coef=0.5,
+    max_grad_norm=0.5,
+)
+
+
+def test_pg_uses_the_discounted_return_minus_the_baseline(small_agent_cfg: AgentConfig) -> None:
+    """One episode of three steps: G = r0 + g r1 + g^2 r2 etc.; A = G - V with lambda = 1."""
+    rewards = torch.tensor([[1.0], [2.0], [3.0]])
+    values = torch.tensor([[0.5], [0.2], [0.1]])
+    next_values = torch.tensor([[0.2], [0.1], [9.9]])  # the last one must be ignored (terminal)
+    terminated = torch.tensor([[False], [False], [True]])
+    advantages, returns = gae(
+        rewards, values, next_values, terminated, torch.zeros_like(terminated), 0.5, 1.0
+    )
+    expected_returns = torch.tensor([1 + 0.5 * 2 + 0.25 * 3, 2 + 0.5 * 3, 3.0])
+    torch.testing.assert_close(returns.flatten(), expected_returns)
+    torch.testing.assert_close(advantages.flatten(), expected_returns - values.flatten())
+
+    obs_space = gym.spaces.Box(-1.0, 1.0, shape=(3,), dtype=np.float32)
+    agent = ActorCritic(obs_space, gym.spaces.Discrete(3), small_agent_cfg)
+    obs = torch.randn(3, 3)
+    sample = agent.sample(obs)
+    batch = Batch(
+        obs,
+        sample.action,
+        sample.log_prob,
+        sample.policy_params,
+        sample.value,
+        advantages.flatten(),
+        returns.flatten(),
+    )
+    optimizer = torch.optim.Adam(agent.parameters(), lr=1e-2)
+    cfg = PGConfig(name="pg", value_epochs=2, value_minibatches=1, **COMMON)  # type: ignore[arg-type]
+    metrics = PGUpdater(agent, optimizer, cfg).update(batch)
+    expected_loss = -(sample.log_prob * (expected_returns - values.flatten())).mean()
+    assert metrics["policy_loss"] == pytest.approx(expected_loss.item(), rel=1e-5)
+
+
+def test_pg_takes_one_policy_step_and_regresses_the_critic(small_agent_cfg: AgentConfig) -> None:
+    agent, optimizer, batch = setup(small_agent_cfg)
+    actor_before = [p.clone() for p in agent.actor.parameters()]
+    cfg = PGConfig(name="pg", value_epochs=3, value_minibatches=4, **COMMON)  # type: ignore[arg-type]
+    PGUpdater(agent, optimizer, cfg).update(batch)
+    steps = {id(p): optimizer.state[p]["step"].item() for p in agent.parameters() if p in optimizer.state}
+    assert all(steps[id(p)] == 1 for p in agent.actor.parameters())
+    assert all(steps[id(p)] == 3 * 4 for p in agent.critic.parameters())  # the policy step skips V
+    assert any(not torch.equal(a, b) for a, b in zip(actor_before, agent.actor.parameters(), strict=True))
+    # Regression moved the critic towards the returns.
+    with torch.no_grad():
+        before = losses.value_loss(batch.values, batch.values, batch.returns, None)
+        after = losses.value_loss(agent.value(batch.obs), batch.values, batch.returns, None)
+    assert after < before
+
+
+def test_a2c_takes_exactly_one_step(small_agent_cfg: AgentConfig) -> None:
+    agent, optimizer, batch = setup(small_agent_cfg)
+    cfg = A2CConfig(name="a2c", **COMMON)  # type: ignore[arg-type]
+    updater = make_updater(cfg, agent, optimizer)
+    assert type(updater) is A2CUpdater
+    metrics = updater.update(batch)
+    assert all(state["step"].item() == 1 for state in optimizer.state.values())
+    assert metrics["kl_exact"] > 0  # the step moved the policy
+    assert {"policy_loss", "value_loss", "entropy", "approx_kl"} <= metrics.keys()
