@@ -1,4 +1,4 @@
-"""Turn one rollout into parameter updates: epochs x shuffled minibatches of the PPO-Clip objective."""
+"""Turn one rollout into parameter updates, one Updater class per variant of the family."""
 
 from __future__ import annotations
 
