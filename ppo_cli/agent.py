@@ -106,6 +106,11 @@ class ActorCritic(nn.Module):
         obs = obs.flatten(1)
         return obs if self.obs_normalizer is None else self.obs_normalizer(obs)
 
+    def actor_parameters(self) -> list[nn.Parameter]:
+        """The parameters of pi alone (the actor MLP and, for Box actions, the log-std)."""
+        extra = [self.log_std] if self.continuous else []
+        return [*self.actor.parameters(), *extra]
+
     def policy_params(self, obs: torch.Tensor) -> torch.Tensor:
         """pi(.|s) as one tensor per sample: logits, or [mean, log_std] for the Gaussian.
 

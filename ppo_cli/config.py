@@ -180,9 +180,8 @@ class PenaltyConfig(SurrogateConfig):
 
 
 @dataclass
-class PGConfig(ActorCriticConfig):
-    """REINFORCE with a learned baseline: one policy-gradient step per rollout, then the critic is
-    fitted to the returns by regression."""
+class RegressedCriticConfig(ActorCriticConfig):
+    """Variants whose critic is fitted separately, by regression on the returns (pg, trpo)."""
 
     value_epochs: int = MISSING
     value_minibatches: int = MISSING
@@ -204,6 +203,35 @@ class PGConfig(ActorCriticConfig):
 
 
 @dataclass
+class PGConfig(RegressedCriticConfig):
+    """REINFORCE with a learned baseline: one policy-gradient step per rollout, then the critic is
+    fitted to the returns by regression."""
+
+
+@dataclass
+class TRPOConfig(RegressedCriticConfig):
+    """TRPO: a natural-gradient policy step inside the trust region mean KL <= max_kl."""
+
+    max_kl: float = MISSING
+    cg_iterations: int = MISSING
+    cg_damping: float = MISSING
+    line_search_steps: int = MISSING
+    backtrack_coef: float = MISSING
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.max_kl > 0, "algo.max_kl", "a number > 0", self.max_kl)
+        _require(self.cg_iterations >= 1, "algo.cg_iterations", "an integer >= 1", self.cg_iterations)
+        _require(self.cg_damping >= 0, "algo.cg_damping", "a number >= 0", self.cg_damping)
+        _require(
+            self.line_search_steps >= 1, "algo.line_search_steps", "an integer >= 1", self.line_search_steps
+        )
+        _require(
+            0 < self.backtrack_coef < 1, "algo.backtrack_coef", "a number in (0, 1)", self.backtrack_coef
+        )
+
+
+@dataclass
 class A2CConfig(ActorCriticConfig):
     """Synchronous advantage actor-critic: one step on policy + value loss per (short) rollout."""
 
@@ -213,6 +241,7 @@ ALGO_SCHEMAS: dict[str, type[AlgoConfig]] = {
     "penalty": PenaltyConfig,
     "pg": PGConfig,
     "a2c": A2CConfig,
+    "trpo": TRPOConfig,
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -18,9 +19,12 @@ from ppo_cli.config import (
     ClipConfig,
     PenaltyConfig,
     PGConfig,
+    RegressedCriticConfig,
     SurrogateConfig,
+    TRPOConfig,
 )
 from ppo_cli.rollout import RolloutStorage
+from ppo_cli.trpo import trust_region_step
 
 
 @dataclass
@@ -265,25 +269,76 @@ class A2CUpdater(Updater):
 
 
 class PGUpdater(A2CUpdater):
-    """REINFORCE with baseline: one policy step, then ``value_epochs`` x ``value_minibatches``
-    regression steps of the critic on the returns (the critic does not touch the policy step)."""
+    """REINFORCE with baseline: one policy step, then the critic is regressed on the returns."""
 
     cfg: PGConfig
 
     def update(self, batch: Batch) -> dict[str, float]:
         _, terms = self._policy_terms(batch)
         self._step(terms["policy_loss"] - self.cfg.ent_coef * terms["entropy"])
-        value_losses = []
-        for _ in range(self.cfg.value_epochs):
-            order = torch.randperm(len(batch), device=batch.obs.device)
-            for idx in torch.tensor_split(order, self.cfg.value_minibatches):
-                value_loss = losses.value_loss(
-                    self.agent.value(batch.obs[idx]), batch.values[idx], batch.returns[idx], None
-                )
-                self._step(self.cfg.vf_coef * value_loss)
-                value_losses.append(value_loss.detach())
-        terms["value_loss"] = torch.stack(value_losses).mean()
+        terms["value_loss"] = regress_critic(self.agent, batch, self.cfg, self._step)
         return _after_step_metrics(self.agent, batch, terms)
+
+
+def regress_critic(
+    agent: ActorCritic,
+    batch: Batch,
+    cfg: RegressedCriticConfig,
+    step: Callable[[torch.Tensor], None],
+) -> torch.Tensor:
+    """``value_epochs`` x ``value_minibatches`` regression steps of V on the returns; mean loss.
+
+    Only the critic receives gradients here, so the policy is untouched whatever the optimizer.
+    """
+    value_losses = []
+    for _ in range(cfg.value_epochs):
+        order = torch.randperm(len(batch), device=batch.obs.device)
+        for idx in torch.tensor_split(order, cfg.value_minibatches):
+            value_loss = losses.value_loss(
+                agent.value(batch.obs[idx]), batch.values[idx], batch.returns[idx], None
+            )
+            step(cfg.vf_coef * value_loss)
+            value_losses.append(value_loss.detach())
+    return torch.stack(value_losses).mean()
+
+
+class TRPOUpdater(A2CUpdater):
+    """TRPO: one trust-region step of the policy (see ``trpo.py``), then critic regression."""
+
+    cfg: TRPOConfig
+
+    def update(self, batch: Batch) -> dict[str, float]:
+        cfg = self.cfg
+        advantages = losses.normalize_advantages(batch.advantages) if cfg.norm_adv else batch.advantages
+
+        def surrogate() -> torch.Tensor:
+            dist = self.agent.distribution(batch.obs)
+            log_prob, entropy = self.agent.log_prob_entropy(dist, batch.actions)
+            return (
+                -losses.surrogate_loss(log_prob, batch.log_probs, advantages) + cfg.ent_coef * entropy.mean()
+            )
+
+        def mean_kl() -> torch.Tensor:
+            return self.agent.exact_kl(batch.policy_params, self.agent.distribution(batch.obs)).mean()
+
+        result = trust_region_step(
+            self.agent.actor_parameters(),
+            surrogate,
+            mean_kl,
+            cfg.max_kl,
+            cfg.cg_iterations,
+            cfg.cg_damping,
+            cfg.line_search_steps,
+            cfg.backtrack_coef,
+        )
+        _, terms = self._policy_terms(batch)
+        terms["value_loss"] = regress_critic(self.agent, batch, cfg, self._step)
+        metrics = _after_step_metrics(self.agent, batch, terms)
+        metrics.update(
+            surrogate_improvement=result.surrogate_after - result.surrogate_before,
+            line_search_fraction=result.step_fraction,
+        )
+        return metrics
 
 
 def _after_step_metrics(agent: ActorCritic, batch: Batch, terms: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -300,6 +355,8 @@ def make_updater(cfg: AlgoConfig, agent: ActorCritic, optimizer: torch.optim.Opt
         return ClipUpdater(agent, optimizer, cfg)
     if isinstance(cfg, PenaltyConfig):
         return PenaltyUpdater(agent, optimizer, cfg)
+    if isinstance(cfg, TRPOConfig):
+        return TRPOUpdater(agent, optimizer, cfg)
     if isinstance(cfg, PGConfig):
         return PGUpdater(agent, optimizer, cfg)
     if isinstance(cfg, A2CConfig):

@@ -62,7 +62,7 @@ BAD_INPUTS = [
     (["device=tpu"], "device: got 'tpu', allowed: auto|cpu|cuda"),
     (["agent.activation=gelu"], "agent.activation: got 'gelu', allowed: tanh|relu"),
     (["env=Nope"], "env=Nope: no such option; available: Acrobot, Ant,"),
-    (["algo=nope"], "algo=nope: no such option; available: a2c, clip, penalty, pg"),
+    (["algo=nope"], "algo=nope: no such option; available: a2c, clip, penalty, pg, trpo"),
     (["algo=penalty", "algo.clip_eps=0.1"], "algo.clip_eps: not a config key; allowed keys under algo:"),
     (["algo=clip", "algo.kl_target=0.1"], "algo.kl_target: not a config key; allowed keys under algo:"),
     (["algo=penalty", "algo.kl_estimator=k4"], "algo.kl_estimator: got 'k4', allowed: k1|k2|k3|exact"),
