@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from support import algo_config
 
 from ppo_cli import checkpoint as ckpt
 from ppo_cli import load_agent
 from ppo_cli.agent import ActorCritic
-from ppo_cli.config import AgentConfig, ClipConfig, EnvConfig, TrainConfig
+from ppo_cli.config import AgentConfig, EnvConfig, TrainConfig
 from ppo_cli.errors import UserError
 from ppo_cli.normalization import RewardScaler
 
@@ -181,23 +182,7 @@ def _roundtrip_bytes(obj) -> io.BytesIO:
 
 def _train_config(agent_cfg: AgentConfig) -> TrainConfig:
     env = EnvConfig(id="CartPole-v1", num_envs=2, num_steps=4, normalize_obs=True, clip_obs=3.0)
-    algo = ClipConfig(
-        name="clip",
-        learning_rate=3e-4,
-        anneal_lr=True,
-        adam_eps=1e-5,
-        gamma=0.99,
-        gae_lambda=0.95,
-        bootstrap_truncated=True,
-        update_epochs=1,
-        num_minibatches=1,
-        norm_adv=True,
-        clip_eps=0.2,
-        clip_vloss=True,
-        ent_coef=0.0,
-        vf_coef=0.5,
-        max_grad_norm=0.5,
-    )
+    algo = algo_config("clip", update_epochs=1, num_minibatches=1)
     return TrainConfig(env=env, algo=algo, agent=agent_cfg, total_timesteps=8)
 
 

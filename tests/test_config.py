@@ -6,23 +6,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from support import compose_config
 
 from ppo_cli import cli
-from ppo_cli.config import TrainConfig, to_train_config
 
 CONFIG_DIR = cli.find_config_dir()
 ENV_PRESETS = sorted(p.stem for p in (Path(CONFIG_DIR) / "env").glob("*.yaml"))
 
 
-def composed(*overrides: str) -> TrainConfig:
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return to_train_config(compose("train", overrides=list(overrides)))
-
-
 @pytest.mark.parametrize("preset", ENV_PRESETS)
 def test_every_env_preset_composes_and_validates(preset: str) -> None:
-    cfg = composed(f"env={preset}")
+    cfg = compose_config(f"env={preset}")
     assert cfg.env.id.endswith(("-v0", "-v1", "-v3", "-v5"))
     assert cfg.batch_size % cfg.algo.num_minibatches == 0
     assert cfg.num_iterations >= 1
@@ -35,10 +29,10 @@ def test_required_presets_exist() -> None:
 
 
 def test_env_preset_overrides_algo_defaults_and_command_line_wins() -> None:
-    assert composed("env=HalfCheetah").algo.clip_eps == pytest.approx(0.1)
-    assert composed("env=HalfCheetah", "algo.clip_eps=0.3").algo.clip_eps == pytest.approx(0.3)
-    assert composed("env=HalfCheetah").env.normalize_obs is True
-    assert composed("env=CartPole").env.normalize_obs is False
+    assert compose_config("env=HalfCheetah").algo.clip_eps == pytest.approx(0.1)
+    assert compose_config("env=HalfCheetah", "algo.clip_eps=0.3").algo.clip_eps == pytest.approx(0.3)
+    assert compose_config("env=HalfCheetah").env.normalize_obs is True
+    assert compose_config("env=CartPole").env.normalize_obs is False
 
 
 BAD_INPUTS = [

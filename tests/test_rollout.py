@@ -6,10 +6,11 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from support import algo_config
 
 from ppo_cli import load_agent
 from ppo_cli.agent import ActorCritic
-from ppo_cli.config import AgentConfig, ClipConfig, EnvConfig, EvalConfig, TrainConfig
+from ppo_cli.config import AgentConfig, EnvConfig, EvalConfig, TrainConfig
 from ppo_cli.envs import make_vector_env, uses_next_step_autoreset
 from ppo_cli.rollout import Collector, RolloutStorage
 from ppo_cli.train import train
@@ -221,23 +222,7 @@ def test_train_on_multidimensional_box_observations(tmp_path, normalize_obs: boo
             max_episode_steps=3,
             normalize_obs=normalize_obs,
         )
-        algo = ClipConfig(
-            name="clip",
-            learning_rate=3e-4,
-            anneal_lr=True,
-            adam_eps=1e-5,
-            gamma=0.99,
-            gae_lambda=0.95,
-            bootstrap_truncated=True,
-            update_epochs=1,
-            num_minibatches=1,
-            norm_adv=True,
-            clip_eps=0.2,
-            clip_vloss=True,
-            ent_coef=0.0,
-            vf_coef=0.5,
-            max_grad_norm=0.5,
-        )
+        algo = algo_config("clip", update_epochs=1, num_minibatches=1)
         cfg = TrainConfig(
             env=env,
             algo=algo,

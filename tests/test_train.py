@@ -10,11 +10,11 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from support import compose_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ppo_cli import cli, load_agent
-from ppo_cli.config import TrainConfig, to_train_config
+from ppo_cli import load_agent
+from ppo_cli.config import TrainConfig
 from ppo_cli.train import train
 
 GAMMA = 0.9
@@ -41,13 +41,8 @@ class EndlessRewardEnv(gym.Env[np.ndarray, int]):
 gym.register("ppo-test/EndlessReward-v0", entry_point=EndlessRewardEnv, max_episode_steps=20)
 
 
-def composed(*overrides: str) -> TrainConfig:
-    with initialize_config_dir(config_dir=cli.find_config_dir(), version_base="1.3"):
-        return to_train_config(compose("train", overrides=list(overrides)))
-
-
 def endless_config(bootstrap: bool) -> TrainConfig:
-    return composed(
+    return compose_config(
         "env.id=ppo-test/EndlessReward-v0",
         "env.vectorization=sync",
         "env.num_envs=4",
@@ -76,7 +71,7 @@ def test_time_limit_bootstrap_learns_the_infinite_horizon_value(tmp_path: Path) 
 
 
 def small_cartpole(seed: int = 0) -> TrainConfig:
-    return composed(
+    return compose_config(
         "env=CartPole",
         f"seed={seed}",
         "total_timesteps=4096",
@@ -154,7 +149,7 @@ def test_failure_is_recorded_in_summary(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_continuous_actions_train_and_reload(tmp_path: Path) -> None:
-    cfg = composed(
+    cfg = compose_config(
         "env=Pendulum",
         "env.num_envs=2",
         "env.num_steps=256",
@@ -181,15 +176,15 @@ def test_async_vector_env_gives_the_same_run_as_sync(tmp_path: Path) -> None:
         "algo.num_minibatches=2",
         "eval.episodes=0",
     )
-    train(composed(*base, "env.vectorization=sync"), tmp_path / "sync")
-    train(composed(*base, "env.vectorization=async"), tmp_path / "async")
+    train(compose_config(*base, "env.vectorization=sync"), tmp_path / "sync")
+    train(compose_config(*base, "env.vectorization=async"), tmp_path / "async")
     sync_run, async_run = scalars(tmp_path / "sync"), scalars(tmp_path / "async")
     assert sync_run["losses/value_loss"] == async_run["losses/value_loss"]
     assert sync_run["losses/policy_loss"] == async_run["losses/policy_loss"]
 
 
 def test_penalty_logs_beta_and_saves_it_in_checkpoints(tmp_path: Path) -> None:
-    cfg = composed("algo=penalty", "total_timesteps=2048", "eval.episodes=0", "algo.num_minibatches=4")
+    cfg = compose_config("algo=penalty", "total_timesteps=2048", "eval.episodes=0", "algo.num_minibatches=4")
     train(cfg, tmp_path)
     betas = [value for _, value in scalars(tmp_path)["losses/kl_beta"]]
     assert len(betas) == 8

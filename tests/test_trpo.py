@@ -6,6 +6,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from support import algo_config
 
 from ppo_cli import losses
 from ppo_cli.agent import ActorCritic
@@ -35,12 +36,9 @@ def test_conjugate_gradient_on_a_random_spd_system_converges_in_n_steps() -> Non
 
 
 def trpo_config(max_kl: float) -> TRPOConfig:
-    return TRPOConfig(
-        name="trpo", learning_rate=1e-3, anneal_lr=False, adam_eps=1e-5, max_grad_norm=0.5, ent_coef=0.0,
-        gamma=0.99, gae_lambda=0.95, bootstrap_truncated=True, norm_adv=True, vf_coef=1.0,
-        value_epochs=2, value_minibatches=2, max_kl=max_kl, cg_iterations=10, cg_damping=0.1,
-        line_search_steps=10, backtrack_coef=0.5,
-    )  # fmt: skip
+    cfg = algo_config("trpo", max_kl=max_kl, value_epochs=2, value_minibatches=2)
+    assert isinstance(cfg, TRPOConfig)
+    return cfg
 
 
 @pytest.mark.parametrize("continuous", [False, True])

@@ -6,43 +6,34 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from support import algo_config
 
 from ppo_cli import losses, update
 from ppo_cli.advantages import gae
 from ppo_cli.agent import ActorCritic
-from ppo_cli.config import A2CConfig, AgentConfig, ClipConfig, PenaltyConfig, PGConfig
+from ppo_cli.config import AgentConfig, ClipConfig, PenaltyConfig
 from ppo_cli.update import A2CUpdater, Batch, ClipUpdater, PenaltyUpdater, PGUpdater, make_updater
 
 BATCH = 64
 
 
 def algo(**overrides: object) -> ClipConfig:
-    values: dict = dict(
-        name="clip",
-        learning_rate=1e-2,
-        anneal_lr=False,
-        adam_eps=1e-5,
-        gamma=0.99,
-        gae_lambda=0.95,
-        bootstrap_truncated=True,
-        update_epochs=3,
-        num_minibatches=4,
-        norm_adv=True,
-        clip_eps=0.2,
-        clip_vloss=True,
-        ent_coef=0.01,
-        vf_coef=0.5,
-        max_grad_norm=0.5,
-        target_kl=None,
-    )
-    values.update(overrides)
-    return ClipConfig(**values)
+    values: dict = {"update_epochs": 3, "num_minibatches": 4, "ent_coef": 0.01, **overrides}
+    cfg = algo_config("clip", **values)
+    assert isinstance(cfg, ClipConfig)
+    return cfg
 
 
-def setup(small_agent_cfg: AgentConfig) -> tuple[ActorCritic, torch.optim.Optimizer, Batch]:
+def setup(
+    small_agent_cfg: AgentConfig,
+    advantages: torch.Tensor | None = None,
+    returns: torch.Tensor | None = None,
+) -> tuple[ActorCritic, torch.optim.Optimizer, Batch]:
+    """A Discrete agent, its optimizer and an on-policy batch (random targets unless given)."""
+    size = BATCH if advantages is None else len(advantages)
     obs_space = gym.spaces.Box(-1.0, 1.0, shape=(3,), dtype=np.float32)
     agent = ActorCritic(obs_space, gym.spaces.Discrete(3), small_agent_cfg)
-    obs = torch.randn(BATCH, 3)
+    obs = torch.randn(size, 3)
     sample = agent.sample(obs)
     batch = Batch(
         obs,
@@ -50,8 +41,8 @@ def setup(small_agent_cfg: AgentConfig) -> tuple[ActorCritic, torch.optim.Optimi
         sample.log_prob,
         sample.policy_params,
         sample.value,
-        torch.randn(BATCH),
-        torch.randn(BATCH),
+        torch.randn(size) if advantages is None else advantages,
+        torch.randn(size) if returns is None else returns,
     )
     return agent, torch.optim.Adam(agent.parameters(), lr=1e-2), batch
 
@@ -109,32 +100,16 @@ def test_minibatches_partition_the_batch_each_epoch(
 
 
 def penalty(**overrides: object) -> PenaltyConfig:
-    values: dict = dict(
-        name="penalty",
-        learning_rate=1e-2,
-        anneal_lr=False,
-        adam_eps=1e-5,
-        gamma=0.99,
-        gae_lambda=0.95,
-        bootstrap_truncated=True,
-        update_epochs=2,
-        num_minibatches=4,
-        norm_adv=True,
-        ent_coef=0.0,
-        vf_coef=0.5,
-        max_grad_norm=0.5,
-        target_kl=None,
-        kl_estimator="k3",
-        adaptive=True,
-        kl_coef=1.0,
-        kl_target=0.01,
-        beta_factor=2.0,
-        kl_tolerance=1.5,
-        beta_min=1e-4,
-        beta_max=1e4,
-    )
-    values.update(overrides)
-    return PenaltyConfig(**values)
+    values: dict = {
+        "update_epochs": 2,
+        "num_minibatches": 4,
+        "learning_rate": 1e-2,
+        "anneal_lr": False,
+        **overrides,
+    }
+    cfg = algo_config("penalty", **values)
+    assert isinstance(cfg, PenaltyConfig)
+    return cfg
 
 
 def test_make_updater_picks_the_variant(small_agent_cfg: AgentConfig) -> None:
@@ -199,18 +174,7 @@ def test_beta_round_trips_through_state_dict(small_agent_cfg: AgentConfig) -> No
         ClipUpdater(agent, optimizer, algo()).load_state_dict({"beta": 1.0})
 
 
-COMMON = dict(
-    learning_rate=1e-2,
-    anneal_lr=False,
-    adam_eps=1e-5,
-    gamma=0.5,
-    gae_lambda=1.0,
-    bootstrap_truncated=True,
-    norm_adv=False,
-    ent_coef=0.0,
-    vf_coef=0.5,
-    max_grad_norm=0.5,
-)
+COMMON = dict(gamma=0.5, gae_lambda=1.0, norm_adv=False, learning_rate=1e-2, anneal_lr=False)
 
 
 def test_pg_uses_the_discounted_return_minus_the_baseline(small_agent_cfg: AgentConfig) -> None:
@@ -226,30 +190,17 @@ def test_pg_uses_the_discounted_return_minus_the_baseline(small_agent_cfg: Agent
     torch.testing.assert_close(returns.flatten(), expected_returns)
     torch.testing.assert_close(advantages.flatten(), expected_returns - values.flatten())
 
-    obs_space = gym.spaces.Box(-1.0, 1.0, shape=(3,), dtype=np.float32)
-    agent = ActorCritic(obs_space, gym.spaces.Discrete(3), small_agent_cfg)
-    obs = torch.randn(3, 3)
-    sample = agent.sample(obs)
-    batch = Batch(
-        obs,
-        sample.action,
-        sample.log_prob,
-        sample.policy_params,
-        sample.value,
-        advantages.flatten(),
-        returns.flatten(),
-    )
-    optimizer = torch.optim.Adam(agent.parameters(), lr=1e-2)
-    cfg = PGConfig(name="pg", value_epochs=2, value_minibatches=1, **COMMON)  # type: ignore[arg-type]
+    agent, optimizer, batch = setup(small_agent_cfg, advantages.flatten(), returns.flatten())
+    cfg = algo_config("pg", value_epochs=2, value_minibatches=1, **COMMON)
     metrics = PGUpdater(agent, optimizer, cfg).update(batch)
-    expected_loss = -(sample.log_prob * (expected_returns - values.flatten())).mean()
+    expected_loss = -(batch.log_probs * (expected_returns - values.flatten())).mean()
     assert metrics["policy_loss"] == pytest.approx(expected_loss.item(), rel=1e-5)
 
 
 def test_pg_takes_one_policy_step_and_regresses_the_critic(small_agent_cfg: AgentConfig) -> None:
     agent, optimizer, batch = setup(small_agent_cfg)
     actor_before = [p.clone() for p in agent.actor.parameters()]
-    cfg = PGConfig(name="pg", value_epochs=3, value_minibatches=4, **COMMON)  # type: ignore[arg-type]
+    cfg = algo_config("pg", value_epochs=3, value_minibatches=4, **COMMON)
     PGUpdater(agent, optimizer, cfg).update(batch)
     steps = {id(p): optimizer.state[p]["step"].item() for p in agent.parameters() if p in optimizer.state}
     assert all(steps[id(p)] == 1 for p in agent.actor.parameters())
@@ -264,7 +215,7 @@ def test_pg_takes_one_policy_step_and_regresses_the_critic(small_agent_cfg: Agen
 
 def test_a2c_takes_exactly_one_step(small_agent_cfg: AgentConfig) -> None:
     agent, optimizer, batch = setup(small_agent_cfg)
-    cfg = A2CConfig(name="a2c", **COMMON)  # type: ignore[arg-type]
+    cfg = algo_config("a2c", **COMMON)
     updater = make_updater(cfg, agent, optimizer)
     assert type(updater) is A2CUpdater
     metrics = updater.update(batch)
