@@ -76,6 +76,7 @@ class Collector:
         obs, _ = envs.reset(seed=seed)
         self.obs = self._observe(obs)
         self.prev_done = torch.zeros(envs.num_envs, dtype=torch.bool, device=device)
+        self.all_valid = torch.ones(envs.num_envs, dtype=torch.bool, device=device)
 
     def _to_tensor(self, array: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return torch.as_tensor(array, dtype=dtype, device=self.device)
@@ -93,7 +94,7 @@ class Collector:
         s, stats = self.storage, RolloutStats()
         truncation_values: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         for t in range(s.obs.shape[0]):
-            valid = ~self.prev_done if self.next_step_autoreset else torch.ones_like(self.prev_done)
+            valid = ~self.prev_done if self.next_step_autoreset else self.all_valid
             sample = self.agent.sample(self.obs)
             s.obs[t], s.actions[t], s.log_probs[t], s.values[t], s.policy_params[t] = (
                 self.obs,
