@@ -45,3 +45,24 @@ def gae(
         running = deltas[t] + decay[t] * running
         advantages[t] = running
     return advantages, advantages + values
+
+
+def group_relative(
+    rewards: torch.Tensor, valid: torch.Tensor, group_size: int, eps: float = 1e-8
+) -> torch.Tensor:
+    """GRPO's advantages (Shao et al. 2024, "DeepSeekMath", sec. 4.1), for one episode per env.
+
+    Env i ran one episode over the valid steps of column i; envs i and j are in the same group
+    when i // group_size == j // group_size (they started from the same reset seed). With
+    R_i = sum_t r_t,i the episode's return, every step of episode i gets
+
+        A_i = (R_i - mean_group(R)) / (std_group(R) + eps)
+
+    so within each group the advantages sum to zero: better-than-the-group episodes are
+    reinforced, worse ones discouraged, with no critic. Invalid steps get 0.
+    """
+    valid_f = valid.to(rewards.dtype)
+    returns = (rewards * valid_f).sum(dim=0).view(-1, group_size)
+    centred = returns - returns.mean(dim=1, keepdim=True)
+    standardised = centred / (returns.std(dim=1, unbiased=False, keepdim=True) + eps)
+    return standardised.flatten().unsqueeze(0) * valid_f

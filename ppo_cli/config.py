@@ -81,8 +81,8 @@ class AlgoConfig:
         _require(self.max_grad_norm > 0, "algo.max_grad_norm", "a number > 0", self.max_grad_norm)
         _require(self.ent_coef >= 0, "algo.ent_coef", "a number >= 0", self.ent_coef)
 
-    def check_batch(self, batch_size: int) -> None:
-        """Checks that need the rollout size (env.num_envs * env.num_steps); none by default."""
+    def check_env(self, env: EnvConfig) -> None:
+        """Checks that need the env config (e.g. the rollout size); none by default."""
 
 
 @dataclass
@@ -121,7 +121,8 @@ class SurrogateConfig(ActorCriticConfig):
             self.target_kl,
         )
 
-    def check_batch(self, batch_size: int) -> None:
+    def check_env(self, env: EnvConfig) -> None:
+        batch_size = env.num_envs * env.num_steps
         if batch_size % self.num_minibatches:
             raise ConfigError(
                 "algo.num_minibatches",
@@ -193,7 +194,8 @@ class RegressedCriticConfig(ActorCriticConfig):
             self.value_minibatches >= 1, "algo.value_minibatches", "an integer >= 1", self.value_minibatches
         )
 
-    def check_batch(self, batch_size: int) -> None:
+    def check_env(self, env: EnvConfig) -> None:
+        batch_size = env.num_envs * env.num_steps
         if batch_size % self.value_minibatches:
             raise ConfigError(
                 "algo.value_minibatches",
@@ -236,12 +238,59 @@ class A2CConfig(ActorCriticConfig):
     """Synchronous advantage actor-critic: one step on policy + value loss per (short) rollout."""
 
 
+@dataclass
+class GRPOConfig(AlgoConfig):
+    """GRPO: critic-free; each episode's advantage is its return standardised within its group of
+    envs that started from the same reset seed; clipped ratio plus a KL to a frozen reference."""
+
+    group_size: int = MISSING
+    update_epochs: int = MISSING
+    num_minibatches: int = MISSING
+    clip_eps: float = MISSING
+    kl_coef: float = MISSING
+    ref_update_every: int = MISSING
+    target_kl: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.group_size >= 2, "algo.group_size", "an integer >= 2", self.group_size)
+        _require(self.update_epochs >= 1, "algo.update_epochs", "an integer >= 1", self.update_epochs)
+        _require(self.num_minibatches >= 1, "algo.num_minibatches", "an integer >= 1", self.num_minibatches)
+        _require(self.clip_eps > 0, "algo.clip_eps", "a number > 0", self.clip_eps)
+        _require(self.kl_coef >= 0, "algo.kl_coef", "a number >= 0", self.kl_coef)
+        _require(
+            self.ref_update_every >= 0,
+            "algo.ref_update_every",
+            "an integer >= 0 (0 keeps the initial policy as reference)",
+            self.ref_update_every,
+        )
+        _require(
+            self.target_kl is None or self.target_kl > 0,
+            "algo.target_kl",
+            "null (no early stop) or a number > 0",
+            self.target_kl,
+        )
+
+    def check_env(self, env: EnvConfig) -> None:
+        if env.num_envs % self.group_size:
+            raise ConfigError(
+                "algo.group_size",
+                f"got {self.group_size}, allowed: a divisor of env.num_envs = {env.num_envs}",
+            )
+        if env.normalize_reward:
+            raise ConfigError(
+                "env.normalize_reward",
+                "got True, allowed: false with algo=grpo (returns are standardised within each group)",
+            )
+
+
 ALGO_SCHEMAS: dict[str, type[AlgoConfig]] = {
     "clip": ClipConfig,
     "penalty": PenaltyConfig,
     "pg": PGConfig,
     "a2c": A2CConfig,
     "trpo": TRPOConfig,
+    "grpo": GRPOConfig,
 }
 
 
@@ -329,7 +378,7 @@ class TrainConfig:
             f"an integer >= env.num_envs * env.num_steps = {self.batch_size}",
             self.total_timesteps,
         )
-        self.algo.check_batch(self.batch_size)
+        self.algo.check_env(self.env)
 
     @property
     def batch_size(self) -> int:

@@ -42,18 +42,23 @@ def _resolve_spec(env_id: str) -> gym.envs.registration.EnvSpec:
         raise UserError(f"env.id: {env_id!r} is not a registered gymnasium environment{hint}") from None
 
 
-def resolve_vectorization(cfg: EnvConfig, spec: gym.envs.registration.EnvSpec) -> str:
-    """``auto`` picks gymnasium's numpy-vectorised implementation when the env has one."""
+def resolve_vectorization(
+    cfg: EnvConfig, spec: gym.envs.registration.EnvSpec, per_env_seeds: bool = False
+) -> str:
+    """``auto`` picks gymnasium's numpy-vectorised implementation when the env has one (and the
+    caller does not need to seed each env separately: those share one random generator)."""
     if cfg.vectorization != "auto":
         return cfg.vectorization
-    plain = not cfg.kwargs and cfg.max_episode_steps is None
+    plain = not cfg.kwargs and cfg.max_episode_steps is None and not per_env_seeds
     return "vector_entry_point" if spec.vector_entry_point is not None and plain else "sync"
 
 
-def make_vector_env(cfg: EnvConfig, num_envs: int | None = None, render_mode: str | None = None) -> VectorEnv:
+def make_vector_env(
+    cfg: EnvConfig, num_envs: int | None = None, render_mode: str | None = None, per_env_seeds: bool = False
+) -> VectorEnv:
     """The vector env described by ``cfg``, with episode statistics recorded in ``info["episode"]``."""
     spec = _resolve_spec(cfg.id)
-    mode = resolve_vectorization(cfg, spec)
+    mode = resolve_vectorization(cfg, spec, per_env_seeds)
     if mode == "vector_entry_point" and spec.vector_entry_point is None:
         raise UserError(
             f"env.vectorization: {spec.id} has no numpy-vectorised implementation; allowed: auto|sync|async"
@@ -103,3 +108,8 @@ def finished_episodes(info: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.
         return np.empty(0, dtype=int), np.empty(0), np.empty(0, dtype=int)
     done = info["_episode"]
     return np.flatnonzero(done), info["episode"]["r"][done], info["episode"]["l"][done]
+
+
+def episode_time_limit(cfg: EnvConfig) -> int | None:
+    """The number of steps after which an episode is truncated, or None if nothing cuts it."""
+    return cfg.max_episode_steps or _resolve_spec(cfg.id).max_episode_steps

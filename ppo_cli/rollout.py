@@ -49,6 +49,7 @@ class RolloutStorage:
 class RolloutStats:
     """Episodes that finished during one collection (raw returns, before any reward scaling)."""
 
+    env_steps: int = 0
     episode_returns: list[float] = field(default_factory=list)
     episode_lengths: list[int] = field(default_factory=list)
 
@@ -123,6 +124,7 @@ class Collector:
         s.next_values[-1] = self.agent.value(self.obs)
         for t, idx, values in truncation_values:
             s.next_values[t, idx] = values
+        stats.env_steps = s.obs.shape[0] * s.obs.shape[1]
         return stats
 
     def _final_values(
@@ -132,3 +134,58 @@ class Collector:
         idx = np.flatnonzero(truncated)
         obs = self.agent.normalize(self._to_tensor(np.stack(list(final_obs[idx]))))
         return t, torch.as_tensor(idx, device=self.device), self.agent.value(obs)
+
+
+class GroupCollector(Collector):
+    """One whole episode per env per iteration, for GRPO.
+
+    At the start of every iteration all envs are reset; the envs of one group (``group_size``
+    consecutive envs) get the same seed, so they start from the same state and their episodes
+    differ only by the actions sampled. Steps after an env's episode has ended are stored with
+    ``valid = False``; collection stops early once every episode has ended.
+    """
+
+    def __init__(self, envs: VectorEnv, agent: ActorCritic, storage: RolloutStorage, group_size: int,
+                 device: torch.device, seed: int) -> None:  # fmt: skip
+        super().__init__(envs, agent, storage, None, True, device, seed)
+        self.group_size = group_size
+        self.seed = seed
+        self.iteration = 0
+
+    def group_seeds(self) -> list[int]:
+        """Env i's reset seed this iteration: shared within its group, new every iteration."""
+        num_groups = self.envs.num_envs // self.group_size
+        base = self.seed * 1_000_003 + self.iteration * num_groups
+        return [base + i // self.group_size for i in range(self.envs.num_envs)]
+
+    @torch.no_grad()
+    def collect(self) -> RolloutStats:
+        s, stats = self.storage, RolloutStats()
+        # Sync and async vector envs take one seed per env (the annotation says int).
+        obs, _ = self.envs.reset(seed=self.group_seeds())  # type: ignore[arg-type]
+        self.iteration += 1
+        self.obs = self._observe(obs)
+        running = torch.ones(self.envs.num_envs, dtype=torch.bool, device=self.device)
+        s.valid.zero_()
+        for t in range(s.obs.shape[0]):
+            sample = self.agent.sample(self.obs)
+            s.obs[t], s.actions[t], s.log_probs[t], s.values[t], s.policy_params[t] = (
+                self.obs,
+                sample.action,
+                sample.log_prob,
+                sample.value,
+                sample.policy_params,
+            )
+            s.valid[t] = running
+            obs, reward, terminated, truncated, _ = self.envs.step(self.agent.env_action(sample.action))
+            s.rewards[t] = self._to_tensor(reward) * running
+            s.terminated[t] = self._to_tensor(terminated, torch.bool)
+            s.truncated[t] = self._to_tensor(truncated, torch.bool)
+            running = running & ~(s.terminated[t] | s.truncated[t])
+            self.obs = self._observe(obs)
+            if not running.any():
+                break
+        stats.env_steps = (t + 1) * self.envs.num_envs
+        stats.episode_returns = (s.rewards * s.valid).sum(dim=0).tolist()
+        stats.episode_lengths = s.valid.sum(dim=0).tolist()
+        return stats

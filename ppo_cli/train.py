@@ -17,17 +17,17 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from ppo_cli.advantages import gae
+from ppo_cli.advantages import gae, group_relative
 from ppo_cli.agent import ActorCritic
 from ppo_cli.checkpoint import describe_spaces, save_checkpoint
-from ppo_cli.config import ActorCriticConfig, TrainConfig
-from ppo_cli.envs import make_vector_env
-from ppo_cli.errors import ConfigError
+from ppo_cli.config import ActorCriticConfig, AlgoConfig, GRPOConfig, TrainConfig
+from ppo_cli.envs import episode_time_limit, make_vector_env
+from ppo_cli.errors import ConfigError, UserError
 from ppo_cli.evaluate import evaluate
 from ppo_cli.logger import RunLogger, write_summary
 from ppo_cli.losses import explained_variance
 from ppo_cli.normalization import RewardScaler
-from ppo_cli.rollout import Collector, RolloutStorage
+from ppo_cli.rollout import Collector, GroupCollector, RolloutStorage
 from ppo_cli.update import Batch, make_updater
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,42 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device", "got 'cuda' but torch sees no CUDA device; allowed: auto|cpu")
     return torch.device(name)
+
+
+def estimate_advantages(algo: AlgoConfig, storage: RolloutStorage) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, critic targets): GAE for the actor-critic variants, group-relative for GRPO."""
+    if isinstance(algo, GRPOConfig):
+        advantages = group_relative(storage.rewards, storage.valid, algo.group_size)
+        return advantages, torch.zeros_like(advantages)  # no critic to train
+    assert isinstance(algo, ActorCriticConfig), type(algo)
+    terminated = storage.terminated
+    if not algo.bootstrap_truncated:  # the old behaviour: a time limit counts as terminal
+        terminated = terminated | storage.truncated
+    return gae(
+        storage.rewards,
+        storage.values,
+        storage.next_values,
+        terminated,
+        storage.truncated,
+        algo.gamma,
+        algo.gae_lambda,
+    )
+
+
+def check_grpo_env(cfg: TrainConfig) -> None:
+    """GRPO compares whole episodes, so each one must end inside a rollout."""
+    limit = episode_time_limit(cfg.env)
+    if limit is None:
+        raise UserError(
+            f"env.id: algo=grpo needs episodic envs; {cfg.env.id} has no time limit "
+            "(set env.max_episode_steps)"
+        )
+    if cfg.env.num_steps < limit:
+        raise ConfigError(
+            "env.num_steps",
+            f"got {cfg.env.num_steps}, allowed with algo=grpo: >= the episode time limit {limit}, "
+            "so that every episode ends inside one rollout",
+        )
 
 
 def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
@@ -82,8 +118,10 @@ def _train(cfg: TrainConfig, run_dir: Path, plain_config: Any, summary: dict[str
         torch.set_num_threads(cfg.torch_threads)
     device = pick_device(cfg.device)
     algo = cfg.algo
-    assert isinstance(algo, ActorCriticConfig), type(algo)
-    envs = make_vector_env(cfg.env)
+    grouped = isinstance(algo, GRPOConfig)
+    if grouped:
+        check_grpo_env(cfg)
+    envs = make_vector_env(cfg.env, per_env_seeds=grouped)
     obs_space, act_space = envs.single_observation_space, envs.single_action_space
     assert isinstance(obs_space, gym.spaces.Box)  # make_vector_env refuses anything else
     agent = ActorCritic(obs_space, act_space, cfg.agent, cfg.env.normalize_obs, cfg.env.clip_obs)
@@ -92,12 +130,17 @@ def _train(cfg: TrainConfig, run_dir: Path, plain_config: Any, summary: dict[str
     optimizer = torch.optim.Adam(agent.parameters(), lr=algo.learning_rate, eps=algo.adam_eps, fused=True)
     reward_scaler = (
         RewardScaler(cfg.env.num_envs, algo.gamma, cfg.env.clip_reward).to(device)
-        if cfg.env.normalize_reward
+        if isinstance(algo, ActorCriticConfig) and cfg.env.normalize_reward
         else None
     )
     updater = make_updater(algo, agent, optimizer)
     storage = RolloutStorage(cfg.env.num_steps, cfg.env.num_envs, agent, device)
-    collector = Collector(envs, agent, storage, reward_scaler, algo.bootstrap_truncated, device, cfg.seed)
+    collector: Collector
+    if isinstance(algo, GRPOConfig):
+        collector = GroupCollector(envs, agent, storage, algo.group_size, device, cfg.seed)
+    else:
+        assert isinstance(algo, ActorCriticConfig), type(algo)
+        collector = Collector(envs, agent, storage, reward_scaler, algo.bootstrap_truncated, device, cfg.seed)
     logger = RunLogger(run_dir, OmegaConf.to_yaml(plain_config), cfg.total_timesteps, cfg.progress)
     spaces = describe_spaces(obs_space, act_space)
     recent_returns: deque[float] = deque(maxlen=RECENT_EPISODES)
@@ -126,22 +169,11 @@ def _train(cfg: TrainConfig, run_dir: Path, plain_config: Any, summary: dict[str
 
             # --- collect -----------------------------------------------------------------------
             rollout = collector.collect()
-            global_step += cfg.batch_size
+            global_step += rollout.env_steps
             recent_returns.extend(rollout.episode_returns)
 
             # --- advantages --------------------------------------------------------------------
-            terminated = storage.terminated
-            if not algo.bootstrap_truncated:  # the old behaviour: a time limit counts as terminal
-                terminated = terminated | storage.truncated
-            advantages, returns = gae(
-                storage.rewards,
-                storage.values,
-                storage.next_values,
-                terminated,
-                storage.truncated,
-                algo.gamma,
-                algo.gae_lambda,
-            )
+            advantages, returns = estimate_advantages(algo, storage)
             batch = Batch.from_storage(storage, advantages, returns)
 
             # --- update ------------------------------------------------------------------------

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -17,6 +18,7 @@ from ppo_cli.config import (
     ActorCriticConfig,
     AlgoConfig,
     ClipConfig,
+    GRPOConfig,
     PenaltyConfig,
     PGConfig,
     RegressedCriticConfig,
@@ -79,35 +81,34 @@ class Updater(ABC):
     def update(self, batch: Batch) -> dict[str, float]:
         """Update the agent; returns the quantities to log (means over the minibatches that ran)."""
 
-    def state_dict(self) -> dict[str, float]:
+    def state_dict(self) -> dict[str, Any]:
         return {}
 
-    def load_state_dict(self, state: dict[str, float]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned; stateless variants accept only ``{}``."""
         if state:
             raise ValueError(f"{type(self).__name__} keeps no state, got {sorted(state)}")
 
 
 class SurrogateUpdater(Updater):
-    """Epochs x shuffled minibatches on a ratio objective (PPO-Clip and PPO-Penalty).
+    """Epochs x shuffled minibatches on a ratio objective (PPO-Clip, PPO-Penalty, GRPO).
 
     With ``target_kl`` set, the k3 estimate of KL(pi_old || pi) of each minibatch is checked
     *before* its optimizer step (it comes from the same forward pass), and the update stops at the
     first minibatch that exceeds it, so no step is ever taken from a policy already too far away.
     """
 
-    def __init__(self, agent: ActorCritic, optimizer: torch.optim.Optimizer, cfg: SurrogateConfig) -> None:
+    def __init__(
+        self, agent: ActorCritic, optimizer: torch.optim.Optimizer, cfg: SurrogateConfig | GRPOConfig
+    ) -> None:
         super().__init__(agent, optimizer)
         self.cfg = cfg
 
     @abstractmethod
-    def policy_loss(
-        self, log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, kl: KLTerms
-    ) -> dict[str, torch.Tensor]:
-        """``{"policy_loss": ..., <extra logged terms>}`` for one minibatch; may carry gradients."""
-
-    def value_clip_eps(self) -> float | None:
-        return None
+    def minibatch_loss(
+        self, out: Evaluation, batch: Batch, idx: torch.Tensor, kl: KLTerms
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss to minimise, {name: term to log}) for the minibatch ``idx`` of ``batch``."""
 
     def update(self, batch: Batch) -> dict[str, float]:
         cfg = self.cfg
@@ -117,22 +118,11 @@ class SurrogateUpdater(Updater):
             order = torch.randperm(len(batch), device=batch.obs.device)
             for idx in torch.tensor_split(order, cfg.num_minibatches):
                 out = self.agent.evaluate(batch.obs[idx], batch.actions[idx])
-                old_log_prob = batch.log_probs[idx]
-                kl = KLTerms.measure(self.agent, out, old_log_prob, batch.policy_params[idx])
+                kl = KLTerms.measure(self.agent, out, batch.log_probs[idx], batch.policy_params[idx])
                 if cfg.target_kl is not None and kl.k3.item() > cfg.target_kl:
                     stopped_early = True
                     break
-                advantages = batch.advantages[idx]
-                if cfg.norm_adv:
-                    advantages = losses.normalize_advantages(advantages)
-                terms = self.policy_loss(out.log_prob, old_log_prob, advantages, kl)
-                terms["value_loss"] = losses.value_loss(
-                    out.value, batch.values[idx], batch.returns[idx], self.value_clip_eps()
-                )
-                terms["entropy"] = out.entropy.mean()
-                loss = (
-                    terms["policy_loss"] - cfg.ent_coef * terms["entropy"] + cfg.vf_coef * terms["value_loss"]
-                )
+                loss, terms = self.minibatch_loss(out, batch, idx, kl)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
@@ -147,6 +137,36 @@ class SurrogateUpdater(Updater):
         means = {key: float(value) / max(steps, 1) for key, value in totals.items()}
         means.update(minibatch_updates=float(steps), early_stop=float(stopped_early))
         return means
+
+
+class ActorCriticSurrogateUpdater(SurrogateUpdater):
+    """PPO-Clip and PPO-Penalty: policy term + c1 * value loss - c2 * entropy, GAE advantages."""
+
+    cfg: SurrogateConfig
+
+    @abstractmethod
+    def policy_loss(
+        self, log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, kl: KLTerms
+    ) -> dict[str, torch.Tensor]:
+        """``{"policy_loss": ..., <extra logged terms>}`` for one minibatch; may carry gradients."""
+
+    def value_clip_eps(self) -> float | None:
+        return None
+
+    def minibatch_loss(
+        self, out: Evaluation, batch: Batch, idx: torch.Tensor, kl: KLTerms
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg = self.cfg
+        advantages = batch.advantages[idx]
+        if cfg.norm_adv:
+            advantages = losses.normalize_advantages(advantages)
+        terms = self.policy_loss(out.log_prob, batch.log_probs[idx], advantages, kl)
+        terms["value_loss"] = losses.value_loss(
+            out.value, batch.values[idx], batch.returns[idx], self.value_clip_eps()
+        )
+        terms["entropy"] = out.entropy.mean()
+        loss = terms["policy_loss"] - cfg.ent_coef * terms["entropy"] + cfg.vf_coef * terms["value_loss"]
+        return loss, terms
 
 
 class KLTerms(NamedTuple):
@@ -171,7 +191,7 @@ class KLTerms(NamedTuple):
         return {**terms, "old_approx_kl": self.k1, "approx_kl": self.k3}
 
 
-class ClipUpdater(SurrogateUpdater):
+class ClipUpdater(ActorCriticSurrogateUpdater):
     """PPO-Clip: the clipped surrogate; value clipping with the same epsilon."""
 
     cfg: ClipConfig
@@ -189,7 +209,7 @@ class ClipUpdater(SurrogateUpdater):
         return self.cfg.clip_eps if self.cfg.clip_vloss else None
 
 
-class PenaltyUpdater(SurrogateUpdater):
+class PenaltyUpdater(ActorCriticSurrogateUpdater):
     """PPO-Penalty: -mean(rho * A) + beta * KL(pi_old || pi), KL from ``algo.kl_estimator``.
 
     beta starts at ``kl_coef``; with ``adaptive`` it follows :func:`losses.adaptive_kl_coef` after
@@ -228,11 +248,63 @@ class PenaltyUpdater(SurrogateUpdater):
             )
         return metrics
 
-    def state_dict(self) -> dict[str, float]:
+    def state_dict(self) -> dict[str, Any]:
         return {"beta": self.beta}
 
-    def load_state_dict(self, state: dict[str, float]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.beta = float(state["beta"])
+
+
+class GRPOUpdater(SurrogateUpdater):
+    """GRPO: clipped surrogate on group-relative advantages, plus kl_coef * KL(pi || pi_ref).
+
+    The KL to the frozen reference policy uses the k3 form on the stored actions,
+    mean(r - 1 - log r) with r = pi_ref(a|s) / pi(a|s) (Shao et al. 2024, eq. 4). The reference
+    is the initial policy, or a copy refreshed every ``ref_update_every`` updates. There is no
+    critic: the agent's value network receives no gradient.
+    """
+
+    cfg: GRPOConfig
+
+    def __init__(self, agent: ActorCritic, optimizer: torch.optim.Optimizer, cfg: GRPOConfig) -> None:
+        super().__init__(agent, optimizer, cfg)
+        self.reference = copy.deepcopy(agent).requires_grad_(False)
+        self.updates = 0
+
+    def minibatch_loss(
+        self, out: Evaluation, batch: Batch, idx: torch.Tensor, kl: KLTerms
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with torch.no_grad():
+            ref_dist = self.reference.distribution(batch.obs[idx])
+            ref_log_prob, _ = self.reference.log_prob_entropy(ref_dist, batch.actions[idx])
+        log_ratio = ref_log_prob - out.log_prob
+        ref_kl = (torch.expm1(log_ratio) - log_ratio).mean()
+        advantages = batch.advantages[idx]
+        surrogate = losses.clipped_surrogate_loss(
+            out.log_prob, batch.log_probs[idx], advantages, self.cfg.clip_eps
+        )
+        terms = {
+            "policy_loss": surrogate + self.cfg.kl_coef * ref_kl,
+            "surrogate_loss": surrogate,
+            "ref_kl": ref_kl,
+            "entropy": out.entropy.mean(),
+            "clipfrac": losses.clip_fraction(out.log_prob.detach(), batch.log_probs[idx], self.cfg.clip_eps),
+        }
+        return terms["policy_loss"] - self.cfg.ent_coef * terms["entropy"], terms
+
+    def update(self, batch: Batch) -> dict[str, float]:
+        metrics = super().update(batch)
+        self.updates += 1
+        if self.cfg.ref_update_every and self.updates % self.cfg.ref_update_every == 0:
+            self.reference.load_state_dict(self.agent.state_dict())
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"updates": self.updates, "reference": self.reference.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.updates = int(state["updates"])
+        self.reference.load_state_dict(state["reference"])
 
 
 class A2CUpdater(Updater):
@@ -355,6 +427,8 @@ def make_updater(cfg: AlgoConfig, agent: ActorCritic, optimizer: torch.optim.Opt
         return ClipUpdater(agent, optimizer, cfg)
     if isinstance(cfg, PenaltyConfig):
         return PenaltyUpdater(agent, optimizer, cfg)
+    if isinstance(cfg, GRPOConfig):
+        return GRPOUpdater(agent, optimizer, cfg)
     if isinstance(cfg, TRPOConfig):
         return TRPOUpdater(agent, optimizer, cfg)
     if isinstance(cfg, PGConfig):

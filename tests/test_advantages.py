@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ppo_cli import advantages as advantages_module
 from ppo_cli.advantages import gae
 
 GAMMA = 0.9
@@ -136,3 +137,31 @@ def test_returns_are_advantages_plus_values() -> None:
     adv, ret = gae(r, v, nv, term, trunc, 0.99, 0.95)
     torch.testing.assert_close(ret, adv + v)
     assert adv.shape == ret.shape == r.shape
+
+
+def test_group_relative_hand_numbers_and_zero_sum_per_group() -> None:
+    # Two groups of two envs; episode returns 1, 3 | 2, 2 (env 1 stops after one step).
+    rewards = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 2.0, 1.0, 1.0], [9.0, 9.0, 9.0, 9.0]])
+    valid = torch.tensor([[True, True, True, True], [True, True, True, True], [False] * 4])
+    advantages = advantages_module.group_relative(rewards, valid, group_size=2)
+    # Group 0: returns (1, 3): mean 2, population std 1 -> (-1, +1). Group 1: equal returns -> 0.
+    expected_per_env = torch.tensor([-1.0, 1.0, 0.0, 0.0])
+    torch.testing.assert_close(advantages[0], expected_per_env, atol=1e-6, rtol=0)
+    torch.testing.assert_close(advantages[1], expected_per_env, atol=1e-6, rtol=0)
+    assert torch.all(advantages[2] == 0)  # invalid steps carry no advantage
+    per_episode = advantages[0].view(-1, 2)
+    torch.testing.assert_close(per_episode.sum(dim=1), torch.zeros(2))
+
+
+def test_group_relative_random_groups_sum_to_zero() -> None:
+    g = torch.Generator().manual_seed(3)
+    rewards = torch.randn(7, 12, generator=g)
+    valid = torch.rand(7, 12, generator=g) < 0.8
+    valid[0] = True
+    advantages = advantages_module.group_relative(rewards, valid, group_size=4)
+    first_step = advantages[0].view(3, 4)
+    torch.testing.assert_close(first_step.sum(dim=1), torch.zeros(3), atol=1e-5, rtol=0)
+    # Every valid step of an episode carries that episode's advantage.
+    for env in range(12):
+        steps = advantages[valid[:, env], env]
+        torch.testing.assert_close(steps, steps[:1].expand_as(steps))

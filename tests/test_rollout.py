@@ -12,7 +12,7 @@ from ppo_cli import load_agent
 from ppo_cli.agent import ActorCritic
 from ppo_cli.config import AgentConfig, EnvConfig, EvalConfig, TrainConfig
 from ppo_cli.envs import make_vector_env, uses_next_step_autoreset
-from ppo_cli.rollout import Collector, RolloutStorage
+from ppo_cli.rollout import Collector, GroupCollector, RolloutStorage
 from ppo_cli.train import train
 from ppo_cli.update import Batch
 
@@ -242,3 +242,27 @@ def test_train_on_multidimensional_box_observations(tmp_path, normalize_obs: boo
     obs = np.array([[[k, 1.0], [-k, 2.0]] for k in range(3)], dtype=np.float32)
     assert agent.act(obs).shape == (3,)
     assert np.shape(agent.act(obs[0])) == ()
+
+
+def test_group_collector_starts_each_group_from_one_seed() -> None:
+    cfg = EnvConfig(id="CartPole-v1", num_envs=6, num_steps=500)
+    envs = make_vector_env(cfg, per_env_seeds=True)
+    agent = _agent(envs)
+    storage = RolloutStorage(500, 6, agent, CPU)
+    collector = GroupCollector(envs, agent, storage, group_size=3, device=CPU, seed=0)
+    for _ in range(2):
+        stats = collector.collect()
+        first = storage.obs[0]
+        torch.testing.assert_close(first[0], first[1])
+        torch.testing.assert_close(first[0], first[2])
+        assert not torch.equal(first[0], first[3])
+        # One episode per env: valid up to and including its last step, never after.
+        lengths = storage.valid.sum(dim=0)
+        assert lengths.tolist() == stats.episode_lengths
+        for env in range(6):
+            assert storage.valid[: lengths[env], env].all()
+            assert not storage.valid[lengths[env] :, env].any()
+            done = storage.terminated[:, env] | storage.truncated[:, env]
+            assert done[lengths[env] - 1]
+        assert stats.env_steps == int(lengths.max()) * 6
+    envs.close()

@@ -12,7 +12,15 @@ from ppo_cli import losses, update
 from ppo_cli.advantages import gae
 from ppo_cli.agent import ActorCritic
 from ppo_cli.config import AgentConfig, ClipConfig, PenaltyConfig
-from ppo_cli.update import A2CUpdater, Batch, ClipUpdater, PenaltyUpdater, PGUpdater, make_updater
+from ppo_cli.update import (
+    A2CUpdater,
+    Batch,
+    ClipUpdater,
+    GRPOUpdater,
+    PenaltyUpdater,
+    PGUpdater,
+    make_updater,
+)
 
 BATCH = 64
 
@@ -222,3 +230,26 @@ def test_a2c_takes_exactly_one_step(small_agent_cfg: AgentConfig) -> None:
     assert all(state["step"].item() == 1 for state in optimizer.state.values())
     assert metrics["kl_exact"] > 0  # the step moved the policy
     assert {"policy_loss", "value_loss", "entropy", "approx_kl"} <= metrics.keys()
+
+
+def test_grpo_trains_only_the_policy_against_a_frozen_reference(small_agent_cfg: AgentConfig) -> None:
+    agent, optimizer, batch = setup(small_agent_cfg)
+    cfg = algo_config("grpo", update_epochs=2, num_minibatches=2, kl_coef=0.1, ref_update_every=2)
+    updater = make_updater(cfg, agent, optimizer)
+    assert type(updater) is GRPOUpdater
+    critic_before = [p.clone() for p in agent.critic.parameters()]
+    reference_before = {k: v.clone() for k, v in updater.reference.state_dict().items()}
+
+    metrics = updater.update(batch)
+
+    assert metrics["ref_kl"] > 0  # measured against the initial policy, which has moved
+    assert all(torch.equal(a, b) for a, b in zip(critic_before, agent.critic.parameters(), strict=True))
+    assert all(torch.equal(reference_before[k], v) for k, v in updater.reference.state_dict().items())
+    assert not any(p.requires_grad for p in updater.reference.parameters())
+
+    updater.update(batch)  # the second update refreshes the reference to the current policy
+    for key, value in updater.reference.state_dict().items():
+        torch.testing.assert_close(value, agent.state_dict()[key])
+    restored = make_updater(cfg, agent, optimizer)
+    restored.load_state_dict(updater.state_dict())
+    assert restored.state_dict()["updates"] == 2
