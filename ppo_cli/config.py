@@ -385,11 +385,6 @@ class TrainConfig:
         """Transitions per iteration: every env steps ``num_steps`` times."""
         return self.env.num_envs * self.env.num_steps
 
-    @property
-    def num_iterations(self) -> int:
-        """Whole iterations that fit in the step budget."""
-        return self.total_timesteps // self.batch_size
-
 
 def register_schemas() -> None:
     """Make the schemas known to Hydra: ``train.yaml`` starts from ``train_schema``, and each

@@ -71,20 +71,18 @@ def estimate_advantages(algo: AlgoConfig, storage: RolloutStorage) -> tuple[torc
     )
 
 
-def check_grpo_env(cfg: TrainConfig) -> None:
-    """GRPO compares whole episodes, so each one must end inside a rollout."""
+def rollout_length(cfg: TrainConfig) -> int:
+    """Steps per env per iteration: ``env.num_steps``, or for GRPO the episode time limit, so that
+    every episode ends inside one rollout."""
+    if not isinstance(cfg.algo, GRPOConfig):
+        return cfg.env.num_steps
     limit = episode_time_limit(cfg.env)
     if limit is None:
         raise UserError(
             f"env.id: algo=grpo needs episodic envs; {cfg.env.id} has no time limit "
             "(set env.max_episode_steps)"
         )
-    if cfg.env.num_steps < limit:
-        raise ConfigError(
-            "env.num_steps",
-            f"got {cfg.env.num_steps}, allowed with algo=grpo: >= the episode time limit {limit}, "
-            "so that every episode ends inside one rollout",
-        )
+    return limit
 
 
 def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
@@ -118,10 +116,8 @@ def _train(cfg: TrainConfig, run_dir: Path, plain_config: Any, summary: dict[str
         torch.set_num_threads(cfg.torch_threads)
     device = pick_device(cfg.device)
     algo = cfg.algo
-    grouped = isinstance(algo, GRPOConfig)
-    if grouped:
-        check_grpo_env(cfg)
-    envs = make_vector_env(cfg.env, per_env_seeds=grouped)
+    num_steps = rollout_length(cfg)
+    envs = make_vector_env(cfg.env, per_env_seeds=isinstance(algo, GRPOConfig))
     obs_space, act_space = envs.single_observation_space, envs.single_action_space
     assert isinstance(obs_space, gym.spaces.Box)  # make_vector_env refuses anything else
     agent = ActorCritic(obs_space, act_space, cfg.agent, cfg.env.normalize_obs, cfg.env.clip_obs)
@@ -134,7 +130,7 @@ def _train(cfg: TrainConfig, run_dir: Path, plain_config: Any, summary: dict[str
         else None
     )
     updater = make_updater(algo, agent, optimizer)
-    storage = RolloutStorage(cfg.env.num_steps, cfg.env.num_envs, agent, device)
+    storage = RolloutStorage(num_steps, cfg.env.num_envs, agent, device)
     collector: Collector
     if isinstance(algo, GRPOConfig):
         collector = GroupCollector(envs, agent, storage, algo.group_size, device, cfg.seed)
@@ -161,9 +157,11 @@ def _train(cfg: TrainConfig, run_dir: Path, plain_config: Any, summary: dict[str
         save_checkpoint(payload, run_dir, cfg.checkpoint.keep, periodic)
 
     try:
-        for iteration in range(1, cfg.num_iterations + 1):
-            # Linear annealing: lr goes from its initial value to 0 over the iterations.
-            lr = algo.learning_rate * (1.0 - (iteration - 1) / cfg.num_iterations if algo.anneal_lr else 1.0)
+        iteration = 0
+        while global_step < cfg.total_timesteps:
+            iteration += 1
+            # Linear annealing: lr goes from its initial value towards 0 over the step budget.
+            lr = algo.learning_rate * (1.0 - global_step / cfg.total_timesteps if algo.anneal_lr else 1.0)
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
@@ -197,7 +195,7 @@ def _train(cfg: TrainConfig, run_dir: Path, plain_config: Any, summary: dict[str
             if cfg.checkpoint.interval and iteration % cfg.checkpoint.interval == 0:
                 checkpoint(iteration, periodic=True)
 
-        checkpoint(cfg.num_iterations, periodic=False)
+        checkpoint(iteration, periodic=False)
         train_time = time.perf_counter() - train_start
         log.info(
             "trained %d steps in %.1f s (%.0f SPS)",

@@ -19,7 +19,6 @@ def test_every_env_preset_composes_and_validates(preset: str) -> None:
     cfg = compose_config(f"env={preset}")
     assert cfg.env.id.endswith(("-v0", "-v1", "-v3", "-v5"))
     assert cfg.batch_size % cfg.algo.num_minibatches == 0
-    assert cfg.num_iterations >= 1
 
 
 def test_required_presets_exist() -> None:
@@ -57,7 +56,6 @@ BAD_INPUTS = [
     (["agent.activation=gelu"], "agent.activation: got 'gelu', allowed: tanh|relu"),
     (["env=Nope"], "env=Nope: no such option; available: Acrobot, Ant,"),
     (["algo=nope"], "algo=nope: no such option; available: a2c, clip, grpo, penalty, pg, trpo"),
-    (["algo=grpo"], "env.num_steps: got 32, allowed with algo=grpo: >= the episode time limit 500"),
     (["algo=grpo", "algo.group_size=3"], "algo.group_size: got 3, allowed: a divisor of env.num_envs = 8"),
     (
         ["algo=grpo", "env.normalize_reward=true"],

@@ -2,8 +2,8 @@
 
 Budgets and thresholds (seed 0, the CartPole preset: 8 envs x 32 steps):
 clip, penalty, trpo: 100k steps, evaluation mean >= 475; pg, a2c: 100k steps, >= 195;
-grpo: 50 iterations of one whole episode per env (env.num_steps=500, total_timesteps=200000,
-fewer env steps in fact since episodes end early), >= 195. (clip's default run is in test_cli.py.)
+grpo: 100k steps (one whole episode per env per iteration), >= 195.
+(clip's default run is in test_cli.py.)
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ PPO_TRAIN = str(Path(sys.executable).parent / "ppo-train")
         ("trpo", 475, ["total_timesteps=100000"]),
         ("pg", 195, ["total_timesteps=100000"]),
         ("a2c", 195, ["total_timesteps=100000"]),
-        ("grpo", 195, ["total_timesteps=200000", "env.num_steps=500"]),
+        ("grpo", 195, ["total_timesteps=100000"]),
     ],
 )
 def test_variant_learns_cartpole(algo: str, threshold: float, budget: list[str], tmp_path: Path) -> None:
@@ -42,5 +42,5 @@ def test_variant_learns_cartpole(algo: str, threshold: float, budget: list[str],
     assert result.returncode == 0, result.stderr[-2000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["global_step"] <= 200000
+    assert 100000 <= summary["global_step"] < 100000 + 8 * 500  # the last iteration may overshoot
     assert summary["eval_mean"] >= threshold, summary["eval_mean"]
