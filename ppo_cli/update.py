@@ -421,18 +421,16 @@ def _after_step_metrics(agent: ActorCritic, batch: Batch, terms: dict[str, torch
     return {key: float(value.detach()) for key, value in {**terms, **kl.logged()}.items()}
 
 
+UPDATERS: dict[type[AlgoConfig], type[Updater]] = {
+    ClipConfig: ClipUpdater,
+    PenaltyConfig: PenaltyUpdater,
+    PGConfig: PGUpdater,
+    A2CConfig: A2CUpdater,
+    TRPOConfig: TRPOUpdater,
+    GRPOConfig: GRPOUpdater,
+}
+
+
 def make_updater(cfg: AlgoConfig, agent: ActorCritic, optimizer: torch.optim.Optimizer) -> Updater:
-    """The updater of the configured variant."""
-    if isinstance(cfg, ClipConfig):
-        return ClipUpdater(agent, optimizer, cfg)
-    if isinstance(cfg, PenaltyConfig):
-        return PenaltyUpdater(agent, optimizer, cfg)
-    if isinstance(cfg, GRPOConfig):
-        return GRPOUpdater(agent, optimizer, cfg)
-    if isinstance(cfg, TRPOConfig):
-        return TRPOUpdater(agent, optimizer, cfg)
-    if isinstance(cfg, PGConfig):
-        return PGUpdater(agent, optimizer, cfg)
-    if isinstance(cfg, A2CConfig):
-        return A2CUpdater(agent, optimizer, cfg)
-    raise NotImplementedError(f"no updater for {type(cfg).__name__}")
+    """The updater of the configured variant (one per schema in ``config.ALGO_SCHEMAS``)."""
+    return UPDATERS[type(cfg)](agent, optimizer, cfg)  # type: ignore[call-arg]
