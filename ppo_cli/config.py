@@ -28,6 +28,18 @@ def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
         raise ConfigError(key, f"got {value!r}, allowed: {allowed}")
 
 
+def _require_epoch_keys(update_epochs: int, num_minibatches: int, target_kl: float | None) -> None:
+    """The keys of every variant that runs epochs of minibatch steps."""
+    _require(update_epochs >= 1, "algo.update_epochs", "an integer >= 1", update_epochs)
+    _require(num_minibatches >= 1, "algo.num_minibatches", "an integer >= 1", num_minibatches)
+    _require(
+        target_kl is None or target_kl > 0,
+        "algo.target_kl",
+        "null (no early stop) or a number > 0",
+        target_kl,
+    )
+
+
 @dataclass
 class EnvConfig:
     """Which environment, how many copies, and how observations and rewards are normalised."""
@@ -61,6 +73,14 @@ class EnvConfig:
         )
         _require(self.clip_obs > 0, "env.clip_obs", "a number > 0", self.clip_obs)
         _require(self.clip_reward > 0, "env.clip_reward", "a number > 0", self.clip_reward)
+
+
+def _require_divides_batch(key: str, value: int, env: EnvConfig) -> None:
+    batch_size = env.num_envs * env.num_steps
+    if batch_size % value:
+        raise ConfigError(
+            key, f"got {value}, allowed: a divisor of the batch env.num_envs * env.num_steps = {batch_size}"
+        )
 
 
 @dataclass
@@ -112,23 +132,10 @@ class SurrogateConfig(ActorCriticConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(self.update_epochs >= 1, "algo.update_epochs", "an integer >= 1", self.update_epochs)
-        _require(self.num_minibatches >= 1, "algo.num_minibatches", "an integer >= 1", self.num_minibatches)
-        _require(
-            self.target_kl is None or self.target_kl > 0,
-            "algo.target_kl",
-            "null (no early stop) or a number > 0",
-            self.target_kl,
-        )
+        _require_epoch_keys(self.update_epochs, self.num_minibatches, self.target_kl)
 
     def check_env(self, env: EnvConfig) -> None:
-        batch_size = env.num_envs * env.num_steps
-        if batch_size % self.num_minibatches:
-            raise ConfigError(
-                "algo.num_minibatches",
-                f"got {self.num_minibatches}, allowed: a divisor of the batch "
-                f"env.num_envs * env.num_steps = {batch_size}",
-            )
+        _require_divides_batch("algo.num_minibatches", self.num_minibatches, env)
 
 
 @dataclass
@@ -195,13 +202,7 @@ class RegressedCriticConfig(ActorCriticConfig):
         )
 
     def check_env(self, env: EnvConfig) -> None:
-        batch_size = env.num_envs * env.num_steps
-        if batch_size % self.value_minibatches:
-            raise ConfigError(
-                "algo.value_minibatches",
-                f"got {self.value_minibatches}, allowed: a divisor of the batch "
-                f"env.num_envs * env.num_steps = {batch_size}",
-            )
+        _require_divides_batch("algo.value_minibatches", self.value_minibatches, env)
 
 
 @dataclass
@@ -254,8 +255,7 @@ class GRPOConfig(AlgoConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _require(self.group_size >= 2, "algo.group_size", "an integer >= 2", self.group_size)
-        _require(self.update_epochs >= 1, "algo.update_epochs", "an integer >= 1", self.update_epochs)
-        _require(self.num_minibatches >= 1, "algo.num_minibatches", "an integer >= 1", self.num_minibatches)
+        _require_epoch_keys(self.update_epochs, self.num_minibatches, self.target_kl)
         _require(self.clip_eps > 0, "algo.clip_eps", "a number > 0", self.clip_eps)
         _require(self.kl_coef >= 0, "algo.kl_coef", "a number >= 0", self.kl_coef)
         _require(
@@ -263,12 +263,6 @@ class GRPOConfig(AlgoConfig):
             "algo.ref_update_every",
             "an integer >= 0 (0 keeps the initial policy as reference)",
             self.ref_update_every,
-        )
-        _require(
-            self.target_kl is None or self.target_kl > 0,
-            "algo.target_kl",
-            "null (no early stop) or a number > 0",
-            self.target_kl,
         )
 
     def check_env(self, env: EnvConfig) -> None:

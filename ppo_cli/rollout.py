@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from gymnasium.vector import VectorEnv
 
-from ppo_cli.agent import ActorCritic
+from ppo_cli.agent import ActionSample, ActorCritic
 from ppo_cli.envs import finished_episodes, uses_next_step_autoreset
 from ppo_cli.normalization import RewardScaler
 
@@ -43,6 +43,11 @@ class RolloutStorage:
         self.terminated = torch.zeros(shape, dtype=torch.bool, device=device)
         self.truncated = torch.zeros(shape, dtype=torch.bool, device=device)
         self.valid = torch.ones(shape, dtype=torch.bool, device=device)
+
+    def store_sample(self, t: int, obs: torch.Tensor, sample: ActionSample) -> None:
+        """Record step t's (normalised) observations and what the agent did with them."""
+        self.obs[t], self.actions[t], self.log_probs[t] = obs, sample.action, sample.log_prob
+        self.values[t], self.policy_params[t] = sample.value, sample.policy_params
 
 
 @dataclass
@@ -97,13 +102,7 @@ class Collector:
         for t in range(s.obs.shape[0]):
             valid = ~self.prev_done if self.next_step_autoreset else self.all_valid
             sample = self.agent.sample(self.obs)
-            s.obs[t], s.actions[t], s.log_probs[t], s.values[t], s.policy_params[t] = (
-                self.obs,
-                sample.action,
-                sample.log_prob,
-                sample.value,
-                sample.policy_params,
-            )
+            s.store_sample(t, self.obs, sample)
             s.valid[t] = valid
             obs, reward, terminated, truncated, info = self.envs.step(self.agent.env_action(sample.action))
             s.terminated[t] = self._to_tensor(terminated, torch.bool)
@@ -169,13 +168,7 @@ class GroupCollector(Collector):
         s.valid.zero_()
         for t in range(s.obs.shape[0]):
             sample = self.agent.sample(self.obs)
-            s.obs[t], s.actions[t], s.log_probs[t], s.values[t], s.policy_params[t] = (
-                self.obs,
-                sample.action,
-                sample.log_prob,
-                sample.value,
-                sample.policy_params,
-            )
+            s.store_sample(t, self.obs, sample)
             s.valid[t] = running
             obs, reward, terminated, truncated, _ = self.envs.step(self.agent.env_action(sample.action))
             s.rewards[t] = self._to_tensor(reward) * running
