@@ -15,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from ppo_cli import load_agent
 from ppo_cli.config import TrainConfig
+from ppo_cli.errors import UserError
 from ppo_cli.train import train
 
 GAMMA = 0.9
@@ -194,3 +195,14 @@ def test_penalty_logs_beta_and_saves_it_in_checkpoints(tmp_path: Path) -> None:
         assert after / before == pytest.approx(2.0) or after / before == pytest.approx(0.5) or after == before
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert checkpoint["updater"]["beta"] > 0
+
+
+def test_grpo_refuses_an_env_without_episodes(tmp_path: Path) -> None:
+    gym.register("ppo-test/EndlessNoLimit-v0", entry_point=EndlessRewardEnv)
+    try:
+        cfg = compose_config("algo=grpo", "env.id=ppo-test/EndlessNoLimit-v0", "env.vectorization=sync")
+        with pytest.raises(UserError, match=r"algo=grpo needs episodic envs; .* has no time limit"):
+            train(cfg, tmp_path)
+    finally:
+        gym.registry.pop("ppo-test/EndlessNoLimit-v0")
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"
