@@ -112,8 +112,7 @@ def _missing_option(err: MissingConfigException) -> str:
     match = re.search(r"Could not find '([^']+)'", text)
     missing = match.group(1) if match else "config"
     group, _, option = missing.rpartition("/")
-    # The typed schemas behind the YAML files share the group; they are not choices for users.
-    options = [o for o in err.options or [] if not o.endswith("_schema")]
+    options = err.options or []
     if group:
         return f"{group}={option}: no such option; available: {', '.join(sorted(options))}"
     return f"{missing}: no such config file"

@@ -382,11 +382,12 @@ class TrainConfig:
 
 def register_schemas() -> None:
     """Make the schemas known to Hydra: ``train.yaml`` starts from ``train_schema``, and each
-    ``algo/<name>.yaml`` from ``<name>_schema``."""
+    ``algo/<name>.yaml`` from ``/schemas/algo/<name>`` (a group of its own, so that ``--help``
+    and error messages list only the YAML presets as choices)."""
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     for name, schema in ALGO_SCHEMAS.items():
-        store.store(group="algo", name=f"{name}_schema", node=schema)
+        store.store(group="schemas/algo", name=name, node=schema)
 
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:
