@@ -9,6 +9,7 @@ one.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -17,12 +18,16 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
+from torch import nn
 
 from ppo_cli.errors import UserError
 
-FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 2
 LAST = "last.pt"
 PERIODIC = re.compile(r"step_(\d+)\.pt")
+TEMP_GLOB = ".*.tmp-*"
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -31,14 +36,18 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 def save_atomic(payload: dict[str, Any], path: Path) -> None:
     """Write ``payload`` to ``path`` so that readers only ever see a complete file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk, a vanished mount: the previous file is untouched
+        raise UserError(
+            f"{path}: cannot write the checkpoint ({exc.strerror or exc}); the previous checkpoint is intact"
+        ) from None
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
@@ -75,6 +84,26 @@ def periodic_checkpoints(directory: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(PERIODIC.fullmatch(p.name).group(1)))  # type: ignore[union-attr]
 
 
+def remove_stale_temp_files(directory: Path) -> None:
+    """Delete temp files left by a writer that was killed mid-write (never a complete checkpoint)."""
+    for stale in directory.glob(TEMP_GLOB):
+        stale.unlink(missing_ok=True)
+
+
+def newest_valid_checkpoint(directory: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint in ``directory`` that loads: ``last.pt``, else the periodic ones from
+    the newest down. Each unreadable file is reported in one log line and skipped."""
+    candidates = [directory / LAST, *reversed(periodic_checkpoints(directory))]
+    for candidate in candidates:
+        if not candidate.is_file():
+            continue
+        try:
+            return candidate, load_checkpoint(candidate)
+        except UserError as exc:
+            log.warning("skipping %s", exc)
+    return None
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint file, or a run directory (meaning its ``checkpoints/last.pt``)."""
     path = Path(path)
@@ -96,6 +125,24 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{file}: not a ppo-cli checkpoint of format {FORMAT_VERSION}")
     return payload
+
+
+def load_matching(module: nn.Module, state: dict[str, torch.Tensor], what: str, source: Path) -> None:
+    """``module.load_state_dict(state)``, or one UserError naming every tensor that does not fit
+    (a checkpoint from another env, or from a network of another shape)."""
+    own = module.state_dict()
+    problems = []
+    for name in sorted(own.keys() | state.keys()):
+        if name not in state:
+            problems.append(f"{name} missing from the checkpoint")
+        elif name not in own:
+            problems.append(f"{name} not in this run's {what}")
+        elif own[name].shape != state[name].shape:
+            problems.append(f"{name} is {list(state[name].shape)} there, {list(own[name].shape)} here")
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise UserError(f"{source}: the checkpoint's {what} does not fit this run's: {shown}")
+    module.load_state_dict(state)
 
 
 def describe_spaces(observation_space: gym.spaces.Space, action_space: gym.spaces.Space) -> dict[str, Any]:

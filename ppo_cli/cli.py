@@ -2,17 +2,20 @@
 
 Hydra is asked to re-raise instead of printing (``HYDRA_FULL_ERROR=1``) so that this module alone
 decides how an error looks: bad input becomes ``ppo-train: error: <key>: <problem>`` and exit
-code 2; anything else is a bug and keeps its traceback.
+code 2, a diverged run exit code 3, a signal 128 + its number (see ``errors.py``); anything else
+is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -22,11 +25,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from ppo_cli.config import register_schemas, to_train_config, unknown_key_error
-from ppo_cli.errors import UserError
+from ppo_cli.errors import Interrupted, UserError
+from ppo_cli.evaluate import evaluate_checkpoint
 from ppo_cli.logger import write_summary
+from ppo_cli.resume import expand_resume_argv
 from ppo_cli.train import train
-
-USER_ERROR_EXIT = 2
 
 
 def find_config_dir() -> str:
@@ -61,9 +64,8 @@ def _train_task(cfg: DictConfig) -> float | None:
         summary = train(train_cfg, run_dir)
     except Exception as exc:
         # In a single run, report here: past this function Hydra prints its own banner first.
-        message = user_error_message(exc)
-        if message is not None and hydra_cfg.mode == RunMode.RUN:
-            _exit_with_error("ppo-train", message)
+        if hydra_cfg.mode == RunMode.RUN:
+            _exit_if_expected(exc, "ppo-train")
         raise
     print(f"run dir: {run_dir}")
     if "eval_mean" in summary:
@@ -71,17 +73,32 @@ def _train_task(cfg: DictConfig) -> float | None:
     return summary.get("eval_mean")
 
 
-def user_error_message(exc: BaseException) -> str | None:
-    """The one-line message if ``exc`` was caused by bad input, None if it is a bug."""
-    user_types = (UserError, HydraException, OmegaConfBaseException)
-    if any(isinstance(err, user_types) for err in _chain(exc)):
-        return one_line_error(exc)
+def expected_error(exc: BaseException) -> tuple[str, int] | None:
+    """(one-line message, exit code) if ``exc`` is an outcome we report plainly: bad input, a
+    diverged run, a signal, a file that cannot be written. None if it is a bug (traceback kept)."""
+    chain = _chain(exc)
+    for err in chain:
+        if isinstance(err, Interrupted):
+            return str(err), err.exit_code
+        if isinstance(err, KeyboardInterrupt):
+            return "interrupted", 128 + signal.SIGINT
+    for err in chain:
+        if isinstance(err, UserError):
+            return str(err), err.exit_code
+    if any(isinstance(err, HydraException | OmegaConfBaseException) for err in chain):
+        return one_line_error(exc), UserError.exit_code
+    for err in chain:
+        if isinstance(err, OSError) and err.filename:  # e.g. a run dir that cannot be created
+            return f"{err.filename}: {err.strerror or err}", UserError.exit_code
     return None
 
 
-def _exit_with_error(prog: str, message: str) -> NoReturn:
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    sys.exit(USER_ERROR_EXIT)
+def _exit_if_expected(exc: BaseException, prog: str) -> None:
+    expected = expected_error(exc)
+    if expected is not None:
+        message, code = expected
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        sys.exit(code)
 
 
 def one_line_error(exc: BaseException) -> str:
@@ -134,16 +151,66 @@ def _run_cli(task: Callable[[], Any], prog: str) -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         task()
-    except Exception as exc:
-        message = user_error_message(exc)
-        if message is None:
-            raise
-        _exit_with_error(prog, message)
+    except BaseException as exc:
+        if not isinstance(exc, SystemExit):
+            _exit_if_expected(exc, prog)
+        raise
+
+
+def _train_with_resume() -> None:
+    sys.argv = [sys.argv[0], *expand_resume_argv(sys.argv[1:])]
+    _train_task()
 
 
 def train_main() -> None:
     """``ppo-train``: compose the config from the command line and train."""
-    _run_cli(_train_task, "ppo-train")
+    _run_cli(_train_with_resume, "ppo-train")
+
+
+def _eval_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ppo-eval",
+        description="Play a trained agent for N episodes and report its returns (also written to eval.json).",
+    )
+    parser.add_argument(
+        "path", type=Path, help="a run directory (its checkpoints/last.pt) or a checkpoint file"
+    )
+    parser.add_argument("--episodes", type=int, default=10, help="complete episodes to play (default 10)")
+    parser.add_argument(
+        "--stochastic", action="store_true", help="sample actions instead of taking the mode (argmax / mean)"
+    )
+    parser.add_argument("--video", action="store_true", help="record every episode to <run dir>/videos/*.mp4")
+    parser.add_argument("--seed", type=int, default=None, help="env seed (default: the run's seed + 10000)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument(
+        "--import",
+        dest="modules",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE first (for env ids of the form module:Env; never done implicitly)",
+    )
+    return parser
+
+
+def _eval_task() -> None:
+    args = _eval_parser().parse_args()
+    report = evaluate_checkpoint(
+        args.path, args.episodes, not args.stochastic, args.seed, args.video, args.device, tuple(args.modules)
+    )
+    mode = "stochastic" if args.stochastic else "deterministic"
+    print(f"{report['env_id']} at step {report['global_step']} ({report['checkpoint']})")
+    print(
+        f"{report['episodes']} {mode} episodes: mean {report['mean']:.2f}  std {report['std']:.2f}  "
+        f"min {report['min']:.2f}  max {report['max']:.2f}"
+    )
+    for video in report["videos"]:
+        print(f"video: {video}")
+
+
+def eval_main() -> None:
+    """``ppo-eval <run dir or checkpoint>``: evaluate a saved agent."""
+    _run_cli(_eval_task, "ppo-eval")
 
 
 if __name__ == "__main__":

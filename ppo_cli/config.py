@@ -356,6 +356,8 @@ class TrainConfig:
     torch_threads: int = 1
     total_timesteps: int = MISSING
     progress: bool = True
+    resume: str | None = None
+    resume_allow_changes: bool = False
 
     def __post_init__(self) -> None:
         _require(self.device in DEVICES, "device", "|".join(DEVICES), self.device)

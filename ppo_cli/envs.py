@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import gymnasium as gym
@@ -54,11 +58,18 @@ def resolve_vectorization(
 
 
 def make_vector_env(
-    cfg: EnvConfig, num_envs: int | None = None, render_mode: str | None = None, per_env_seeds: bool = False
+    cfg: EnvConfig,
+    num_envs: int | None = None,
+    render_mode: str | None = None,
+    per_env_seeds: bool = False,
+    wrappers: Sequence[Callable[[gym.Env], gym.Wrapper]] = (),
 ) -> VectorEnv:
-    """The vector env described by ``cfg``, with episode statistics recorded in ``info["episode"]``."""
+    """The vector env described by ``cfg``, with episode statistics recorded in ``info["episode"]``.
+
+    ``wrappers`` wrap each sub-env (e.g. video recording); they need ``sync`` vectorisation.
+    """
     spec = _resolve_spec(cfg.id)
-    mode = resolve_vectorization(cfg, spec, per_env_seeds)
+    mode = "sync" if wrappers else resolve_vectorization(cfg, spec, per_env_seeds)
     if mode == "vector_entry_point" and spec.vector_entry_point is None:
         raise UserError(
             f"env.vectorization: {spec.id} has no numpy-vectorised implementation; allowed: auto|sync|async"
@@ -70,17 +81,34 @@ def make_vector_env(
         kwargs["max_episode_steps"] = cfg.max_episode_steps
     vector_kwargs = None if mode == "vector_entry_point" else {"autoreset_mode": AutoresetMode.SAME_STEP}
     try:
-        envs = gym.make_vec(
-            spec,
-            num_envs=num_envs or cfg.num_envs,
-            vectorization_mode=mode,
-            vector_kwargs=vector_kwargs,
-            **kwargs,
-        )
+        # Async workers are started with SIGINT ignored (a disposition they inherit): Ctrl-C in a
+        # terminal reaches the whole process group, and only the trainer should react to it.
+        with _sigint_ignored(mode == "async"):
+            envs = gym.make_vec(
+                spec,
+                num_envs=num_envs or cfg.num_envs,
+                vectorization_mode=mode,
+                vector_kwargs=vector_kwargs,
+                wrappers=list(wrappers) or None,
+                **kwargs,
+            )
     except gym.error.DependencyNotInstalled as exc:
         raise UserError(f"env.id: {spec.id} needs an optional dependency: {exc}") from None
     check_spaces(envs, spec.id)
     return RecordEpisodeStatistics(envs)
+
+
+@contextmanager
+def _sigint_ignored(active: bool) -> Iterator[None]:
+    """Ignore SIGINT while the body runs (main thread only; elsewhere Python cannot set handlers)."""
+    if not active or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def check_spaces(envs: VectorEnv, env_id: str) -> None:

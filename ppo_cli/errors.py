@@ -1,12 +1,20 @@
-"""The one exception type that means "the user asked for something we cannot do".
+"""The exceptions that end a run cleanly: one line on stderr and a documented exit code.
 
-Anything raised as a :class:`UserError` reaches the console as one line on stderr and a non-zero
-exit code, without a traceback. Every other exception is a bug and keeps its traceback.
+Anything raised as a :class:`UserError` (or a subclass) reaches the console as one line on stderr
+and exits with its ``exit_code``, without a traceback. :class:`Interrupted` does the same for a
+signal. Every other exception is a bug and keeps its traceback.
+
+Exit codes: 2 bad input, 3 training diverged (non-finite numbers), 128 + N stopped by signal N
+(130 for Ctrl-C, 143 for SIGTERM), as shells report a process killed by that signal.
 """
+
+import signal
 
 
 class UserError(Exception):
     """Bad input: a config value, an environment id, a file. The message is shown as is."""
+
+    exit_code = 2
 
 
 class ConfigError(UserError):
@@ -15,3 +23,24 @@ class ConfigError(UserError):
     def __init__(self, key: str, problem: str) -> None:
         super().__init__(f"{key}: {problem}")
         self.key = key
+
+
+class NonFiniteError(UserError):
+    """A NaN or infinity in an env output, a loss or a gradient: training stops before the
+    optimizer step, so the weights and the last checkpoint stay as they were."""
+
+    exit_code = 3
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM stopped the run. A BaseException, like KeyboardInterrupt, so that no
+    ``except Exception`` on the way (Hydra's job runner among them) mistakes it for a failed job."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name

@@ -1,15 +1,37 @@
-"""Evaluation episodes with a frozen agent."""
+"""Evaluation episodes with a frozen agent: after training, and for ``ppo-eval`` on a saved run."""
 
 from __future__ import annotations
 
+import importlib
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import gymnasium as gym
 import numpy as np
 import torch
+from gymnasium.wrappers import RecordVideo
 
 from ppo_cli.agent import ActorCritic
+from ppo_cli.checkpoint import resolve_checkpoint
 from ppo_cli.config import EnvConfig
 from ppo_cli.envs import finished_episodes, make_vector_env
+from ppo_cli.errors import UserError
+from ppo_cli.logger import write_json
+from ppo_cli.policy import load_agent
+from ppo_cli.resume import run_dir_of
 
 MAX_PARALLEL_EPISODES = 8
+EVAL_SEED_OFFSET = 10_000  # evaluation envs never replay the seeds of the training envs
+EVAL_REPORT = "eval.json"
+
+
+class Episodes(NamedTuple):
+    """Returns (raw rewards) and lengths of complete episodes, in the order they finished."""
+
+    returns: np.ndarray
+    lengths: np.ndarray
 
 
 @torch.no_grad()
@@ -20,28 +42,106 @@ def evaluate(
     deterministic: bool,
     seed: int,
     device: torch.device,
-) -> np.ndarray:
-    """Returns of ``episodes`` complete episodes (raw rewards), normalisation statistics frozen.
+    video_dir: Path | None = None,
+) -> Episodes:
+    """Play ``episodes`` complete episodes, normalisation statistics frozen.
 
     Episodes run on parallel envs, each with a fixed quota decided up front. Taking "the first N
-    episodes to finish" instead would favour short episodes and bias the mean.
+    episodes to finish" instead would favour short episodes and bias the mean. With ``video_dir``
+    the episodes are played one after the other on one env and each is recorded to an mp4 there.
     """
-    num_envs = min(episodes, MAX_PARALLEL_EPISODES)
+    num_envs = 1 if video_dir is not None else min(episodes, MAX_PARALLEL_EPISODES)
     quota = np.full(num_envs, episodes // num_envs)
     quota[: episodes % num_envs] += 1
     returns: list[float] = []
+    lengths: list[int] = []
     counted = np.zeros(num_envs, dtype=int)
-    envs = make_vector_env(env_cfg, num_envs=num_envs)
+    envs = _eval_envs(env_cfg, num_envs, episodes, video_dir)
     try:
         obs, _ = envs.reset(seed=seed)
         while (counted < quota).any():
             obs_t = agent.normalize(torch.as_tensor(obs, dtype=torch.float32, device=device))
             action = agent.sample(obs_t, deterministic=deterministic).action
             obs, _, _, _, info = envs.step(agent.env_action(action))
-            for env_index, episode_return, _ in zip(*finished_episodes(info), strict=True):
+            for env_index, episode_return, length in zip(*finished_episodes(info), strict=True):
                 if counted[env_index] < quota[env_index]:
                     counted[env_index] += 1
                     returns.append(float(episode_return))
+                    lengths.append(int(length))
     finally:
         envs.close()
-    return np.asarray(returns)
+    return Episodes(np.asarray(returns), np.asarray(lengths))
+
+
+def _eval_envs(
+    env_cfg: EnvConfig, num_envs: int, episodes: int, video_dir: Path | None
+) -> gym.vector.VectorEnv:
+    if video_dir is None:
+        return make_vector_env(env_cfg, num_envs=num_envs)
+    recorder = partial(
+        RecordVideo,
+        video_folder=str(video_dir),
+        episode_trigger=lambda episode: episode < episodes,  # not the episode the last autoreset starts
+        name_prefix="eval",
+        disable_logger=True,
+    )
+    try:
+        return make_vector_env(env_cfg, num_envs=1, render_mode="rgb_array", wrappers=[recorder])
+    except gym.error.DependencyNotInstalled as exc:
+        raise UserError(f"--video needs moviepy: pip install 'ppo-cli[video]' ({exc})") from None
+
+
+def evaluate_checkpoint(
+    target: Path,
+    episodes: int,
+    deterministic: bool,
+    seed: int | None = None,
+    video: bool = False,
+    device: str = "cpu",
+    trusted_modules: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Evaluate a run directory's (or a checkpoint file's) agent; the report is also written to
+    ``eval.json`` in the run directory, videos to its ``videos/``.
+
+    Nothing read from the run is executed: the checkpoint loads as weights only, and an env id of
+    the form ``module:Env`` is refused unless the user names that module in ``trusted_modules``.
+    """
+    if episodes < 1:
+        raise UserError(f"--episodes: got {episodes}, allowed: an integer >= 1")
+    checkpoint = resolve_checkpoint(target)
+    run_dir = run_dir_of(checkpoint) if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    trained = load_agent(checkpoint, device=device)
+    env_cfg = EnvConfig(**trained.config["env"])
+    module = env_cfg.id.partition(":")[0] if ":" in env_cfg.id else None
+    if module is not None and module not in trusted_modules:
+        raise UserError(
+            f"env.id: {env_cfg.id!r} needs module {module!r} imported, and ppo-eval runs nothing named by "
+            f"a run dir; pass --import {module} if you trust it"
+        )
+    for name in trusted_modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise UserError(f"--import: cannot import {name!r} ({exc})") from None
+    seed = trained.config["seed"] + EVAL_SEED_OFFSET if seed is None else seed
+    video_dir = run_dir / "videos" / time.strftime("eval-%Y%m%d-%H%M%S") if video else None
+    result = evaluate(
+        trained.network, env_cfg, episodes, deterministic, seed, torch.device(device), video_dir
+    )
+    report = {
+        "checkpoint": str(checkpoint),
+        "global_step": trained.global_step,
+        "env_id": env_cfg.id,
+        "episodes": episodes,
+        "deterministic": deterministic,
+        "seed": seed,
+        "mean": float(result.returns.mean()),
+        "std": float(result.returns.std()),
+        "min": float(result.returns.min()),
+        "max": float(result.returns.max()),
+        "returns": result.returns.tolist(),
+        "lengths": result.lengths.tolist(),
+        "videos": sorted(str(p) for p in video_dir.glob("*.mp4")) if video_dir else [],
+    }
+    write_json(run_dir / EVAL_REPORT, report)
+    return report

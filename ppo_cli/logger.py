@@ -12,6 +12,8 @@ from typing import Any
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from ppo_cli.errors import UserError
+
 SUMMARY = "summary.json"
 TEXT_REPORTS = 20  # progress lines per run when there is no progress bar
 
@@ -25,18 +27,28 @@ class RunLogger:
     at every 5% of the run, which also lands in the run's ``train.log``.
     """
 
-    def __init__(self, run_dir: Path, config_yaml: str, total_steps: int, progress: bool) -> None:
-        self.writer = SummaryWriter(log_dir=str(run_dir))
-        self.writer.add_text("config", f"```yaml\n{config_yaml}\n```", 0)
+    def __init__(
+        self, run_dir: Path, config_yaml: str, total_steps: int, progress: bool, resumed_at: int | None = None
+    ) -> None:
+        """``resumed_at``: the global step of the checkpoint a resumed run continues from. Events a
+        killed run logged after that step are hidden (TensorBoard's ``purge_step``) and logged again
+        by the resumed run, so every curve has each step exactly once."""
+        first_step = 0 if resumed_at is None else resumed_at + 1
+        self.writer = SummaryWriter(
+            log_dir=str(run_dir), purge_step=None if resumed_at is None else first_step
+        )
+        # The config of this (part of the) run, at its first step.
+        self.writer.add_text("config", f"```yaml\n{config_yaml}\n```", first_step)
         self.bar = tqdm(
             total=total_steps,
+            initial=resumed_at or 0,
             unit="step",
             unit_scale=True,
             dynamic_ncols=True,
             disable=not (progress and sys.stderr.isatty()),
         )
         self.total_steps = total_steps
-        self.next_report = total_steps / TEXT_REPORTS
+        self.next_report = (resumed_at or 0) + total_steps / TEXT_REPORTS
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         """Log ``{tag: value}`` at ``step`` (environment steps)."""
@@ -54,15 +66,34 @@ class RunLogger:
         self.bar.set_postfix(SPS=f"{sps:.0f}", ret=recent, refresh=False)
         self.bar.refresh()
 
+    def flush(self) -> None:
+        self.writer.flush()
+
     def close(self) -> None:
         self.bar.close()
         self.writer.flush()
         self.writer.close()
 
 
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as JSON atomically (temp file + rename): readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"{path}: cannot write ({exc.strerror or exc})") from None
+
+
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    """Write ``summary.json`` atomically (temp file + rename)."""
-    path = run_dir / SUMMARY
-    tmp = path.with_name(f".{SUMMARY}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_json(run_dir / SUMMARY, summary)
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    """The run's ``summary.json``, or ``{}`` when there is none (or it cannot be parsed)."""
+    try:
+        summary = json.loads((run_dir / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}

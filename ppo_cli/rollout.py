@@ -17,13 +17,16 @@ Two autoreset conventions are handled (see ``envs.py``):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from gymnasium.vector import VectorEnv
 
+from ppo_cli import env_state
 from ppo_cli.agent import ActionSample, ActorCritic
 from ppo_cli.envs import finished_episodes, uses_next_step_autoreset
+from ppo_cli.errors import NonFiniteError
 from ppo_cli.normalization import RewardScaler
 
 
@@ -48,6 +51,14 @@ class RolloutStorage:
         """Record step t's (normalised) observations and what the agent did with them."""
         self.obs[t], self.actions[t], self.log_probs[t] = obs, sample.action, sample.log_prob
         self.values[t], self.policy_params[t] = sample.value, sample.policy_params
+
+
+def check_finite(field: str, values: np.ndarray) -> None:
+    """Refuse a NaN or infinity in one step's ``values`` (leading dimension: env index)."""
+    finite = np.isfinite(values).reshape(len(values), -1).all(axis=1)
+    if not finite.all():
+        env_index = int(np.flatnonzero(~finite)[0])
+        raise NonFiniteError(f"env {env_index} returned a non-finite {field}: {values[env_index]}")
 
 
 @dataclass
@@ -89,6 +100,7 @@ class Collector:
 
     def _observe(self, obs: np.ndarray) -> torch.Tensor:
         """Fold fresh observations into the statistics, then normalise them."""
+        check_finite("observation", obs)
         tensor = self._to_tensor(obs)
         if self.agent.obs_normalizer is not None:
             self.agent.obs_normalizer.stats.update(tensor.flatten(1))
@@ -105,6 +117,7 @@ class Collector:
             s.store_sample(t, self.obs, sample)
             s.valid[t] = valid
             obs, reward, terminated, truncated, info = self.envs.step(self.agent.env_action(sample.action))
+            check_finite("reward", reward)
             s.terminated[t] = self._to_tensor(terminated, torch.bool)
             s.truncated[t] = self._to_tensor(truncated, torch.bool)
             done = s.terminated[t] | s.truncated[t]
@@ -131,8 +144,33 @@ class Collector:
     ) -> tuple[int, torch.Tensor, torch.Tensor]:
         """(t, env indices, V(final_obs)) for the envs cut by a time limit at step t."""
         idx = np.flatnonzero(truncated)
-        obs = self.agent.normalize(self._to_tensor(np.stack(list(final_obs[idx]))))
+        final = np.stack(list(final_obs[idx]))
+        check_finite("final observation", final)
+        obs = self.agent.normalize(self._to_tensor(final))
         return t, torch.as_tensor(idx, device=self.device), self.agent.value(obs)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the next collection depends on: the envs' own state (None where it cannot be
+        saved, see ``env_state.py``), the current observations, and which envs just finished."""
+        return {"obs": self.obs, "prev_done": self.prev_done, "envs": env_state.capture(self.envs)}
+
+    def load_state_dict(self, state: dict[str, Any], reset_seed: int) -> bool:
+        """Continue the saved episodes; True if that was exact.
+
+        Where the envs' state was not saved (or does not fit these envs), every env is reset
+        with ``reset_seed`` instead and the episodes in flight are lost (their partial returns
+        too). Call after the agent's and the reward scaler's state are loaded.
+        """
+        if state["envs"] is not None and env_state.restore(self.envs, state["envs"]):
+            self.obs = state["obs"].to(self.device)
+            self.prev_done = state["prev_done"].to(self.device)
+            return True
+        obs, _ = self.envs.reset(seed=reset_seed)
+        self.obs = self._observe(obs)
+        self.prev_done.zero_()
+        if self.reward_scaler is not None:
+            self.reward_scaler.returns.zero_()  # the discounted returns belonged to lost episodes
+        return False
 
 
 class GroupCollector(Collector):
@@ -171,6 +209,7 @@ class GroupCollector(Collector):
             s.store_sample(t, self.obs, sample)
             s.valid[t] = running
             obs, reward, terminated, truncated, _ = self.envs.step(self.agent.env_action(sample.action))
+            check_finite("reward", reward)
             s.rewards[t] = self._to_tensor(reward) * running
             s.terminated[t] = self._to_tensor(terminated, torch.bool)
             s.truncated[t] = self._to_tensor(truncated, torch.bool)
@@ -182,3 +221,12 @@ class GroupCollector(Collector):
         stats.episode_returns = (s.rewards * s.valid).sum(dim=0).tolist()
         stats.episode_lengths = s.valid.sum(dim=0).tolist()
         return stats
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every iteration resets all envs from seeds derived from the iteration count: that
+        count is the whole state."""
+        return {"iteration": self.iteration}
+
+    def load_state_dict(self, state: dict[str, Any], reset_seed: int) -> bool:
+        self.iteration = int(state["iteration"])
+        return True

@@ -1,34 +1,40 @@
 """The training loop, as a plain function that reads in the order of the algorithm.
 
-build -> (collect -> advantages -> update -> log -> checkpoint) x iterations -> evaluate -> summary
+build (or resume) -> (collect -> advantages -> update -> log -> checkpoint) x iterations -> evaluate
+-> summary
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import signal
 import time
 from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import gymnasium as gym
 import numpy as np
 import torch
+from gymnasium.vector import VectorEnv
 from omegaconf import OmegaConf
 
 from ppo_cli.advantages import gae, group_relative
 from ppo_cli.agent import ActorCritic
-from ppo_cli.checkpoint import describe_spaces, save_checkpoint
+from ppo_cli.checkpoint import describe_spaces, load_matching, remove_stale_temp_files, save_checkpoint
 from ppo_cli.config import ActorCriticConfig, AlgoConfig, GRPOConfig, TrainConfig
 from ppo_cli.envs import episode_time_limit, make_vector_env
-from ppo_cli.errors import ConfigError, UserError
-from ppo_cli.evaluate import evaluate
-from ppo_cli.logger import RunLogger, write_summary
+from ppo_cli.errors import ConfigError, Interrupted, NonFiniteError, UserError
+from ppo_cli.evaluate import EVAL_SEED_OFFSET, evaluate
+from ppo_cli.logger import RunLogger, read_summary, write_summary
 from ppo_cli.losses import explained_variance
 from ppo_cli.normalization import RewardScaler
+from ppo_cli.resume import check_config_changes, find_checkpoint, rng_state, set_rng_state
 from ppo_cli.rollout import Collector, GroupCollector, RolloutStorage
-from ppo_cli.update import Batch, make_updater
+from ppo_cli.signals import GracefulStop
+from ppo_cli.update import Batch, Updater, make_updater
 
 log = logging.getLogger(__name__)
 
@@ -85,39 +91,59 @@ def rollout_length(cfg: TrainConfig) -> int:
     return limit
 
 
-def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
-    """Train an agent as ``cfg`` says, writing everything under ``run_dir``; returns the summary.
+@dataclass
+class TrainingState:
+    """Everything that shapes the rest of a run, i.e. everything a checkpoint holds."""
 
-    On any exception the summary is written with ``status: failed`` and the error, then the
-    exception propagates.
-    """
-    plain_config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    start = time.perf_counter()
-    summary: dict[str, Any] = {"status": "running", "global_step": 0, "config": plain_config}
-    try:
-        summary.update(_train(cfg, run_dir, plain_config, summary))
-        summary["status"] = "completed"
-    except KeyboardInterrupt:
-        summary["status"] = "interrupted"
-        raise
-    except BaseException as exc:
-        summary.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-        raise
-    finally:
-        summary["wall_time_s"] = round(time.perf_counter() - start, 2)
-        write_summary(run_dir, summary)
-    return summary
+    agent: ActorCritic
+    optimizer: torch.optim.Optimizer
+    reward_scaler: RewardScaler | None
+    updater: Updater
+    collector: Collector
+    global_step: int = 0
+    iteration: int = 0
+    recent_returns: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_EPISODES))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "agent": self.agent.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "reward_scaler": None if self.reward_scaler is None else self.reward_scaler.state_dict(),
+            "updater": self.updater.state_dict(),
+            "collector": self.collector.state_dict(),
+            "rng": rng_state(),
+            "global_step": self.global_step,
+            "iteration": self.iteration,
+            "recent_returns": list(self.recent_returns),
+        }
+
+    def load_state_dict(self, payload: dict[str, Any], source: Path, seed: int) -> bool:
+        """Restore a checkpoint; True if the envs continue their episodes exactly.
+
+        Where they cannot (see ``env_state.py``), every env restarts from a seed derived from
+        ``seed`` and the checkpoint's step, so a resumed run is still reproducible.
+        """
+        load_matching(self.agent, payload["agent"], "network", source)
+        self.optimizer.load_state_dict(payload["optimizer"])
+        if self.reward_scaler is not None and payload["reward_scaler"] is not None:
+            load_matching(self.reward_scaler, payload["reward_scaler"], "reward scaler", source)
+        try:
+            self.updater.load_state_dict(payload["updater"])
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise UserError(
+                f"{source}: the checkpoint's algorithm state does not fit this run's ({exc})"
+            ) from None
+        self.global_step, self.iteration = int(payload["global_step"]), int(payload["iteration"])
+        self.recent_returns.extend(payload["recent_returns"])
+        reset_seed = int(np.random.SeedSequence([seed, self.global_step]).generate_state(1)[0])
+        exact = self.collector.load_state_dict(payload["collector"], reset_seed)
+        set_rng_state(payload["rng"])  # last: building the run above drew from the generators
+        return exact
 
 
-def _train(cfg: TrainConfig, run_dir: Path, plain_config: Any, summary: dict[str, Any]) -> dict[str, Any]:
-    # --- build -------------------------------------------------------------------------------
-    seed_everything(cfg.seed)
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
-    device = pick_device(cfg.device)
+def build_state(cfg: TrainConfig, envs: VectorEnv, device: torch.device) -> TrainingState:
+    """A fresh agent, optimizer, variant and collector for ``cfg`` on ``envs``."""
     algo = cfg.algo
-    num_steps = rollout_length(cfg)
-    envs = make_vector_env(cfg.env, per_env_seeds=isinstance(algo, GRPOConfig))
     obs_space, act_space = envs.single_observation_space, envs.single_action_space
     assert isinstance(obs_space, gym.spaces.Box)  # make_vector_env refuses anything else
     agent = ActorCritic(obs_space, act_space, cfg.agent, cfg.env.normalize_obs, cfg.env.clip_obs)
@@ -130,55 +156,160 @@ def _train(cfg: TrainConfig, run_dir: Path, plain_config: Any, summary: dict[str
         else None
     )
     updater = make_updater(algo, agent, optimizer)
-    storage = RolloutStorage(num_steps, cfg.env.num_envs, agent, device)
+    storage = RolloutStorage(rollout_length(cfg), cfg.env.num_envs, agent, device)
     collector: Collector
     if isinstance(algo, GRPOConfig):
         collector = GroupCollector(envs, agent, storage, algo.group_size, device, cfg.seed)
     else:
         assert isinstance(algo, ActorCriticConfig), type(algo)
         collector = Collector(envs, agent, storage, reward_scaler, algo.bootstrap_truncated, device, cfg.seed)
-    logger = RunLogger(run_dir, OmegaConf.to_yaml(plain_config), cfg.total_timesteps, cfg.progress)
-    spaces = describe_spaces(obs_space, act_space)
-    recent_returns: deque[float] = deque(maxlen=RECENT_EPISODES)
-    global_step = 0
-    train_start = time.perf_counter()
+    return TrainingState(agent, optimizer, reward_scaler, updater, collector)
 
-    def checkpoint(iteration: int, periodic: bool) -> None:
-        payload = {
-            "config": plain_config,
-            "spaces": spaces,
-            "agent": agent.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "reward_scaler": None if reward_scaler is None else reward_scaler.state_dict(),
-            "updater": updater.state_dict(),
-            "global_step": global_step,
-            "iteration": iteration,
-        }
-        save_checkpoint(payload, run_dir, cfg.checkpoint.keep, periodic)
 
+def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
+    """Train an agent as ``cfg`` says, writing everything under ``run_dir``; returns the summary.
+
+    SIGINT / SIGTERM stop the run at the end of the current iteration with a checkpoint (see
+    ``signals.py``). Whatever ends the run, ``summary.json`` records how: ``completed``,
+    ``interrupted``, or ``failed`` with the error; exceptions then propagate.
+    """
+    plain_config = cast(dict[str, Any], OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
+    start = time.perf_counter()
+    summary: dict[str, Any] = {"status": "running", "global_step": 0, "config": plain_config}
     try:
-        iteration = 0
-        while global_step < cfg.total_timesteps:
-            iteration += 1
+        with GracefulStop() as stop:
+            summary.update(_train(cfg, run_dir, plain_config, summary, stop))
+        summary["status"] = "completed"
+    except (Interrupted, KeyboardInterrupt) as exc:
+        summary.update(status="interrupted", error=str(exc) or type(exc).__name__)
+        raise
+    except BaseException as exc:
+        summary.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        summary["wall_time_s"] = round(time.perf_counter() - start, 2)
+        write_summary(run_dir, summary)
+    return summary
+
+
+def resume_state(
+    cfg: TrainConfig, run_dir: Path, plain_config: dict[str, Any], state: TrainingState
+) -> dict[str, Any] | None:
+    """Load the checkpoint that ``cfg.resume`` names into ``state``; what was resumed, or None."""
+    if cfg.resume is None:
+        return None
+    found = find_checkpoint(cfg.resume, run_dir)
+    if found is None:
+        log.info("resume=auto: no checkpoint in %s yet, starting a new run", run_dir)
+        return None
+    path, payload = found
+    changes = check_config_changes(payload["config"], plain_config, cfg.resume_allow_changes)
+    for change in changes:
+        log.warning("resuming with a changed key: %s", change)
+    spaces = describe_spaces(
+        state.collector.envs.single_observation_space, state.collector.envs.single_action_space
+    )
+    if payload["spaces"] != spaces:
+        raise UserError(
+            f"{path}: the checkpoint was trained on spaces {payload['spaces']}, "
+            f"env.id={cfg.env.id} has {spaces}"
+        )
+    exact = state.load_state_dict(payload, path, cfg.seed)
+    remove_stale_temp_files(path.parent)
+    log.info(
+        "resumed from %s at step %d (%s)",
+        path,
+        state.global_step,
+        "episodes continue exactly" if exact else "envs restarted from a derived seed",
+    )
+    return {"checkpoint": str(path), "global_step": state.global_step, "exact_env_state": exact}
+
+
+def _train(
+    cfg: TrainConfig, run_dir: Path, plain_config: dict[str, Any], summary: dict[str, Any], stop: GracefulStop
+) -> dict[str, Any]:
+    # --- build -------------------------------------------------------------------------------
+    seed_everything(cfg.seed)
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    device = pick_device(cfg.device)
+    algo = cfg.algo
+    previous_summary = read_summary(run_dir)
+    envs = make_vector_env(cfg.env, per_env_seeds=isinstance(algo, GRPOConfig))
+    try:
+        state = build_state(cfg, envs, device)
+        resumed = resume_state(cfg, run_dir, plain_config, state)
+        if resumed is not None:
+            summary["resumed_from"] = resumed
+            summary["global_step"] = state.global_step
+            if state.global_step >= cfg.total_timesteps and previous_summary.get("status") == "completed":
+                log.info("the run is already complete; raise total_timesteps to train it further")
+                return {
+                    k: v for k, v in previous_summary.items() if k not in ("status", "config", "wall_time_s")
+                }
+        return _run(cfg, run_dir, plain_config, summary, stop, state, resumed is not None)
+    finally:
+        envs.close()
+
+
+def _run(
+    cfg: TrainConfig,
+    run_dir: Path,
+    plain_config: dict[str, Any],
+    summary: dict[str, Any],
+    stop: GracefulStop,
+    state: TrainingState,
+    resumed: bool,
+) -> dict[str, Any]:
+    algo, agent, collector = cfg.algo, state.agent, state.collector
+    envs = collector.envs
+    spaces = describe_spaces(envs.single_observation_space, envs.single_action_space)
+    start_step = state.global_step
+    logger = RunLogger(
+        run_dir,
+        OmegaConf.to_yaml(plain_config),
+        cfg.total_timesteps,
+        cfg.progress,
+        start_step if resumed else None,
+    )
+    last_saved: Path | None = None
+
+    def checkpoint(periodic: bool) -> None:
+        nonlocal last_saved
+        logger.flush()  # the event files on disk reach at least as far as the checkpoint
+        payload = {"config": plain_config, "spaces": spaces, **state.state_dict()}
+        last_saved = save_checkpoint(payload, run_dir, cfg.checkpoint.keep, periodic)
+
+    train_start = time.perf_counter()
+    try:
+        while state.global_step < cfg.total_timesteps:
+            state.iteration += 1
             # Linear annealing: lr goes from its initial value towards 0 over the step budget.
-            lr = algo.learning_rate * (1.0 - global_step / cfg.total_timesteps if algo.anneal_lr else 1.0)
-            for group in optimizer.param_groups:
+            progress = state.global_step / cfg.total_timesteps
+            lr = algo.learning_rate * (1.0 - progress if algo.anneal_lr else 1.0)
+            for group in state.optimizer.param_groups:
                 group["lr"] = lr
 
-            # --- collect -----------------------------------------------------------------------
-            rollout = collector.collect()
-            global_step += rollout.env_steps
-            recent_returns.extend(rollout.episode_returns)
+            try:
+                # --- collect -------------------------------------------------------------------
+                rollout = collector.collect()
+                state.global_step += rollout.env_steps
+                state.recent_returns.extend(rollout.episode_returns)
 
-            # --- advantages --------------------------------------------------------------------
-            advantages, returns = estimate_advantages(algo, storage)
-            batch = Batch.from_storage(storage, advantages, returns)
+                # --- advantages ----------------------------------------------------------------
+                advantages, returns = estimate_advantages(algo, collector.storage)
+                batch = Batch.from_storage(collector.storage, advantages, returns)
 
-            # --- update ------------------------------------------------------------------------
-            metrics = updater.update(batch)
+                # --- update --------------------------------------------------------------------
+                metrics = state.updater.update(batch)
+            except NonFiniteError as exc:
+                raise NonFiniteError(
+                    f"iteration {state.iteration}: {exc}; training stopped before the optimizer step, "
+                    f"last good checkpoint: {last_saved or 'none written yet'}"
+                ) from None
 
             # --- log ---------------------------------------------------------------------------
-            sps = global_step / (time.perf_counter() - train_start)
+            sps = (state.global_step - start_step) / (time.perf_counter() - train_start)
             scalars = {f"losses/{key}": value for key, value in metrics.items()}
             scalars["losses/explained_variance"] = explained_variance(batch.values, batch.returns)
             scalars["charts/learning_rate"] = lr
@@ -186,36 +317,46 @@ def _train(cfg: TrainConfig, run_dir: Path, plain_config: Any, summary: dict[str
             if rollout.episode_returns:
                 scalars["charts/episodic_return"] = float(np.mean(rollout.episode_returns))
                 scalars["charts/episodic_length"] = float(np.mean(rollout.episode_lengths))
-            logger.scalars(scalars, global_step)
-            mean_recent = float(np.mean(recent_returns)) if recent_returns else None
-            logger.progress(global_step, sps, mean_recent)
-            summary["global_step"] = global_step
+            logger.scalars(scalars, state.global_step)
+            mean_recent = float(np.mean(state.recent_returns)) if state.recent_returns else None
+            logger.progress(state.global_step, sps, mean_recent)
+            summary["global_step"] = state.global_step
 
             # --- checkpoint --------------------------------------------------------------------
-            if cfg.checkpoint.interval and iteration % cfg.checkpoint.interval == 0:
-                checkpoint(iteration, periodic=True)
+            periodic = bool(cfg.checkpoint.interval) and state.iteration % cfg.checkpoint.interval == 0
+            if periodic or stop.requested:
+                checkpoint(periodic)
+            if stop.requested:
+                assert stop.signum is not None
+                raise Interrupted(
+                    stop.signum,
+                    f"stopped by {signal.Signals(stop.signum).name} at step {state.global_step}; "
+                    f"checkpoint: {last_saved}; resume with: ppo-train resume={run_dir}",
+                )
 
-        checkpoint(iteration, periodic=False)
-        train_time = time.perf_counter() - train_start
-        log.info(
-            "trained %d steps in %.1f s (%.0f SPS)",
-            global_step,
-            train_time,
-            global_step / train_time,
-        )
+        checkpoint(periodic=False)
+        stop.graceful = False  # from here on nothing remains that a checkpoint would keep
+        train_time = max(time.perf_counter() - train_start, 1e-9)
+        trained = state.global_step - start_step
+        log.info("trained %d steps in %.1f s (%.0f SPS)", trained, train_time, trained / train_time)
 
         # --- evaluate ------------------------------------------------------------------------------
         result: dict[str, Any] = {
-            "global_step": global_step,
+            "global_step": state.global_step,
             "train_time_s": round(train_time, 2),
-            "sps": round(global_step / train_time, 1),
-            "recent_episodic_return": mean_recent,
+            "sps": round(trained / train_time, 1),
+            "recent_episodic_return": float(np.mean(state.recent_returns)) if state.recent_returns else None,
         }
         if cfg.eval.episodes:
             agent.eval()
             eval_returns = evaluate(
-                agent, cfg.env, cfg.eval.episodes, cfg.eval.deterministic, cfg.seed + 10_000, device
-            )
+                agent,
+                cfg.env,
+                cfg.eval.episodes,
+                cfg.eval.deterministic,
+                cfg.seed + EVAL_SEED_OFFSET,
+                collector.device,
+            ).returns
             result.update(
                 eval_mean=float(eval_returns.mean()),
                 eval_std=float(eval_returns.std()),
@@ -226,7 +367,7 @@ def _train(cfg: TrainConfig, run_dir: Path, plain_config: Any, summary: dict[str
                     "eval/episodic_return": result["eval_mean"],
                     "eval/episodic_return_std": result["eval_std"],
                 },
-                global_step,
+                state.global_step,
             )
             log.info(
                 "evaluation over %d episodes: %.2f +/- %.2f",
@@ -237,4 +378,3 @@ def _train(cfg: TrainConfig, run_dir: Path, plain_config: Any, summary: dict[str
         return result
     finally:
         logger.close()
-        envs.close()

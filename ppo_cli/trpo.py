@@ -19,6 +19,8 @@ from typing import NamedTuple
 import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
+from ppo_cli.errors import NonFiniteError
+
 
 def conjugate_gradient(
     matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iterations: int, tolerance: float = 1e-10
@@ -70,6 +72,9 @@ def trust_region_step(
     """
     surrogate_before = surrogate()
     grad = parameters_to_vector(torch.autograd.grad(surrogate_before, params))
+    if not bool(torch.isfinite(grad).all()):  # a NaN surrogate has NaN gradients too
+        value = float(surrogate_before)
+        raise NonFiniteError(f"the TRPO surrogate's gradient is not finite (surrogate {value:g})")
     kl_grad = parameters_to_vector(torch.autograd.grad(mean_kl(), params, create_graph=True))
 
     def fisher_vector_product(v: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -25,6 +24,7 @@ from ppo_cli.config import (
     SurrogateConfig,
     TRPOConfig,
 )
+from ppo_cli.errors import NonFiniteError
 from ppo_cli.rollout import RolloutStorage
 from ppo_cli.trpo import trust_region_step
 
@@ -72,10 +72,33 @@ class Updater(ABC):
     goes into checkpoints through :meth:`state_dict`.
     """
 
-    def __init__(self, agent: ActorCritic, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(self, agent: ActorCritic, optimizer: torch.optim.Optimizer, cfg: AlgoConfig) -> None:
         self.agent = agent
         self.optimizer = optimizer
+        self.cfg = cfg
         self.params = [p for p in agent.parameters() if p.requires_grad]
+
+    def step(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+        """One optimizer step on ``loss`` with the global gradient norm clipped to
+        ``max_grad_norm``; a non-finite loss or gradient stops training before the step.
+
+        ``terms`` are the loss's parts, named in the error when one of them is not finite.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):  # one device sync per step
+            raise NonFiniteError(self._non_finite_report(loss, terms))
+        self.optimizer.step()
+
+    def _non_finite_report(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> str:
+        if not torch.isfinite(loss):
+            bad = [f"{name}={float(value):g}" for name, value in terms.items() if not torch.isfinite(value)]
+            return f"the loss is {float(loss):g} (non-finite terms: {', '.join(bad) or 'none'})"
+        for name, param in self.agent.named_parameters():
+            if param.grad is not None and not bool(torch.isfinite(param.grad).all()):
+                return f"the gradient of {name} is not finite (loss {float(loss):g})"
+        return "the gradient norm is not finite"
 
     @abstractmethod
     def update(self, batch: Batch) -> dict[str, float]:
@@ -98,11 +121,7 @@ class SurrogateUpdater(Updater):
     first minibatch that exceeds it, so no step is ever taken from a policy already too far away.
     """
 
-    def __init__(
-        self, agent: ActorCritic, optimizer: torch.optim.Optimizer, cfg: SurrogateConfig | GRPOConfig
-    ) -> None:
-        super().__init__(agent, optimizer)
-        self.cfg = cfg
+    cfg: SurrogateConfig | GRPOConfig
 
     @abstractmethod
     def minibatch_loss(
@@ -123,10 +142,7 @@ class SurrogateUpdater(Updater):
                     stopped_early = True
                     break
                 loss, terms = self.minibatch_loss(out, batch, idx, kl)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
-                self.optimizer.step()
+                self.step(loss, terms)
                 terms.update(kl.logged())
                 # Summed on the device; read back once per update, not once per minibatch.
                 for key, value in terms.items():
@@ -310,9 +326,7 @@ class GRPOUpdater(SurrogateUpdater):
 class A2CUpdater(Updater):
     """A2C: one step per rollout on -mean(log pi * A) - c2 * H + c1 * 0.5 * mean((V - R)^2)."""
 
-    def __init__(self, agent: ActorCritic, optimizer: torch.optim.Optimizer, cfg: ActorCriticConfig) -> None:
-        super().__init__(agent, optimizer)
-        self.cfg = cfg
+    cfg: ActorCriticConfig
 
     def _policy_terms(self, batch: Batch) -> tuple[Evaluation, dict[str, torch.Tensor]]:
         out = self.agent.evaluate(batch.obs, batch.actions)
@@ -323,19 +337,14 @@ class A2CUpdater(Updater):
         }
         return out, terms
 
-    def _step(self, loss: torch.Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        self.optimizer.step()
-
     def update(self, batch: Batch) -> dict[str, float]:
         out, terms = self._policy_terms(batch)
         terms["value_loss"] = losses.value_loss(out.value, batch.values, batch.returns, None)
-        self._step(
+        self.step(
             terms["policy_loss"]
             - self.cfg.ent_coef * terms["entropy"]
-            + self.cfg.vf_coef * terms["value_loss"]
+            + self.cfg.vf_coef * terms["value_loss"],
+            terms,
         )
         return _after_step_metrics(self.agent, batch, terms)
 
@@ -347,17 +356,12 @@ class PGUpdater(A2CUpdater):
 
     def update(self, batch: Batch) -> dict[str, float]:
         _, terms = self._policy_terms(batch)
-        self._step(terms["policy_loss"] - self.cfg.ent_coef * terms["entropy"])
-        terms["value_loss"] = regress_critic(self.agent, batch, self.cfg, self._step)
+        self.step(terms["policy_loss"] - self.cfg.ent_coef * terms["entropy"], terms)
+        terms["value_loss"] = regress_critic(self, batch, self.cfg)
         return _after_step_metrics(self.agent, batch, terms)
 
 
-def regress_critic(
-    agent: ActorCritic,
-    batch: Batch,
-    cfg: RegressedCriticConfig,
-    step: Callable[[torch.Tensor], None],
-) -> torch.Tensor:
+def regress_critic(updater: Updater, batch: Batch, cfg: RegressedCriticConfig) -> torch.Tensor:
     """``value_epochs`` x ``value_minibatches`` regression steps of V on the returns; mean loss.
 
     Only the critic receives gradients here, so the policy is untouched whatever the optimizer.
@@ -367,9 +371,9 @@ def regress_critic(
         order = torch.randperm(len(batch), device=batch.obs.device)
         for idx in torch.tensor_split(order, cfg.value_minibatches):
             value_loss = losses.value_loss(
-                agent.value(batch.obs[idx]), batch.values[idx], batch.returns[idx], None
+                updater.agent.value(batch.obs[idx]), batch.values[idx], batch.returns[idx], None
             )
-            step(cfg.vf_coef * value_loss)
+            updater.step(cfg.vf_coef * value_loss, {"value_loss": value_loss})
             value_losses.append(value_loss.detach())
     return torch.stack(value_losses).mean()
 
@@ -404,7 +408,7 @@ class TRPOUpdater(A2CUpdater):
             cfg.backtrack_coef,
         )
         _, terms = self._policy_terms(batch)
-        terms["value_loss"] = regress_critic(self.agent, batch, cfg, self._step)
+        terms["value_loss"] = regress_critic(self, batch, cfg)
         metrics = _after_step_metrics(self.agent, batch, terms)
         metrics.update(
             surrogate_improvement=result.surrogate_after - result.surrogate_before,
@@ -433,4 +437,4 @@ UPDATERS: dict[type[AlgoConfig], type[Updater]] = {
 
 def make_updater(cfg: AlgoConfig, agent: ActorCritic, optimizer: torch.optim.Optimizer) -> Updater:
     """The updater of the configured variant (one per schema in ``config.ALGO_SCHEMAS``)."""
-    return UPDATERS[type(cfg)](agent, optimizer, cfg)  # type: ignore[call-arg]
+    return UPDATERS[type(cfg)](agent, optimizer, cfg)

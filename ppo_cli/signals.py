@@ -1,0 +1,57 @@
+"""Stop at an iteration boundary on SIGINT / SIGTERM, so that the last checkpoint is the current one.
+
+The first signal only raises a flag: the training loop finishes the iteration it is in (a few
+seconds at most), writes a checkpoint, and stops. A second signal, or any signal once the final
+checkpoint is written (during evaluation), stops at once: nothing is lost that a checkpoint holds.
+Cluster schedulers send SIGTERM some time before SIGKILL; Ctrl-C sends SIGINT.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType, TracebackType
+from typing import Any
+
+from ppo_cli.errors import Interrupted
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class GracefulStop:
+    """A context manager that turns SIGINT/SIGTERM into a request checked by the caller.
+
+    Outside the main thread (where Python cannot install handlers) it does nothing.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.graceful = True
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.requested or not self.graceful:
+            raise Interrupted(signum, f"stopped by {name}")
+        self.signum = signum
+        log.warning("%s received: stopping after this iteration (send it again to stop at once)", name)
+
+    def __enter__(self) -> GracefulStop:
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
