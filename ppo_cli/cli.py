@@ -27,7 +27,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from ppo_cli.config import register_schemas, to_train_config, unknown_key_error
 from ppo_cli.errors import Interrupted, UserError
 from ppo_cli.evaluate import evaluate_checkpoint
-from ppo_cli.logger import write_summary
+from ppo_cli.logger import read_summary, write_summary
 from ppo_cli.resume import expand_resume_argv
 from ppo_cli.train import train
 
@@ -59,7 +59,8 @@ def _train_task(cfg: DictConfig) -> float | None:
         try:
             train_cfg = to_train_config(cfg)
         except Exception as exc:
-            write_summary(run_dir, {"status": "failed", "global_step": 0, "error": one_line_error(exc)})
+            if not read_summary(run_dir):  # never overwrite the record of an earlier run
+                write_summary(run_dir, {"status": "failed", "global_step": 0, "error": one_line_error(exc)})
             raise
         summary = train(train_cfg, run_dir)
     except Exception as exc:

@@ -13,9 +13,8 @@ import numpy as np
 import torch
 
 from ppo_cli.agent import ActorCritic
-from ppo_cli.checkpoint import load_checkpoint, rebuild_spaces
+from ppo_cli.checkpoint import load_checkpoint, load_matching, rebuild_spaces, resolve_checkpoint
 from ppo_cli.config import AgentConfig
-from ppo_cli.errors import UserError
 
 
 class TrainedAgent:
@@ -68,8 +67,5 @@ def load_agent(path: str | Path, device: str = "cpu") -> TrainedAgent:
         env_cfg["normalize_obs"],
         env_cfg["clip_obs"],
     )
-    try:
-        network.load_state_dict(payload["agent"])
-    except RuntimeError as exc:
-        raise UserError(f"{path}: checkpoint does not match its own network config ({exc})") from None
+    load_matching(network, payload["agent"], "network", resolve_checkpoint(path))
     return TrainedAgent(network.to(device), tuple(obs_space.shape), config, int(payload["global_step"]))

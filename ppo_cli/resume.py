@@ -81,6 +81,8 @@ def find_checkpoint(resume: str, run_dir: Path) -> tuple[Path, dict[str, Any]] |
     """The checkpoint to resume from: the newest valid one in ``run_dir`` for ``auto`` (None if
     there is none yet), the given file, or the newest valid one of the given run directory."""
     target = run_dir if resume == AUTO else Path(resume)
+    if resume != AUTO:
+        run_dir_of(target)  # exists, and is a run directory or one of its checkpoints
     if target.is_file():
         return target, load_checkpoint(target)
     found = newest_valid_checkpoint(checkpoint_dir(target))

@@ -11,6 +11,7 @@ import random
 import signal
 import time
 from collections import deque
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -171,14 +172,32 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
 
     SIGINT / SIGTERM stop the run at the end of the current iteration with a checkpoint (see
     ``signals.py``). Whatever ends the run, ``summary.json`` records how: ``completed``,
-    ``interrupted``, or ``failed`` with the error; exceptions then propagate.
+    ``interrupted``, or ``failed`` with the error; exceptions then propagate. A resume that is
+    refused (a changed config, a checkpoint that does not fit) leaves the summary as it was.
     """
     plain_config = cast(dict[str, Any], OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
     start = time.perf_counter()
     summary: dict[str, Any] = {"status": "running", "global_step": 0, "config": plain_config}
+    previous_summary = read_summary(run_dir)
+    started = False
     try:
-        with GracefulStop() as stop:
-            summary.update(_train(cfg, run_dir, plain_config, summary, stop))
+        seed_everything(cfg.seed)
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
+        device = pick_device(cfg.device)
+        per_env_seeds = isinstance(cfg.algo, GRPOConfig)
+        with GracefulStop() as stop, closing(make_vector_env(cfg.env, per_env_seeds=per_env_seeds)) as envs:
+            state = build_state(cfg, envs, device)
+            resumed = resume_state(cfg, run_dir, plain_config, state)
+            started = True
+            if resumed is not None:
+                summary.update(resumed_from=resumed, global_step=state.global_step)
+            if resumed is not None and _already_complete(cfg, state, previous_summary):
+                log.info("the run is already complete; raise total_timesteps to train it further")
+                kept = previous_summary.keys() - {"status", "config", "wall_time_s"}
+                summary.update({key: previous_summary[key] for key in kept})
+            else:
+                summary.update(_run(cfg, run_dir, plain_config, summary, stop, state, resumed is not None))
         summary["status"] = "completed"
     except (Interrupted, KeyboardInterrupt) as exc:
         summary.update(status="interrupted", error=str(exc) or type(exc).__name__)
@@ -188,8 +207,13 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
         raise
     finally:
         summary["wall_time_s"] = round(time.perf_counter() - start, 2)
-        write_summary(run_dir, summary)
+        if started or not previous_summary:
+            write_summary(run_dir, summary)
     return summary
+
+
+def _already_complete(cfg: TrainConfig, state: TrainingState, previous_summary: dict[str, Any]) -> bool:
+    return state.global_step >= cfg.total_timesteps and previous_summary.get("status") == "completed"
 
 
 def resume_state(
@@ -223,33 +247,6 @@ def resume_state(
         "episodes continue exactly" if exact else "envs restarted from a derived seed",
     )
     return {"checkpoint": str(path), "global_step": state.global_step, "exact_env_state": exact}
-
-
-def _train(
-    cfg: TrainConfig, run_dir: Path, plain_config: dict[str, Any], summary: dict[str, Any], stop: GracefulStop
-) -> dict[str, Any]:
-    # --- build -------------------------------------------------------------------------------
-    seed_everything(cfg.seed)
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
-    device = pick_device(cfg.device)
-    algo = cfg.algo
-    previous_summary = read_summary(run_dir)
-    envs = make_vector_env(cfg.env, per_env_seeds=isinstance(algo, GRPOConfig))
-    try:
-        state = build_state(cfg, envs, device)
-        resumed = resume_state(cfg, run_dir, plain_config, state)
-        if resumed is not None:
-            summary["resumed_from"] = resumed
-            summary["global_step"] = state.global_step
-            if state.global_step >= cfg.total_timesteps and previous_summary.get("status") == "completed":
-                log.info("the run is already complete; raise total_timesteps to train it further")
-                return {
-                    k: v for k, v in previous_summary.items() if k not in ("status", "config", "wall_time_s")
-                }
-        return _run(cfg, run_dir, plain_config, summary, stop, state, resumed is not None)
-    finally:
-        envs.close()
 
 
 def _run(

@@ -73,7 +73,7 @@ def trust_region_step(
     surrogate_before = surrogate()
     grad = parameters_to_vector(torch.autograd.grad(surrogate_before, params))
     if not bool(torch.isfinite(grad).all()):  # a NaN surrogate has NaN gradients too
-        value = float(surrogate_before)
+        value = float(surrogate_before.detach())
         raise NonFiniteError(f"the TRPO surrogate's gradient is not finite (surrogate {value:g})")
     kl_grad = parameters_to_vector(torch.autograd.grad(mean_kl(), params, create_graph=True))
 

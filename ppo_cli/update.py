@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -93,11 +94,12 @@ class Updater(ABC):
 
     def _non_finite_report(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> str:
         if not torch.isfinite(loss):
-            bad = [f"{name}={float(value):g}" for name, value in terms.items() if not torch.isfinite(value)]
-            return f"the loss is {float(loss):g} (non-finite terms: {', '.join(bad) or 'none'})"
+            values = {name: float(value.detach()) for name, value in terms.items()}
+            bad = [f"{name}={value:g}" for name, value in values.items() if not math.isfinite(value)]
+            return f"the loss is {float(loss.detach()):g} (non-finite terms: {', '.join(bad) or 'none'})"
         for name, param in self.agent.named_parameters():
             if param.grad is not None and not bool(torch.isfinite(param.grad).all()):
-                return f"the gradient of {name} is not finite (loss {float(loss):g})"
+                return f"the gradient of {name} is not finite (loss {float(loss.detach()):g})"
         return "the gradient norm is not finite"
 
     @abstractmethod

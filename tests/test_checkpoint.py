@@ -5,6 +5,10 @@ from __future__ import annotations
 import errno
 import io
 import os
+import subprocess
+import sys
+import time
+from contextlib import closing
 from pathlib import Path
 
 import gymnasium as gym
@@ -12,14 +16,16 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from support import algo_config
+from support import algo_config, compose_config
 
 from ppo_cli import checkpoint as ckpt
 from ppo_cli import load_agent
 from ppo_cli.agent import ActorCritic
 from ppo_cli.config import AgentConfig, EnvConfig, TrainConfig
+from ppo_cli.envs import make_vector_env
 from ppo_cli.errors import UserError
 from ppo_cli.normalization import RewardScaler
+from ppo_cli.train import build_state, train
 
 
 def _payload(step: int, **extra) -> dict:
@@ -133,8 +139,9 @@ def test_failed_save_keeps_previous_last(tmp_path: Path, monkeypatch: pytest.Mon
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(UserError, match="last.pt: cannot write the checkpoint .No space left on device.") as info:
+    with pytest.raises(UserError) as info:
         ckpt.save_checkpoint(_payload(2), tmp_path, keep=3, periodic=True)
+    assert "last.pt: cannot write the checkpoint (No space left on device)" in str(info.value)
     assert "\n" not in str(info.value)
     monkeypatch.undo()
     assert _files(directory) == ["last.pt"]  # no temp file, no periodic file
@@ -268,5 +275,87 @@ def test_load_agent_rejects_mismatched_network(tmp_path: Path) -> None:
         "global_step": 1,
     }
     ckpt.save_checkpoint(payload, tmp_path, keep=0, periodic=False)
-    with pytest.raises(UserError, match="does not match"):
+    with pytest.raises(UserError) as info:
         load_agent(tmp_path)
+    message = str(info.value)
+    last = tmp_path / "checkpoints" / "last.pt"
+    assert message.startswith(f"{last}: the checkpoint's network does not fit")
+    assert "actor.0.weight is [5, 3] there, [8, 3] here" in message
+    assert "\n" not in message
+
+
+# Saves step 1, then starts saving step 2 and stalls inside fsync: the parent SIGKILLs it there.
+STALLED_WRITER = """
+import os, sys, time
+from pathlib import Path
+import torch
+from ppo_cli import checkpoint as ckpt
+
+run_dir = Path(sys.argv[1])
+ckpt.save_checkpoint({"global_step": 1, "w": torch.ones(100_000)}, run_dir, keep=3, periodic=True)
+
+def stall(fd):
+    (run_dir / "writing").touch()
+    time.sleep(120)
+
+os.fsync = stall
+ckpt.save_checkpoint({"global_step": 2, "w": torch.full((100_000,), 2.0)}, run_dir, keep=3, periodic=True)
+"""
+
+
+def test_kill_during_a_write_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
+    writer = subprocess.Popen([sys.executable, "-c", STALLED_WRITER, str(tmp_path)])
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "writing").exists():
+            assert writer.poll() is None and time.monotonic() < deadline, "the writer never started step 2"
+            time.sleep(0.05)
+        writer.kill()
+    finally:
+        writer.wait(timeout=60)
+    directory = ckpt.checkpoint_dir(tmp_path)
+    # The new data sits in a temp file only; the final names still hold step 1, complete.
+    leftovers = [p for p in directory.iterdir() if p.name.startswith(".last.pt.tmp-")]
+    assert len(leftovers) == 1 and leftovers[0].stat().st_size > 100_000
+    assert _files(directory) == sorted([leftovers[0].name, "last.pt", "step_0000000001.pt"])
+    payload = ckpt.load_checkpoint(tmp_path)
+    assert payload["global_step"] == 1
+    assert torch.equal(payload["w"], torch.ones(100_000))
+    assert ckpt.newest_valid_checkpoint(directory)[0] == directory / "last.pt"  # type: ignore[index]
+    ckpt.remove_stale_temp_files(directory)
+    assert _files(directory) == ["last.pt", "step_0000000001.pt"]
+
+
+def _assert_equal_nested(saved: object, loaded: object, where: str = "") -> None:
+    if isinstance(saved, torch.Tensor):
+        assert isinstance(loaded, torch.Tensor) and torch.equal(saved, loaded), where
+    elif isinstance(saved, dict):
+        assert isinstance(loaded, dict) and saved.keys() == loaded.keys(), where
+        for key in saved:
+            _assert_equal_nested(saved[key], loaded[key], f"{where}.{key}")
+    elif isinstance(saved, list | tuple):
+        assert isinstance(loaded, list | tuple) and len(saved) == len(loaded), where
+        for i, (a, b) in enumerate(zip(saved, loaded, strict=True)):
+            _assert_equal_nested(a, b, f"{where}[{i}]")
+    else:
+        assert saved == loaded, where
+
+
+@pytest.mark.parametrize("algo", ["clip", "penalty", "grpo"])
+def test_save_load_keeps_the_whole_training_state(algo: str, tmp_path: Path) -> None:
+    """Every parameter, optimizer tensor, normalisation statistic, the variant's state, the envs
+    and the random generators: loaded into a fresh run, then saved again, nothing changed."""
+    extra = [] if algo == "grpo" else ["env.normalize_reward=true"]
+    cfg = compose_config(f"algo={algo}", "env=Pendulum", "env.num_steps=200", "algo.num_minibatches=4",
+                         "total_timesteps=1600", "eval.episodes=0", *extra)  # fmt: skip
+    train(cfg, tmp_path)
+    path = ckpt.checkpoint_dir(tmp_path) / "last.pt"
+    saved = ckpt.load_checkpoint(path)
+    with closing(make_vector_env(cfg.env, per_env_seeds=algo == "grpo")) as envs:
+        state = build_state(cfg, envs, torch.device("cpu"))
+        assert state.load_state_dict(saved, path, cfg.seed)  # exact: Pendulum's state is all numpy
+        again = state.state_dict()
+    assert saved["agent"]["obs_normalizer.stats.count"] > 0
+    assert (saved["reward_scaler"] is None) == (algo == "grpo")
+    for key in again:
+        _assert_equal_nested(saved[key], again[key], key)

@@ -1,4 +1,4 @@
-"""ppo-train as a user runs it: a subprocess, from any directory."""
+"""ppo-train and ppo-eval as a user runs them: subprocesses, from any directory."""
 
 from __future__ import annotations
 
@@ -10,19 +10,17 @@ import sys
 import zipfile
 from pathlib import Path
 
+import gymnasium as gym
+import imageio_ffmpeg
 import pytest
+import torch
+from support import console_script, one_line_failure, ppo_train, run
 
-from ppo_cli import load_agent
+from ppo_cli import checkpoint as ckpt
+from ppo_cli import cli, load_agent
+from ppo_cli.evaluate import evaluate_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-PPO_TRAIN = shutil.which("ppo-train") or str(Path(sys.executable).parent / "ppo-train")
-
-
-def ppo_train(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [PPO_TRAIN, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
-    )
 
 
 def only_run_dir(cwd: Path) -> Path:
@@ -30,11 +28,20 @@ def only_run_dir(cwd: Path) -> Path:
     return run_dir
 
 
-def test_default_cartpole_solves_from_any_directory(tmp_path: Path) -> None:
-    """The README's first command: the default CartPole preset reaches an evaluation mean >= 475."""
-    result = ppo_train("env=CartPole", "algo=clip", cwd=tmp_path)
+@pytest.fixture(scope="module")
+def cartpole_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """The README's first command, run once from an empty directory: (its result, its run dir)."""
+    cwd = tmp_path_factory.mktemp("readme")
+    result = ppo_train("env=CartPole", "algo=clip", cwd=cwd)
     assert result.returncode == 0, result.stderr[-2000:]
-    run_dir = only_run_dir(tmp_path)
+    return result, only_run_dir(cwd)
+
+
+def test_default_cartpole_solves_from_any_directory(
+    cartpole_run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    """The default CartPole preset reaches an evaluation mean >= 475."""
+    result, run_dir = cartpole_run
     assert run_dir.name.startswith("CartPole-v1__clip__s0__")
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed"
@@ -44,8 +51,6 @@ def test_default_cartpole_solves_from_any_directory(tmp_path: Path) -> None:
     assert list(run_dir.glob("events.out.tfevents.*"))
     assert "evaluation: " in result.stdout
     # The saved agent plays as well as the run's own evaluation said.
-    import gymnasium as gym
-
     env = gym.make("CartPole-v1")
     agent = load_agent(run_dir)
     obs, _ = env.reset(seed=123)
@@ -55,6 +60,43 @@ def test_default_cartpole_solves_from_any_directory(tmp_path: Path) -> None:
         total += float(reward)
         done = terminated or truncated
     assert total >= 400
+
+
+def test_ppo_eval_scores_the_run_and_records_playable_videos(
+    cartpole_run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    _, run_dir = cartpole_run
+    result = run([console_script("ppo-eval"), str(run_dir), "--episodes", "3", "--video"], cwd=run_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert report["episodes"] == 3 and report["deterministic"] is True
+    assert report["mean"] >= 475, report
+    assert f"mean {report['mean']:.2f}" in result.stdout
+    assert len(report["returns"]) == len(report["lengths"]) == 3
+    assert report["min"] <= report["mean"] <= report["max"]
+    videos = [Path(v) for v in report["videos"]]
+    assert len(videos) == 3
+    for video, length in zip(videos, report["lengths"], strict=True):
+        assert video.parent.parent == run_dir / "videos"
+        assert video.stat().st_size > 10_000
+        # A frame per step plus the first observation's (the encoder may drop the last), at 50 fps.
+        frames, seconds = imageio_ffmpeg.count_frames_and_secs(str(video))
+        assert length <= frames <= length + 1
+        assert seconds == pytest.approx(frames / 50, abs=0.05)
+
+
+def test_ppo_eval_stochastic_matches_the_training_evaluation_seed(
+    cartpole_run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    """Without --seed, ppo-eval replays the seeds of the run's own final evaluation."""
+    _, run_dir = cartpole_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    report = evaluate_checkpoint(run_dir, episodes=10, deterministic=True)
+    assert report["mean"] == pytest.approx(summary["eval_mean"])
+    last = run_dir / "checkpoints" / "last.pt"
+    stochastic = evaluate_checkpoint(last, episodes=4, deterministic=False, seed=7)
+    assert stochastic["deterministic"] is False and stochastic["seed"] == 7
+    assert len(stochastic["returns"]) == 4
 
 
 def test_short_continuous_run(tmp_path: Path) -> None:
@@ -123,3 +165,49 @@ def test_wheel_ships_configs_inside_the_package(tmp_path: Path) -> None:
     assert "ppo_cli/configs/env/HalfCheetah.yaml" in names
     assert "ppo_cli/configs/algo/clip.yaml" in names
     assert not any(name.startswith("configs/") for name in names)
+
+
+class _Sentinel:
+    """Unpickling this would run ``touch``: a stand-in for any code hidden in a checkpoint."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (os.system, (f"touch '{self.path}'",))
+
+
+def _custom_env_checkpoint(path: Path, source: Path) -> None:
+    payload = torch.load(source, weights_only=True)
+    payload["config"]["env"]["id"] = "my_envs.package:Custom-v0"
+    torch.save(payload, path)
+
+
+EVAL_BAD_INPUTS = [
+    (["DIR/nope"], "DIR/nope: no such checkpoint (give a run directory or a .pt file)"),
+    (["RUN", "--episodes", "0"], "--episodes: got 0, allowed: an integer >= 1"),
+    (["DIR/evil.pt"], "DIR/evil.pt: not a readable ppo-cli checkpoint"),
+    (["DIR/custom.pt"], "env.id: 'my_envs.package:Custom-v0' needs module 'my_envs.package' imported"),
+    (["DIR/custom.pt", "--import", "my_envs.package"], "--import: cannot import 'my_envs.package'"),
+]
+
+
+@pytest.mark.parametrize(("args", "expected"), EVAL_BAD_INPUTS, ids=[" ".join(a) for a, _ in EVAL_BAD_INPUTS])
+def test_ppo_eval_bad_input_is_one_line_and_runs_nothing(
+    args: list[str],
+    expected: str,
+    cartpole_run: tuple[subprocess.CompletedProcess[str], Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _, run_dir = cartpole_run
+    sentinel = tmp_path / "pwned"
+    torch.save({"format_version": ckpt.FORMAT_VERSION, "agent": _Sentinel(sentinel)}, tmp_path / "evil.pt")
+    _custom_env_checkpoint(tmp_path / "custom.pt", run_dir / "checkpoints" / "last.pt")
+    argv = [arg.replace("DIR", str(tmp_path)).replace("RUN", str(run_dir)) for arg in args]
+    code, line = one_line_failure(cli.eval_main, ["ppo-eval", *argv], monkeypatch, capsys)
+    assert code == 2
+    assert line.startswith("ppo-eval: error: ")
+    assert expected.replace("DIR", str(tmp_path)) in line
+    assert not sentinel.exists()

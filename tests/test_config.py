@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-from support import compose_config
+from support import compose_config, one_line_failure
 
 from ppo_cli import cli
 
@@ -84,14 +83,11 @@ def test_bad_input_is_one_line_naming_the_key(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     run_dir = tmp_path / "run"
-    monkeypatch.setattr(sys, "argv", ["ppo-train", *overrides, f"hydra.run.dir={run_dir}"])
-    with pytest.raises(SystemExit) as exit_info:
-        cli.train_main()
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert err[0].startswith("ppo-train: error: ")
-    assert expected in err[0]
+    argv = ["ppo-train", *overrides, f"hydra.run.dir={run_dir}"]
+    code, line = one_line_failure(cli.train_main, argv, monkeypatch, capsys)
+    assert code == 2
+    assert line.startswith("ppo-train: error: ")
+    assert expected in line
     assert not (run_dir / "checkpoints").exists()  # stopped before training
 
 
@@ -99,12 +95,11 @@ def test_unsupported_space_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Blackjack-v1 observes a Tuple of Discrete spaces.
-    monkeypatch.setattr(sys, "argv", ["ppo-train", "env.id=Blackjack-v1", f"hydra.run.dir={tmp_path}"])
-    with pytest.raises(SystemExit):
-        cli.train_main()
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("ppo-train: error: env.id: Blackjack-v1 has a Tuple observation space")
-    assert "supported:" in err
+    argv = ["ppo-train", "env.id=Blackjack-v1", f"hydra.run.dir={tmp_path}"]
+    code, line = one_line_failure(cli.train_main, argv, monkeypatch, capsys)
+    assert code == 2
+    assert line.startswith("ppo-train: error: env.id: Blackjack-v1 has a Tuple observation space")
+    assert "supported:" in line
 
 
 def test_every_algo_schema_has_a_preset_and_an_updater() -> None:
@@ -116,3 +111,13 @@ def test_every_algo_schema_has_a_preset_and_an_updater() -> None:
     assert set(UPDATERS) == set(ALGO_SCHEMAS.values())
     for name in presets:
         assert compose_config(f"algo={name}").algo.name == name
+
+
+def test_unwritable_run_dir_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    argv = ["ppo-train", f"hydra.run.dir={blocker / 'run'}"]
+    code, line = one_line_failure(cli.train_main, argv, monkeypatch, capsys)
+    assert (code, line) == (2, f"ppo-train: error: {blocker / 'run'}: Not a directory")

@@ -10,10 +10,11 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from support import compose_config
+from support import compose_config, one_line_failure
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ppo_cli import load_agent
+from ppo_cli import cli, load_agent
+from ppo_cli.checkpoint import load_checkpoint
 from ppo_cli.config import TrainConfig
 from ppo_cli.errors import UserError
 from ppo_cli.train import train
@@ -206,3 +207,57 @@ def test_grpo_refuses_an_env_without_episodes(tmp_path: Path) -> None:
     finally:
         gym.registry.pop("ppo-test/EndlessNoLimit-v0")
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"
+
+
+class PoisonedEnv(EndlessRewardEnv):
+    """Reward 1 and observation 0, except that the env reset with seed 2 turns one of them NaN at
+    its 150th step: a broken simulator in one of the vector env's copies."""
+
+    field = "reward"
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        if seed is not None:
+            self.poisoned, self.steps = seed == 2, 0
+        return super().reset(seed=seed)
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
+        obs, reward, terminated, truncated, info = super().step(action)
+        self.steps += 1
+        if self.poisoned and self.steps == 150:
+            if self.field == "reward":
+                reward = float("nan")
+            else:
+                obs = np.full(1, np.inf, dtype=np.float32)
+        return obs, reward, terminated, truncated, info
+
+
+class PoisonedObservationEnv(PoisonedEnv):
+    field = "observation"
+
+
+gym.register("ppo-test/PoisonedReward-v0", entry_point=PoisonedEnv)
+gym.register("ppo-test/PoisonedObservation-v0", entry_point=PoisonedObservationEnv)
+
+
+@pytest.mark.parametrize(("env_id", "field", "value"), [
+    ("ppo-test/PoisonedReward-v0", "reward", "nan"),
+    ("ppo-test/PoisonedObservation-v0", "observation", "[inf]"),
+])  # fmt: skip
+def test_non_finite_env_output_stops_the_run_and_keeps_the_last_checkpoint(
+    env_id: str, field: str, value: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    # 4 envs x 64 steps per iteration: each env takes its 150th step in iteration 3.
+    overrides = [f"env.id={env_id}", "env.vectorization=sync", "env.num_envs=4", "env.num_steps=64",
+                 "algo.num_minibatches=4", "total_timesteps=2048", "checkpoint.interval=1"]  # fmt: skip
+    argv = ["ppo-train", *overrides, f"hydra.run.dir={tmp_path}"]
+    code, line = one_line_failure(cli.train_main, argv, monkeypatch, capsys)
+    assert code == 3
+    last = tmp_path / "checkpoints" / "last.pt"
+    assert line == (
+        f"ppo-train: error: iteration 3: env 2 returned a non-finite {field}: {value}; training stopped "
+        f"before the optimizer step, last good checkpoint: {last}"
+    )
+    assert load_checkpoint(last)["global_step"] == 512  # iteration 2's, untouched
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed" and "iteration 3: env 2" in summary["error"]

@@ -12,6 +12,7 @@ from ppo_cli import losses, update
 from ppo_cli.advantages import gae
 from ppo_cli.agent import ActorCritic
 from ppo_cli.config import AgentConfig, ClipConfig, PenaltyConfig
+from ppo_cli.errors import NonFiniteError
 from ppo_cli.update import (
     A2CUpdater,
     Batch,
@@ -253,3 +254,30 @@ def test_grpo_trains_only_the_policy_against_a_frozen_reference(small_agent_cfg:
     restored = make_updater(cfg, agent, optimizer)
     restored.load_state_dict(updater.state_dict())
     assert restored.state_dict()["updates"] == 2
+
+
+def _snapshot(agent: ActorCritic) -> dict[str, torch.Tensor]:
+    return {name: value.clone() for name, value in agent.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", ["clip", "penalty", "a2c", "pg", "trpo", "grpo"])
+def test_non_finite_loss_stops_before_any_step(name: str, small_agent_cfg: AgentConfig) -> None:
+    advantages = torch.full((BATCH,), float("nan"))  # in every minibatch: no step may be taken
+    agent, optimizer, batch = setup(small_agent_cfg, advantages=advantages)
+    before = _snapshot(agent)
+    cfg = algo_config(name, **({"norm_adv": False} if name != "grpo" else {}))
+    with pytest.raises(NonFiniteError, match=r"not finite|the loss is nan"):
+        make_updater(cfg, agent, optimizer).update(batch)
+    for key, value in agent.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0, equal_nan=True, msg=key)
+
+
+def test_non_finite_gradient_names_the_parameter(small_agent_cfg: AgentConfig) -> None:
+    agent, optimizer, batch = setup(small_agent_cfg)
+    before = _snapshot(agent)
+    agent.critic[0].weight.register_hook(lambda grad: grad * float("inf"))
+    with pytest.raises(NonFiniteError) as info:
+        ClipUpdater(agent, optimizer, algo()).update(batch)
+    assert str(info.value).startswith("the gradient of critic.0.weight is not finite (loss ")
+    for key, value in agent.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0, msg=key)
