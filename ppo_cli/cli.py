@@ -74,9 +74,9 @@ def _train_task(cfg: DictConfig) -> float | None:
     return summary.get("eval_mean")
 
 
-def expected_error(exc: BaseException) -> tuple[str, int] | None:
-    """(one-line message, exit code) if ``exc`` is an outcome we report plainly: bad input, a
-    diverged run, a signal, a file that cannot be written. None if it is a bug (traceback kept)."""
+def expected_outcome(exc: BaseException) -> tuple[str, int] | None:
+    """(one-line report, exit code) if ``exc`` is an outcome we report plainly: a signal, bad
+    input, a diverged run, a file that cannot be written. None if it is a bug (traceback kept)."""
     chain = _chain(exc)
     for err in chain:
         if isinstance(err, Interrupted):
@@ -85,20 +85,20 @@ def expected_error(exc: BaseException) -> tuple[str, int] | None:
             return "interrupted", 128 + signal.SIGINT
     for err in chain:
         if isinstance(err, UserError):
-            return str(err), err.exit_code
+            return f"error: {err}", err.exit_code
     if any(isinstance(err, HydraException | OmegaConfBaseException) for err in chain):
-        return one_line_error(exc), UserError.exit_code
+        return f"error: {one_line_error(exc)}", UserError.exit_code
     for err in chain:
         if isinstance(err, OSError) and err.filename:  # e.g. a run dir that cannot be created
-            return f"{err.filename}: {err.strerror or err}", UserError.exit_code
+            return f"error: {err.filename}: {err.strerror or err}", UserError.exit_code
     return None
 
 
 def _exit_if_expected(exc: BaseException, prog: str) -> None:
-    expected = expected_error(exc)
-    if expected is not None:
-        message, code = expected
-        print(f"{prog}: error: {message}", file=sys.stderr)
+    outcome = expected_outcome(exc)
+    if outcome is not None:
+        report, code = outcome
+        print(f"{prog}: {report}", file=sys.stderr)
         sys.exit(code)
 
 

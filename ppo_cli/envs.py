@@ -25,6 +25,7 @@ from gymnasium.wrappers.vector import RecordEpisodeStatistics
 
 from ppo_cli.config import EnvConfig
 from ppo_cli.errors import UserError
+from ppo_cli.signals import STOP_SIGNALS
 
 SUPPORTED_SPACES = "Box (continuous, 1-D actions) or Discrete actions; Box observations"
 
@@ -81,9 +82,10 @@ def make_vector_env(
         kwargs["max_episode_steps"] = cfg.max_episode_steps
     vector_kwargs = None if mode == "vector_entry_point" else {"autoreset_mode": AutoresetMode.SAME_STEP}
     try:
-        # Async workers are started with SIGINT ignored (a disposition they inherit): Ctrl-C in a
-        # terminal reaches the whole process group, and only the trainer should react to it.
-        with _sigint_ignored(mode == "async"):
+        # Async workers start with SIGINT and SIGTERM ignored (a disposition they inherit, however
+        # they are started): Ctrl-C in a terminal, or a scheduler, signals the whole process group,
+        # and only the trainer should react; it closes the workers itself.
+        with _stop_signals_ignored(mode == "async"):
             envs = gym.make_vec(
                 spec,
                 num_envs=num_envs or cfg.num_envs,
@@ -99,16 +101,18 @@ def make_vector_env(
 
 
 @contextmanager
-def _sigint_ignored(active: bool) -> Iterator[None]:
-    """Ignore SIGINT while the body runs (main thread only; elsewhere Python cannot set handlers)."""
+def _stop_signals_ignored(active: bool) -> Iterator[None]:
+    """Ignore SIGINT and SIGTERM while the body runs (main thread only: elsewhere Python cannot
+    set handlers)."""
     if not active or threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def check_spaces(envs: VectorEnv, env_id: str) -> None:

@@ -8,13 +8,15 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from support import compose_config, one_line_failure, ppo_train, run
+from support import compose_config, console_script, one_line_failure, ppo_train, run
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
@@ -345,3 +347,47 @@ def test_user_errors_are_plain_exceptions_in_python(tmp_path: Path) -> None:
     """The Python API raises; only the console entry points turn errors into exit codes."""
     with pytest.raises(UserError, match="no such run directory or checkpoint"):
         train(compose_config(*_cartpole("clip"), f"resume={tmp_path / 'missing'}"), tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("signum", "to_group"),
+    [(signal.SIGTERM, False), (signal.SIGINT, True), (signal.SIGTERM, True)],
+    ids=["SIGTERM to the trainer", "Ctrl-C to the process group", "SIGTERM to the process group"],
+)
+def test_signal_checkpoints_the_current_step_and_exits_within_seconds(
+    signum: int, to_group: bool, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    args = _cartpole("clip", "total_timesteps=100000000", "checkpoint.interval=5", f"hydra.run.dir={run_dir}")
+    if to_group:  # the group includes the async env workers
+        args += ["env.vectorization=async", "env.num_envs=2", "env.num_steps=128"]
+    process = subprocess.Popen(
+        [console_script("ppo-train"), *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a shell job has
+    )
+    deadline = time.monotonic() + 120
+    while not (run_dir / "checkpoints" / "last.pt").exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    sent = time.monotonic()
+    if to_group:
+        os.killpg(process.pid, signum)
+    else:
+        process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=60)
+    assert time.monotonic() - sent < 10
+    assert process.returncode == 128 + signum, stderr[-2000:]
+    assert "Traceback" not in stderr  # neither the trainer nor an env worker crashed on the signal
+    assert stdout.count(f"{signal.Signals(signum).name} received") == 1  # only the trainer reacted
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    step = summary["global_step"]
+    assert ckpt.load_checkpoint(run_dir)["global_step"] == step
+    assert stderr.strip().splitlines()[-1] == (
+        f"ppo-train: stopped by {signal.Signals(signum).name} at step {step}; "
+        f"checkpoint: {run_dir / 'checkpoints' / 'last.pt'}; resume with: ppo-train resume={run_dir}"
+    )
