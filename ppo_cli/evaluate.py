@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import shutil
 import time
 from functools import partial
 from pathlib import Path
@@ -25,6 +27,7 @@ from ppo_cli.resume import run_dir_of
 MAX_PARALLEL_EPISODES = 8
 EVAL_SEED_OFFSET = 10_000  # evaluation envs never replay the seeds of the training envs
 EVAL_REPORT = "eval.json"
+RENDERER_MODULES = ("mujoco", "OpenGL", "pygame")  # where a failure to render comes from
 
 
 class Episodes(NamedTuple):
@@ -78,6 +81,10 @@ def _eval_envs(
 ) -> gym.vector.VectorEnv:
     if video_dir is None:
         return make_vector_env(env_cfg, num_envs=num_envs)
+    if not os.environ.get("DISPLAY"):
+        # MuJoCo renders through an X display by default; headless machines need EGL (read when
+        # mujoco is first imported, i.e. when the first MuJoCo env is made, which is below).
+        os.environ.setdefault("MUJOCO_GL", "egl")
     recorder = partial(
         RecordVideo,
         video_folder=str(video_dir),
@@ -125,9 +132,18 @@ def evaluate_checkpoint(
             raise UserError(f"--import: cannot import {name!r} ({exc})") from None
     seed = trained.config["seed"] + EVAL_SEED_OFFSET if seed is None else seed
     video_dir = run_dir / "videos" / time.strftime("eval-%Y%m%d-%H%M%S") if video else None
-    result = evaluate(
-        trained.network, env_cfg, episodes, deterministic, seed, torch.device(device), video_dir
-    )
+    try:
+        result = evaluate(
+            trained.network, env_cfg, episodes, deterministic, seed, torch.device(device), video_dir
+        )
+    except Exception as exc:
+        if video_dir is None or not type(exc).__module__.startswith(RENDERER_MODULES):
+            raise
+        shutil.rmtree(video_dir, ignore_errors=True)
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"--video: rendering {env_cfg.id} failed ({first_line}); try MUJOCO_GL=egl or MUJOCO_GL=osmesa"
+        ) from None
     report = {
         "checkpoint": str(checkpoint),
         "global_step": trained.global_step,
