@@ -24,7 +24,13 @@ from omegaconf import OmegaConf
 
 from ppo_cli.advantages import gae, group_relative
 from ppo_cli.agent import ActorCritic
-from ppo_cli.checkpoint import describe_spaces, load_matching, remove_stale_temp_files, save_checkpoint
+from ppo_cli.checkpoint import (
+    checkpoint_dir,
+    describe_spaces,
+    load_matching,
+    remove_stale_temp_files,
+    save_checkpoint,
+)
 from ppo_cli.config import ActorCriticConfig, AlgoConfig, GRPOConfig, TrainConfig
 from ppo_cli.envs import episode_time_limit, make_vector_env
 from ppo_cli.errors import ConfigError, Interrupted, NonFiniteError, UserError
@@ -219,8 +225,17 @@ def _already_complete(cfg: TrainConfig, state: TrainingState, previous_summary: 
 def resume_state(
     cfg: TrainConfig, run_dir: Path, plain_config: dict[str, Any], state: TrainingState
 ) -> dict[str, Any] | None:
-    """Load the checkpoint that ``cfg.resume`` names into ``state``; what was resumed, or None."""
+    """Load the checkpoint that ``cfg.resume`` names into ``state``; what was resumed, or None.
+
+    Without ``resume``, a run directory that already holds checkpoints is refused: starting over
+    there would overwrite them and write a second set of points into the same curves.
+    """
     if cfg.resume is None:
+        if any(checkpoint_dir(run_dir).glob("*.pt")):
+            raise UserError(
+                f"{run_dir} already holds a run's checkpoints; continue it with resume=auto, "
+                "or choose another hydra.run.dir"
+            )
         return None
     found = find_checkpoint(cfg.resume, run_dir)
     if found is None:

@@ -391,3 +391,16 @@ def test_signal_checkpoints_the_current_step_and_exits_within_seconds(
         f"ppo-train: stopped by {signal.Signals(signum).name} at step {step}; "
         f"checkpoint: {run_dir / 'checkpoints' / 'last.pt'}; resume with: ppo-train resume={run_dir}"
     )
+
+
+def test_a_new_run_never_overwrites_an_old_one(finished_run: Path, tmp_path: Path) -> None:
+    before = (finished_run / "checkpoints" / "last.pt").read_bytes()
+    summary_before = (finished_run / "summary.json").read_text()
+    with pytest.raises(UserError) as info:
+        train(compose_config(*_cartpole("clip")), finished_run)
+    assert str(info.value) == (
+        f"{finished_run} already holds a run's checkpoints; continue it with resume=auto, "
+        "or choose another hydra.run.dir"
+    )
+    assert (finished_run / "checkpoints" / "last.pt").read_bytes() == before
+    assert (finished_run / "summary.json").read_text() == summary_before
