@@ -85,14 +85,16 @@ def test_ppo_eval_scores_the_run_and_records_playable_videos(
         assert seconds == pytest.approx(frames / 50, abs=0.05)
 
 
-def test_ppo_eval_stochastic_matches_the_training_evaluation_seed(
+def test_ppo_eval_replays_the_run_evaluation_by_default(
     cartpole_run: tuple[subprocess.CompletedProcess[str], Path],
 ) -> None:
     """Without --seed, ppo-eval replays the seeds of the run's own final evaluation."""
     _, run_dir = cartpole_run
     summary = json.loads((run_dir / "summary.json").read_text())
     report = evaluate_checkpoint(run_dir, episodes=10, deterministic=True)
+    assert report["seed"] == summary["config"]["seed"] + 10_000
     assert report["mean"] == pytest.approx(summary["eval_mean"])
+    assert report["std"] == pytest.approx(summary["eval_std"])
     last = run_dir / "checkpoints" / "last.pt"
     stochastic = evaluate_checkpoint(last, episodes=4, deterministic=False, seed=7)
     assert stochastic["deterministic"] is False and stochastic["seed"] == 7
