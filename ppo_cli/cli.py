@@ -9,6 +9,8 @@ is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import logging
+import math
 import os
 import re
 import signal
@@ -24,12 +26,15 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from ppo_cli import sweep
 from ppo_cli.config import register_schemas, to_train_config, unknown_key_error
 from ppo_cli.errors import Interrupted, UserError
 from ppo_cli.evaluate import evaluate_checkpoint
 from ppo_cli.logger import read_summary, write_summary
 from ppo_cli.resume import expand_resume_argv
 from ppo_cli.train import train
+
+log = logging.getLogger(__name__)
 
 
 def find_config_dir() -> str:
@@ -52,9 +57,14 @@ OmegaConf.register_new_resolver("slug", slug, replace=True)
 
 @hydra.main(version_base="1.3", config_path=find_config_dir(), config_name="train")
 def _train_task(cfg: DictConfig) -> float | None:
-    """One Hydra job: validate, train, return the final evaluation mean (for sweepers)."""
+    """One Hydra job: validate, train, return the final evaluation mean (the sweepers' objective).
+
+    In a multirun a failing job does not stop the others: its error goes to its summary.json and
+    its traceback to its log, and it returns NaN (a failed trial, for Optuna).
+    """
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         try:
             train_cfg = to_train_config(cfg)
@@ -62,16 +72,24 @@ def _train_task(cfg: DictConfig) -> float | None:
             if not read_summary(run_dir):  # never overwrite the record of an earlier run
                 write_summary(run_dir, {"status": "failed", "global_step": 0, "error": one_line_error(exc)})
             raise
-        summary = train(train_cfg, run_dir)
+        if multirun:  # jobs may run side by side: one log line each instead of progress bars
+            train_cfg.progress = False
+        label = f"job {hydra_cfg.job.num} ({hydra_cfg.job.override_dirname}) " if multirun else ""
+        summary = train(train_cfg, run_dir, label)
     except Exception as exc:
+        if multirun:
+            if expected_outcome(exc) is None:  # a bug: its traceback goes to the job's log
+                log.exception("job %s failed", hydra_cfg.job.num)
+            else:
+                log.error("job %s failed: %s", hydra_cfg.job.num, one_line_error(exc))
+            return math.nan
         # In a single run, report here: past this function Hydra prints its own banner first.
-        if hydra_cfg.mode == RunMode.RUN:
-            _exit_if_expected(exc, "ppo-train")
+        _exit_if_expected(exc, "ppo-train")
         raise
     print(f"run dir: {run_dir}")
     if "eval_mean" in summary:
         print(f"evaluation: {summary['eval_mean']:.2f} +/- {summary['eval_std']:.2f}")
-    return summary.get("eval_mean")
+    return summary.get("eval_mean", summary.get("recent_episodic_return"))
 
 
 def expected_outcome(exc: BaseException) -> tuple[str, int] | None:
@@ -161,6 +179,14 @@ def _run_cli(task: Callable[[], Any], prog: str) -> None:
 def _train_with_resume() -> None:
     sys.argv = [sys.argv[0], *expand_resume_argv(sys.argv[1:])]
     _train_task()
+    outcome = sweep.last_sweep
+    if outcome is not None and outcome.failed:
+        print(
+            f"ppo-train: error: {outcome.failed} of {outcome.jobs} jobs did not complete; "
+            f"see {outcome.sweep_dir / sweep.SUMMARY_MD}",
+            file=sys.stderr,
+        )
+        sys.exit(1)
 
 
 def train_main() -> None:

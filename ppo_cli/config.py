@@ -431,3 +431,14 @@ def unknown_key_error(full_key: str, schema: type | None) -> ConfigError:
     allowed = ", ".join(sorted(f.name for f in dataclasses.fields(schema)))
     where = f" under {parent}" if parent else ""
     return ConfigError(full_key, f"not a config key; allowed keys{where}: {allowed}")
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A plain nested config as ``{"algo.clip_eps": 0.2, ...}``; lists stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

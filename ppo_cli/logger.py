@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams
 from tqdm import tqdm
 
 from ppo_cli.errors import UserError
@@ -28,12 +29,20 @@ class RunLogger:
     """
 
     def __init__(
-        self, run_dir: Path, config_yaml: str, total_steps: int, progress: bool, resumed_at: int | None = None
+        self,
+        run_dir: Path,
+        config_yaml: str,
+        total_steps: int,
+        progress: bool,
+        resumed_at: int | None = None,
+        label: str = "",
     ) -> None:
-        """``resumed_at``: the global step of the checkpoint a resumed run continues from. Events a
+        """``label`` starts every progress line (in a sweep: which job).
+
+        ``resumed_at``: the global step of the checkpoint a resumed run continues from. Events a
         killed run logged after that step are hidden (TensorBoard's ``purge_step``) and logged again
         by the resumed run, so every curve has each step exactly once."""
-        first_step = 0 if resumed_at is None else resumed_at + 1
+        self.first_step = first_step = 0 if resumed_at is None else resumed_at + 1
         self.writer = SummaryWriter(
             log_dir=str(run_dir), purge_step=None if resumed_at is None else first_step
         )
@@ -48,6 +57,7 @@ class RunLogger:
             disable=not (progress and sys.stderr.isatty()),
         )
         self.total_steps = total_steps
+        self.label = label
         self.next_report = (resumed_at or 0) + total_steps / TEXT_REPORTS
 
     def scalars(self, values: dict[str, float], step: int) -> None:
@@ -59,12 +69,38 @@ class RunLogger:
         recent = "n/a" if mean_return is None else f"{mean_return:.1f}"
         if self.bar.disable:
             if step >= self.next_report:
-                log.info("step %d/%d  SPS %.0f  recent return %s", step, self.total_steps, sps, recent)
+                log.info(
+                    "%sstep %d/%d  SPS %.0f  recent return %s",
+                    self.label,
+                    step,
+                    self.total_steps,
+                    sps,
+                    recent,
+                )
                 self.next_report += self.total_steps / TEXT_REPORTS
             return
         self.bar.n = step
         self.bar.set_postfix(SPS=f"{sps:.0f}", ret=recent, refresh=False)
         self.bar.refresh()
+
+    def hparams(self, hyperparameters: dict[str, Any], metric_tags: list[str], step: int) -> None:
+        """Register this run in TensorBoard's HParams dashboard: its hyperparameters (flat keys)
+        and the scalar tags that serve as its metrics. Written into this run's own event file,
+        unlike ``SummaryWriter.add_hparams``, which makes a new run folder per call."""
+        values = {key: _hparam_value(value) for key, value in hyperparameters.items()}
+        experiment, start, _ = hparams(values, dict.fromkeys(metric_tags, 0.0))
+        for summary in (experiment, start):
+            self._add_summary(summary, step)
+
+    def hparams_completed(self, step: int) -> None:
+        """Mark the run as finished successfully in the HParams dashboard."""
+        _, _, end = hparams({}, {})
+        self._add_summary(end, step)
+
+    def _add_summary(self, summary: Any, step: int) -> None:
+        file_writer = self.writer.file_writer
+        assert file_writer is not None  # created by SummaryWriter.__init__
+        file_writer.add_summary(summary, step)
 
     def flush(self) -> None:
         self.writer.flush()
@@ -73,6 +109,11 @@ class RunLogger:
         self.bar.close()
         self.writer.flush()
         self.writer.close()
+
+
+def _hparam_value(value: Any) -> bool | int | float | str:
+    """HParams takes numbers, strings and booleans; lists and null become their YAML text."""
+    return value if isinstance(value, bool | int | float | str) else json.dumps(value)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -24,6 +24,7 @@ from hydra._internal.utils import get_args_parser  # hydra-core is pinned to 1.3
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from ppo_cli.checkpoint import LAST, checkpoint_dir, load_checkpoint, newest_valid_checkpoint
+from ppo_cli.config import flatten
 from ppo_cli.errors import ConfigError, UserError
 
 AUTO = "auto"
@@ -91,19 +92,9 @@ def find_checkpoint(resume: str, run_dir: Path) -> tuple[Path, dict[str, Any]] |
     return found
 
 
-def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``key: old -> new`` for each key outside FREE_ON_RESUME whose value differs."""
-    old, new = _flatten(saved), _flatten(current)
+    old, new = flatten(saved), flatten(current)
     return [
         f"{key}: {old.get(key, '<unset>')} -> {new.get(key, '<unset>')}"
         for key in sorted(old.keys() | new.keys())

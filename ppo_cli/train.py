@@ -31,7 +31,7 @@ from ppo_cli.checkpoint import (
     remove_stale_temp_files,
     save_checkpoint,
 )
-from ppo_cli.config import ActorCriticConfig, AlgoConfig, GRPOConfig, TrainConfig
+from ppo_cli.config import ActorCriticConfig, AlgoConfig, GRPOConfig, TrainConfig, flatten
 from ppo_cli.envs import episode_time_limit, make_vector_env
 from ppo_cli.errors import ConfigError, Interrupted, NonFiniteError, UserError
 from ppo_cli.evaluate import EVAL_SEED_OFFSET, evaluate
@@ -46,6 +46,15 @@ from ppo_cli.update import Batch, Updater, make_updater
 log = logging.getLogger(__name__)
 
 RECENT_EPISODES = 20  # episodes averaged for the progress bar
+HPARAMS_METRICS = ["eval/episodic_return", "charts/episodic_return"]  # columns of TensorBoard's HParams
+# Config keys that do not change what is learned, left out of the HParams table.
+OPERATIONAL_KEYS = ("progress", "torch_threads", "device", "resume", "checkpoint.")
+
+
+def _hyperparameters(plain_config: dict[str, Any]) -> dict[str, Any]:
+    return {
+        key: value for key, value in flatten(plain_config).items() if not key.startswith(OPERATIONAL_KEYS)
+    }
 
 
 def seed_everything(seed: int) -> None:
@@ -173,13 +182,14 @@ def build_state(cfg: TrainConfig, envs: VectorEnv, device: torch.device) -> Trai
     return TrainingState(agent, optimizer, reward_scaler, updater, collector)
 
 
-def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
+def train(cfg: TrainConfig, run_dir: Path, label: str = "") -> dict[str, Any]:
     """Train an agent as ``cfg`` says, writing everything under ``run_dir``; returns the summary.
 
     SIGINT / SIGTERM stop the run at the end of the current iteration with a checkpoint (see
     ``signals.py``). Whatever ends the run, ``summary.json`` records how: ``completed``,
     ``interrupted``, or ``failed`` with the error; exceptions then propagate. A resume that is
     refused (a changed config, a checkpoint that does not fit) leaves the summary as it was.
+    ``label`` prefixes the progress lines (the job, in a sweep).
     """
     plain_config = cast(dict[str, Any], OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
     start = time.perf_counter()
@@ -203,7 +213,9 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
                 kept = previous_summary.keys() - {"status", "config", "wall_time_s"}
                 summary.update({key: previous_summary[key] for key in kept})
             else:
-                summary.update(_run(cfg, run_dir, plain_config, summary, stop, state, resumed is not None))
+                summary.update(
+                    _run(cfg, run_dir, plain_config, summary, stop, state, resumed is not None, label)
+                )
         summary["status"] = "completed"
     except (Interrupted, KeyboardInterrupt) as exc:
         summary.update(status="interrupted", error=str(exc) or type(exc).__name__)
@@ -272,6 +284,7 @@ def _run(
     stop: GracefulStop,
     state: TrainingState,
     resumed: bool,
+    label: str,
 ) -> dict[str, Any]:
     algo, agent, collector = cfg.algo, state.agent, state.collector
     envs = collector.envs
@@ -283,7 +296,9 @@ def _run(
         cfg.total_timesteps,
         cfg.progress,
         start_step if resumed else None,
+        label,
     )
+    logger.hparams(_hyperparameters(plain_config), HPARAMS_METRICS, logger.first_step)
     last_saved: Path | None = None
 
     def checkpoint(periodic: bool) -> None:
@@ -387,6 +402,7 @@ def _run(
                 result["eval_mean"],
                 result["eval_std"],
             )
+        logger.hparams_completed(state.global_step)
         return result
     finally:
         logger.close()

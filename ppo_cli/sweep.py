@@ -1,0 +1,105 @@
+"""What a multirun leaves behind: one row per job in ``sweep_summary.csv`` / ``.md``.
+
+In a multirun each job is isolated by ``cli._train_task``: an exception is recorded in the job's
+``summary.json`` and its log, and the job returns NaN (which Optuna records as a failed trial)
+instead of raising, so the other jobs go on. Hydra calls :meth:`SweepSummary.on_multirun_end` in
+the launching process once every job has returned; it reads each job's own files, writes the
+sweep's table, and remembers how many jobs failed so that ``ppo-train`` can exit non-zero.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from ppo_cli.logger import read_summary
+
+log = logging.getLogger(__name__)
+
+SUMMARY_CSV = "sweep_summary.csv"
+SUMMARY_MD = "sweep_summary.md"
+
+
+@dataclass
+class JobRow:
+    """One job of a sweep, from its own directory."""
+
+    job: int
+    overrides: str
+    status: str  # completed | failed | interrupted | running (never finished: killed hard)
+    global_step: int
+    eval_mean: float | None
+    run_dir: str
+    error: str
+
+
+@dataclass
+class SweepOutcome:
+    sweep_dir: Path
+    jobs: int
+    failed: int
+
+
+# Set by the callback in the launching process, read by the console entry point for its exit code.
+last_sweep: SweepOutcome | None = None
+
+
+def _job_row(job_dir: Path) -> JobRow:
+    hydra_cfg = yaml.safe_load((job_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]
+    overrides = yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text()) or []
+    summary = read_summary(job_dir)
+    return JobRow(
+        job=int(hydra_cfg["job"]["num"]),
+        overrides=" ".join(overrides),
+        status=summary.get("status", "running"),
+        global_step=int(summary.get("global_step", 0)),
+        eval_mean=summary.get("eval_mean"),
+        run_dir=str(job_dir),
+        error=summary.get("error", ""),
+    )
+
+
+def collect_jobs(sweep_dir: Path) -> list[JobRow]:
+    """Every job directory under ``sweep_dir`` (they hold ``.hydra/overrides.yaml``), by job number."""
+    job_dirs = {path.parent.parent for path in sweep_dir.rglob(".hydra/overrides.yaml")}
+    return sorted((_job_row(job_dir) for job_dir in job_dirs), key=lambda row: row.job)
+
+
+def write_tables(sweep_dir: Path, rows: list[JobRow]) -> None:
+    """``sweep_summary.csv`` (every field) and ``sweep_summary.md`` (for reading)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(JobRow.__dataclass_fields__))
+    writer.writeheader()
+    writer.writerows(asdict(row) for row in rows)
+    (sweep_dir / SUMMARY_CSV).write_text(buffer.getvalue())
+    lines = ["| job | overrides | status | steps | final return | error |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        final = "" if row.eval_mean is None else f"{row.eval_mean:.2f}"
+        error = row.error.replace("|", "\\|")
+        lines.append(
+            f"| {row.job} | {row.overrides} | {row.status} | {row.global_step} | {final} | {error} |"
+        )
+    (sweep_dir / SUMMARY_MD).write_text("\n".join(lines) + "\n")
+
+
+class SweepSummary(Callback):
+    """Hydra callback (registered in ``train.yaml``) that writes the sweep's table."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        global last_sweep
+        sweep_dir = Path(config.hydra.sweep.dir)
+        rows = collect_jobs(sweep_dir)
+        write_tables(sweep_dir, rows)
+        failed = sum(row.status != "completed" for row in rows)
+        last_sweep = SweepOutcome(sweep_dir, len(rows), failed)
+        log.info(
+            "%d of %d jobs completed; summary in %s", len(rows) - failed, len(rows), sweep_dir / SUMMARY_MD
+        )
