@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from ppo_cli import sweep
+from ppo_cli.compare import DEFAULT_FINAL, DEFAULT_METRIC, compare
 from ppo_cli.config import register_schemas, to_train_config, unknown_key_error
 from ppo_cli.errors import Interrupted, UserError
 from ppo_cli.evaluate import evaluate_checkpoint
@@ -75,7 +76,10 @@ def _train_task(cfg: DictConfig) -> float | None:
         if multirun:  # jobs may run side by side: one log line each instead of progress bars
             train_cfg.progress = False
         label = f"job {hydra_cfg.job.num} ({hydra_cfg.job.override_dirname}) " if multirun else ""
-        summary = train(train_cfg, run_dir, label)
+        if train_cfg.seeds_per_job > 1:
+            summary = sweep.train_seeds(train_cfg, run_dir, label)
+        else:
+            summary = train(train_cfg, run_dir, label)
     except Exception as exc:
         if multirun:
             if expected_outcome(exc) is None:  # a bug: its traceback goes to the job's log
@@ -87,8 +91,10 @@ def _train_task(cfg: DictConfig) -> float | None:
         _exit_if_expected(exc, "ppo-train")
         raise
     print(f"run dir: {run_dir}")
-    if "eval_mean" in summary:
+    if "eval_std" in summary:
         print(f"evaluation: {summary['eval_mean']:.2f} +/- {summary['eval_std']:.2f}")
+    elif "eval_mean" in summary:
+        print(f"evaluation: {summary['eval_mean']:.2f} (mean over seeds {', '.join(summary['seeds'])})")
     return summary.get("eval_mean", summary.get("recent_episodic_return"))
 
 
@@ -238,6 +244,51 @@ def _eval_task() -> None:
 def eval_main() -> None:
     """``ppo-eval <run dir or checkpoint>``: evaluate a saved agent."""
     _run_cli(_eval_task, "ppo-eval")
+
+
+def _compare_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ppo-compare",
+        description="Learning curves (mean over seeds, 95%% bootstrap band) and a results table, "
+        "grouped by config keys; writes comparison.png, comparison.md and comparison.csv.",
+    )
+    parser.add_argument("paths", type=Path, nargs="+", help="run directories, or directories holding runs")
+    parser.add_argument(
+        "--group-by",
+        nargs="+",
+        metavar="KEY",
+        help="config keys that define a group, e.g. algo or algo.clip_eps "
+        "(default: every key that differs between runs, seed excepted)",
+    )
+    parser.add_argument(
+        "--metric", default=DEFAULT_METRIC, help=f"scalar tag to plot (default {DEFAULT_METRIC})"
+    )
+    parser.add_argument(
+        "--final",
+        default=DEFAULT_FINAL,
+        help=f"scalar tag whose last value is a run's final score (default {DEFAULT_FINAL}, "
+        "or the plotted metric for runs without it)",
+    )
+    parser.add_argument("--threshold", type=float, help="also report steps and wall time to reach this value")
+    parser.add_argument("--out", type=Path, help="output directory (default: the first path)")
+    return parser
+
+
+def _compare_task() -> None:
+    args = _compare_parser().parse_args()
+    results = compare(args.paths, args.group_by, args.metric, args.final, args.threshold, args.out)
+    out = args.out or args.paths[0]
+    for result in results:
+        print(
+            f"{result.label}: {len(result.runs)} runs, final {result.mean:.2f} "
+            f"(IQM {result.iqm:.2f}, 95% CI {result.ci_low:.2f} to {result.ci_high:.2f})"
+        )
+    print(f"wrote {out / 'comparison.png'}, comparison.md, comparison.csv")
+
+
+def compare_main() -> None:
+    """``ppo-compare <dirs...>``: curves and tables across runs."""
+    _run_cli(_compare_task, "ppo-compare")
 
 
 if __name__ == "__main__":

@@ -358,9 +358,11 @@ class TrainConfig:
     progress: bool = True
     resume: str | None = None
     resume_allow_changes: bool = False
+    seeds_per_job: int = 1
 
     def __post_init__(self) -> None:
         _require(self.device in DEVICES, "device", "|".join(DEVICES), self.device)
+        _require(self.seeds_per_job >= 1, "seeds_per_job", "an integer >= 1", self.seeds_per_job)
         _require(
             self.torch_threads >= 0,
             "torch_threads",

@@ -10,6 +10,7 @@ sweep's table, and remembers how many jobs failed so that ``ppo-train`` can exit
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 from dataclasses import asdict, dataclass
@@ -20,7 +21,10 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from ppo_cli.logger import read_summary
+from ppo_cli.config import TrainConfig
+from ppo_cli.errors import Interrupted
+from ppo_cli.logger import read_summary, write_summary
+from ppo_cli.train import train
 
 log = logging.getLogger(__name__)
 
@@ -103,3 +107,31 @@ class SweepSummary(Callback):
         log.info(
             "%d of %d jobs completed; summary in %s", len(rows) - failed, len(rows), sweep_dir / SUMMARY_MD
         )
+
+
+def train_seeds(cfg: TrainConfig, job_dir: Path, label: str = "") -> dict[str, Any]:
+    """Train ``cfg.seeds_per_job`` seeds, each in ``job_dir/seed_<s>/``; the job's summary holds
+    each seed's final evaluation and their mean (``eval_mean``, the job's objective).
+
+    A multi-seed objective ranks hyperparameters by what they do on average rather than on one
+    lucky seed, at ``seeds_per_job`` times the cost.
+    """
+    seeds = [cfg.seed + offset for offset in range(cfg.seeds_per_job)]
+    per_seed: dict[str, Any] = {}
+    summary: dict[str, Any] = {"status": "running", "global_step": 0, "seeds": per_seed}
+    try:
+        for seed in seeds:
+            seed_cfg = dataclasses.replace(cfg, seed=seed)
+            result = train(seed_cfg, job_dir / f"seed_{seed}", f"{label}seed {seed} ")
+            per_seed[str(seed)] = result.get("eval_mean", result.get("recent_episodic_return"))
+            summary["global_step"] += result["global_step"]
+        summary.update(status="completed", eval_mean=float(sum(per_seed.values()) / len(per_seed)))
+    except (Interrupted, KeyboardInterrupt) as exc:
+        summary.update(status="interrupted", error=str(exc))
+        raise
+    except BaseException as exc:
+        summary.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        write_summary(job_dir, summary)
+    return summary
