@@ -34,16 +34,21 @@ def console_script(name: str) -> str:
     return shutil.which(name) or str(Path(sys.executable).parent / name)
 
 
-def run(command: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run ``command`` as a user would, capturing its output (never raises on a non-zero exit)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def run(
+    command: list[str], cwd: Path, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` as a user would, capturing its output (never raises on a non-zero exit);
+    ``env`` adds to the environment."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
         command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
 
 
-def ppo_train(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return run([console_script("ppo-train"), *args], cwd, timeout)
+def ppo_train(
+    *args: str, cwd: Path, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return run([console_script("ppo-train"), *args], cwd, timeout, env)
 
 
 def one_line_failure(

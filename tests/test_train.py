@@ -12,6 +12,7 @@ import pytest
 import torch
 from support import compose_config, one_line_failure
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 
 from ppo_cli import cli, load_agent
 from ppo_cli.checkpoint import load_checkpoint
@@ -261,3 +262,27 @@ def test_non_finite_env_output_stops_the_run_and_keeps_the_last_checkpoint(
     assert load_checkpoint(last)["global_step"] == 512  # iteration 2's, untouched
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "failed" and "iteration 3: env 2" in summary["error"]
+
+
+def test_hparams_are_written_into_the_run_itself(tmp_path: Path) -> None:
+    train(small_cartpole(seed=2), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["checkpoints"]  # no stray runs
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")
+    assert set(content) == {
+        "_hparams_/experiment",
+        "_hparams_/session_start_info",
+        "_hparams_/session_end_info",
+    }
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert [m.name.tag for m in experiment.metric_infos] == ["eval/episodic_return", "charts/episodic_return"]
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    hparams = start.session_start_info.hparams
+    assert hparams["algo.name"].string_value == "clip"
+    assert hparams["seed"].number_value == 2
+    assert hparams["algo.clip_eps"].number_value == pytest.approx(0.2)
+    assert hparams["agent.actor_hidden"].string_value == "[64, 64]"
+    assert not any(key.startswith(("checkpoint.", "progress", "resume")) for key in hparams)
+    end = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_end_info"])
+    assert end.session_end_info.status == api_pb2.Status.Value("STATUS_SUCCESS")

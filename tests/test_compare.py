@@ -1,0 +1,121 @@
+"""ppo-compare: groups, curves and tables that agree with the event files they come from."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib import image
+from scipy import stats
+from support import console_script, ppo_train, run
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from ppo_cli.compare import CURVE_POINTS, Run, differing_keys, group_runs, mean_curve, resolve_key
+
+
+@pytest.fixture(scope="module")
+def small_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """clip and penalty on CartPole, 3 seeds each, short runs."""
+    sweep_dir = tmp_path_factory.mktemp("compare") / "sweep"
+    result = ppo_train(
+        "-m", "algo=clip,penalty", "seed=0,1,2", "total_timesteps=4096", "eval.episodes=3",
+        f"hydra.sweep.dir={sweep_dir}", cwd=sweep_dir.parent,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    return sweep_dir
+
+
+def _scalars(run_dir: Path, tag: str) -> list[tuple[int, float, float]]:
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return [(e.step, e.value, e.wall_time) for e in events.Scalars(tag)]
+
+
+def _first_wall_time(run_dir: Path) -> float:
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return min(events.Scalars(tag)[0].wall_time for tag in events.Tags()["scalars"])
+
+
+def test_ppo_compare_writes_a_figure_and_tables_that_match_the_events(
+    small_sweep: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    threshold = 30.0
+    result = run(
+        [console_script("ppo-compare"), str(small_sweep), "--group-by", "algo", "--threshold", str(threshold),
+         "--out", str(out)],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    png = image.imread(out / "comparison.png")
+    assert png.shape[:2] == (500, 800)
+    assert png[..., :3].std() > 0.05  # not a blank canvas
+
+    with open(out / "comparison.csv") as f:
+        table = {row["group"]: row for row in csv.DictReader(f)}
+    assert set(table) == {"clip", "penalty"}
+    for algo, row in table.items():
+        run_dirs = sorted(small_sweep.glob(f"algo={algo},*"))
+        assert len(run_dirs) == int(row["seeds"]) == 3
+        finals = np.array([_scalars(d, "eval/episodic_return")[-1][1] for d in run_dirs])
+        assert float(row["final mean"]) == pytest.approx(finals.mean(), abs=0.006)
+        assert float(row["IQM"]) == pytest.approx(stats.trim_mean(finals, 0.25), abs=0.006)
+        assert float(row["95% CI low"]) <= float(row["final mean"]) <= float(row["95% CI high"])
+        assert finals.min() - 0.006 <= float(row["95% CI low"])
+        assert float(row["95% CI high"]) <= finals.max() + 0.006
+        reached = []
+        for d in run_dirs:
+            first = _first_wall_time(d)
+            hits = [(s, w - first) for s, v, w in _scalars(d, "charts/episodic_return") if v >= threshold]
+            if hits:
+                reached.append(hits[0])
+        assert row[f"reached {threshold:g}"] == f"{len(reached)}/3"
+        if reached:
+            assert float(row["median steps to reach"]) == pytest.approx(np.median([s for s, _ in reached]))
+            assert float(row["median seconds to reach"]) == pytest.approx(
+                np.median([t for _, t in reached]), abs=0.06
+            )
+    markdown = (out / "comparison.md").read_text()
+    assert "| clip | 3 |" in markdown and "| penalty | 3 |" in markdown
+    assert "wrote" in result.stdout
+
+
+def test_default_grouping_is_every_key_that_differs_except_seed(small_sweep: Path, tmp_path: Path) -> None:
+    result = run([console_script("ppo-compare"), str(small_sweep), "--out", str(tmp_path)], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(tmp_path / "comparison.csv") as f:
+        groups = [row["group"] for row in csv.DictReader(f)]
+    # clip and penalty differ in algo.name and in each variant's own keys.
+    assert len(groups) == 2
+    assert all("algo.name=" in group for group in groups)
+
+
+def _run(seed: int, lr: float, steps: list[float], values: list[float]) -> Run:
+    config = {"seed": seed, "algo.name": "clip", "algo.learning_rate": lr, "env.id": "CartPole-v1"}
+    return Run(
+        Path(f"/runs/{seed}-{lr}"), config, np.array(steps), np.array(values), np.zeros(len(steps)), {}
+    )
+
+
+def test_grouping_keys_and_labels() -> None:
+    runs = [_run(seed, lr, [1, 2], [0, 1]) for seed in (0, 1) for lr in (1e-3, 3e-4)]
+    assert differing_keys(runs) == ["algo.learning_rate"]
+    groups = group_runs(runs, None)
+    assert sorted(groups) == ["0.0003", "0.001"]
+    assert all(len(group) == 2 for group in groups.values())
+    assert resolve_key("algo", runs[0].config) == "algo.name"
+    assert resolve_key("env", runs[0].config) == "env.id"
+    assert list(group_runs(runs, ["algo", "seed"])) == ["algo.name=clip, seed=0", "algo.name=clip, seed=1"]
+
+
+def test_mean_curve_averages_runs_on_their_common_steps() -> None:
+    a = _run(0, 1e-3, [0, 10, 20, 30], [0, 10, 20, 30])
+    b = _run(1, 1e-3, [5, 15, 25], [100, 100, 100])
+    steps, mean, low, high = mean_curve([a, b], np.random.default_rng(0))
+    assert len(steps) == CURVE_POINTS
+    assert steps[0] == 5 and steps[-1] == 25  # where both runs have data
+    np.testing.assert_allclose(mean, (steps + 100) / 2)
+    assert np.all(low <= mean + 1e-9) and np.all(mean <= high + 1e-9)

@@ -1,0 +1,99 @@
+"""Sweeps through the CLI: parallel jobs, a failing job that does not stop the others, Optuna."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from support import compose_config, ppo_train
+
+from ppo_cli.sweep import SUMMARY_CSV, SUMMARY_MD, train_seeds
+
+TESTS = Path(__file__).resolve().parent
+SMALL = ["total_timesteps=512", "eval.episodes=2"]
+
+
+def _rows(sweep_dir: Path) -> list[dict[str, str]]:
+    with open(sweep_dir / SUMMARY_CSV) as f:
+        return list(csv.DictReader(f))
+
+
+def _job_summaries(sweep_dir: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/summary.json")}
+
+
+def test_joblib_runs_a_2x2_sweep_in_parallel_processes(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    result = ppo_train(
+        "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "algo.clip_eps=0.1,0.2", "seed=0,1",
+        *SMALL, f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    summaries = _job_summaries(sweep_dir)
+    assert len(summaries) == 4
+    assert {s["status"] for s in summaries.values()} == {"completed"}
+    assert {(s["config"]["algo"]["clip_eps"], s["config"]["seed"]) for s in summaries.values()} == {
+        (0.1, 0), (0.1, 1), (0.2, 0), (0.2, 1)
+    }  # fmt: skip
+    assert len({s["config"]["torch_threads"] for s in summaries.values()}) == 1
+    rows = _rows(sweep_dir)
+    assert [row["job"] for row in rows] == ["0", "1", "2", "3"]
+    for row in rows:
+        job_summary = json.loads((Path(row["run_dir"]) / "summary.json").read_text())
+        assert float(row["eval_mean"]) == pytest.approx(job_summary["eval_mean"])
+    # Progress gives way to log lines naming their job.
+    assert "job 3 (" in result.stdout
+
+
+@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+def test_a_failing_job_does_not_stop_the_others(launcher: str, tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    result = ppo_train(
+        "-m", f"hydra/launcher={launcher}", "env.id=faulty_envs:Exploding-v0,CartPole-v1",
+        "env.vectorization=sync", *SMALL, f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"ppo-train: error: 1 of 2 jobs did not complete; see {sweep_dir / SUMMARY_MD}"
+    )
+    rows = _rows(sweep_dir)
+    (failed,) = [row for row in rows if "Exploding-v0" in row["overrides"]]
+    (completed,) = [row for row in rows if "CartPole-v1" in row["overrides"]]
+    assert completed["status"] == "completed" and completed["global_step"] == "512"
+    assert failed["status"] == "failed"
+    assert failed["error"] == "RuntimeError: the simulator exploded"
+    log = (Path(failed["run_dir"]) / "train.log").read_text()
+    assert "Traceback" in log and "RuntimeError: the simulator exploded" in log
+    assert "the simulator exploded" in (sweep_dir / SUMMARY_MD).read_text()
+
+
+def test_optuna_search_finds_and_reports_the_best_trial(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "search"
+    result = ppo_train(
+        "-m", "hparams_search=CartPole_clip", "hydra.sweeper.n_trials=3", "total_timesteps=1024",
+        "eval.episodes=3", f"hydra.sweeper.storage=sqlite:///{tmp_path / 'study.db'}",
+        f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    rows = _rows(sweep_dir)
+    assert len(rows) == 3 and {row["status"] for row in rows} == {"completed"}
+    winner = max(rows, key=lambda row: float(row["eval_mean"]))
+    assert best["best_value"] == pytest.approx(float(winner["eval_mean"]))
+    for key, value in best["best_params"].items():
+        assert f"{key}={value}" in winner["overrides"].split()
+    assert (tmp_path / "study.db").stat().st_size > 0
+
+
+def test_seeds_per_job_reports_the_mean_over_seeds(tmp_path: Path) -> None:
+    summary = train_seeds(compose_config(*SMALL, "seed=3", "seeds_per_job=2"), tmp_path)
+    seeds = {seed: json.loads((tmp_path / f"seed_{seed}" / "summary.json").read_text()) for seed in (3, 4)}
+    assert {s["config"]["seed"] for s in seeds.values()} == {3, 4}
+    assert summary["seeds"] == {str(seed): s["eval_mean"] for seed, s in seeds.items()}
+    assert summary["eval_mean"] == pytest.approx((seeds[3]["eval_mean"] + seeds[4]["eval_mean"]) / 2)
+    assert json.loads((tmp_path / "summary.json").read_text())["eval_mean"] == summary["eval_mean"]
