@@ -4,7 +4,8 @@ In a multirun each job is isolated by ``cli._train_task``: an exception is recor
 ``summary.json`` and its log, and the job returns NaN (which Optuna records as a failed trial)
 instead of raising, so the other jobs go on. Hydra calls :meth:`SweepSummary.on_multirun_end` in
 the launching process once every job has returned; it reads each job's own files, writes the
-sweep's table, and remembers how many jobs failed so that ``ppo-train`` can exit non-zero.
+sweep's table, and remembers how many jobs failed so that ``ppo-train`` can exit non-zero. When a
+launcher gives up instead (a job killed by the OS), :func:`finish` writes the table all the same.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class JobRow:
 
     job: int
     overrides: str
-    status: str  # completed | failed | interrupted | running (never finished: killed hard)
+    status: str  # completed | failed | interrupted | killed (no summary: it died without cleanup)
     global_step: int
     eval_mean: float | None
     run_dir: str
@@ -52,8 +53,9 @@ class SweepOutcome:
     failed: int
 
 
-# Set by the callback in the launching process, read by the console entry point for its exit code.
-last_sweep: SweepOutcome | None = None
+# The launching process's sweep: its directory once it starts, its outcome once summarised.
+_sweep_dir: Path | None = None
+_outcome: SweepOutcome | None = None
 
 
 def _job_row(job_dir: Path) -> JobRow:
@@ -63,7 +65,7 @@ def _job_row(job_dir: Path) -> JobRow:
     return JobRow(
         job=int(hydra_cfg["job"]["num"]),
         overrides=" ".join(overrides),
-        status=summary.get("status", "running"),
+        status=summary.get("status", "killed"),
         global_step=int(summary.get("global_step", 0)),
         eval_mean=summary.get("eval_mean"),
         run_dir=str(job_dir),
@@ -94,19 +96,34 @@ def write_tables(sweep_dir: Path, rows: list[JobRow]) -> None:
     (sweep_dir / SUMMARY_MD).write_text("\n".join(lines) + "\n")
 
 
+def summarize(sweep_dir: Path) -> SweepOutcome:
+    """Write the sweep's tables from its job directories; how many jobs did not complete."""
+    global _outcome
+    rows = collect_jobs(sweep_dir)
+    write_tables(sweep_dir, rows)
+    failed = sum(row.status != "completed" for row in rows)
+    log.info("%d of %d jobs completed; summary in %s", len(rows) - failed, len(rows), sweep_dir / SUMMARY_MD)
+    _outcome = SweepOutcome(sweep_dir, len(rows), failed)
+    return _outcome
+
+
+def finish() -> SweepOutcome | None:
+    """The outcome of this process's sweep (None without one), summarising it first if the
+    launcher stopped before Hydra's end-of-sweep callback."""
+    if _sweep_dir is not None and _outcome is None:
+        return summarize(_sweep_dir)
+    return _outcome
+
+
 class SweepSummary(Callback):
     """Hydra callback (registered in ``train.yaml``) that writes the sweep's table."""
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _sweep_dir
+        _sweep_dir = Path(config.hydra.sweep.dir)
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        global last_sweep
-        sweep_dir = Path(config.hydra.sweep.dir)
-        rows = collect_jobs(sweep_dir)
-        write_tables(sweep_dir, rows)
-        failed = sum(row.status != "completed" for row in rows)
-        last_sweep = SweepOutcome(sweep_dir, len(rows), failed)
-        log.info(
-            "%d of %d jobs completed; summary in %s", len(rows) - failed, len(rows), sweep_dir / SUMMARY_MD
-        )
+        summarize(Path(config.hydra.sweep.dir))
 
 
 def train_seeds(cfg: TrainConfig, job_dir: Path, label: str = "") -> dict[str, Any]:
