@@ -73,10 +73,7 @@ def _train_task(cfg: DictConfig) -> float | None:
             if not read_summary(run_dir):  # never overwrite the record of an earlier run
                 write_summary(run_dir, {"status": "failed", "global_step": 0, "error": one_line_error(exc)})
             raise
-        if multirun:  # jobs may run side by side: one log line each instead of progress bars
-            train_cfg.progress = False
-            train_cfg.torch_threads = threads_per_job(train_cfg.torch_threads, cast(DictConfig, hydra_cfg))
-        label = f"job {hydra_cfg.job.num} ({hydra_cfg.job.override_dirname}) " if multirun else ""
+        label = sweep.configure_job(train_cfg, cast(DictConfig, hydra_cfg)) if multirun else ""
         if train_cfg.seeds_per_job > 1:
             summary = sweep.train_seeds(train_cfg, run_dir, label)
         else:
@@ -97,23 +94,6 @@ def _train_task(cfg: DictConfig) -> float | None:
     elif "eval_mean" in summary:
         print(f"evaluation: {summary['eval_mean']:.2f} (mean over seeds {', '.join(summary['seeds'])})")
     return summary.get("eval_mean", summary.get("recent_episodic_return"))
-
-
-def threads_per_job(requested: int, hydra_cfg: DictConfig) -> int:
-    """Torch threads for one job of a sweep, so that jobs x threads fits the cores.
-
-    joblib runs ``launcher.n_jobs`` jobs at once (-1: one per core); submitit gives each job
-    ``launcher.cpus_per_task`` cores when set; the basic launcher runs one job at a time.
-    ``requested`` 0 (torch's default: every core) becomes the job's share.
-    """
-    cores = os.cpu_count() or 1
-    cpus_per_task = OmegaConf.select(hydra_cfg, "launcher.cpus_per_task")
-    if cpus_per_task:
-        share = int(cpus_per_task)
-    else:
-        n_jobs = int(OmegaConf.select(hydra_cfg, "launcher.n_jobs", default=1))
-        share = max(1, cores // (cores if n_jobs < 0 else max(1, n_jobs)))
-    return share if requested == 0 else min(requested, share)
 
 
 def expected_outcome(exc: BaseException) -> tuple[str, int] | None:

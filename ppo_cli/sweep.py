@@ -14,13 +14,14 @@ import csv
 import dataclasses
 import io
 import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ppo_cli.config import TrainConfig
 from ppo_cli.errors import Interrupted
@@ -124,6 +125,34 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         summarize(Path(config.hydra.sweep.dir))
+
+
+def threads_per_job(requested: int, hydra_cfg: DictConfig) -> int:
+    """Torch threads for one job of a sweep, so that jobs x threads fits the cores.
+
+    joblib runs ``launcher.n_jobs`` jobs at once (-1: one per core); submitit gives each job
+    ``launcher.cpus_per_task`` cores when set; the basic launcher runs one job at a time.
+    ``requested`` 0 (torch's default: every core) becomes the job's share.
+    """
+    cores = os.cpu_count() or 1
+    cpus_per_task = OmegaConf.select(hydra_cfg, "launcher.cpus_per_task")
+    if cpus_per_task:
+        share = int(cpus_per_task)
+    else:
+        n_jobs = int(OmegaConf.select(hydra_cfg, "launcher.n_jobs", default=1))
+        share = max(1, cores // (cores if n_jobs < 0 else max(1, n_jobs)))
+    return share if requested == 0 else min(requested, share)
+
+
+def configure_job(cfg: TrainConfig, hydra_cfg: DictConfig) -> str:
+    """Adapt one job of a sweep to running beside others; returns the label of its log lines.
+
+    Jobs may run side by side: each logs one line at a time instead of drawing a progress bar,
+    and its torch threads are capped at its share of the cores.
+    """
+    cfg.progress = False
+    cfg.torch_threads = threads_per_job(cfg.torch_threads, hydra_cfg)
+    return f"job {hydra_cfg.job.num} ({hydra_cfg.job.override_dirname}) "
 
 
 def train_seeds(cfg: TrainConfig, job_dir: Path, label: str = "") -> dict[str, Any]:
