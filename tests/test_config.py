@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from support import compose_config, one_line_failure
 
 from ppo_cli import cli
@@ -121,3 +123,20 @@ def test_unwritable_run_dir_is_one_line(
     argv = ["ppo-train", f"hydra.run.dir={blocker / 'run'}"]
     code, line = one_line_failure(cli.train_main, argv, monkeypatch, capsys)
     assert (code, line) == (2, f"ppo-train: error: {blocker / 'run'}: Not a directory")
+
+
+SEARCH_PRESETS = sorted(p.stem for p in (Path(CONFIG_DIR) / "hparams_search").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", SEARCH_PRESETS)
+def test_every_search_preset_searches_keys_that_exist(preset: str) -> None:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[f"hparams_search={preset}"], return_hydra_config=True)
+    train_cfg = compose_config(f"hparams_search={preset}")
+    env_preset, algo = preset.split("_")
+    assert train_cfg.algo.name == algo
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
+    assert cfg.hydra.sweeper.direction == "maximize"
+    for key in cfg.hydra.sweeper.params:
+        assert OmegaConf.select(cfg, key) is not None, key
+    assert compose_config(f"env={env_preset}").env.id == train_cfg.env.id
