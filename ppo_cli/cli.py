@@ -27,7 +27,6 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from ppo_cli import sweep
-from ppo_cli.compare import DEFAULT_FINAL, DEFAULT_METRIC, compare
 from ppo_cli.config import register_schemas, to_train_config, unknown_key_error
 from ppo_cli.errors import Interrupted, UserError
 from ppo_cli.evaluate import evaluate_checkpoint
@@ -247,6 +246,9 @@ def eval_main() -> None:
 
 
 def _compare_parser() -> argparse.ArgumentParser:
+    # Imported here, not at the top: scipy.stats alone would add a second to every ppo-train start.
+    from ppo_cli.compare import DEFAULT_FINAL, DEFAULT_METRIC
+
     parser = argparse.ArgumentParser(
         prog="ppo-compare",
         description="Learning curves (mean over seeds, 95%% bootstrap band) and a results table, "
@@ -275,6 +277,8 @@ def _compare_parser() -> argparse.ArgumentParser:
 
 
 def _compare_task() -> None:
+    from ppo_cli.compare import compare
+
     args = _compare_parser().parse_args()
     results = compare(args.paths, args.group_by, args.metric, args.final, args.threshold, args.out)
     out = args.out or args.paths[0]
