@@ -156,7 +156,9 @@ class ActorCritic(nn.Module):
             action = dist.mean if self.continuous else dist.logits.argmax(-1)  # type: ignore[attr-defined]
         else:
             action = dist.sample()
-        log_prob, _ = self.log_prob_entropy(dist, action)
+        log_prob = dist.log_prob(action)  # no entropy: this runs at every env step
+        if self.continuous:
+            log_prob = log_prob.sum(-1)
         return ActionSample(action, log_prob, self.value(obs), params)
 
     def evaluate(self, obs: torch.Tensor, action: torch.Tensor) -> Evaluation:
