@@ -151,14 +151,19 @@ class ActorCritic(nn.Module):
     def sample(self, obs: torch.Tensor, deterministic: bool = False) -> ActionSample:
         """Sample actions for a batch of normalised observations, with log pi(a|s) and V(s)."""
         params = self.policy_params(obs)
+        if not self.continuous:
+            # What Categorical(logits).sample() and .log_prob() compute, without building one:
+            # this runs at every env step. (The same multinomial draw: a test checks it.)
+            log_probs = params.log_softmax(-1)
+            if deterministic:
+                action = params.argmax(-1)
+            else:
+                action = torch.multinomial(log_probs.exp(), 1, replacement=True).squeeze(-1)
+            log_prob = log_probs.gather(-1, action.unsqueeze(-1)).squeeze(-1)
+            return ActionSample(action, log_prob, self.value(obs), params)
         dist = self.distribution_from_params(params)
-        if deterministic:
-            action = dist.mean if self.continuous else dist.logits.argmax(-1)  # type: ignore[attr-defined]
-        else:
-            action = dist.sample()
-        log_prob = dist.log_prob(action)  # no entropy: this runs at every env step
-        if self.continuous:
-            log_prob = log_prob.sum(-1)
+        action = dist.mean if deterministic else dist.sample()
+        log_prob = dist.log_prob(action).sum(-1)  # no entropy: this runs at every env step
         return ActionSample(action, log_prob, self.value(obs), params)
 
     def evaluate(self, obs: torch.Tensor, action: torch.Tensor) -> Evaluation:

@@ -255,3 +255,20 @@ def test_exact_kl_matches_closed_forms(small_agent_cfg: AgentConfig) -> None:
     expected = (p_old * (p_old.log() - p_new.log())).sum(-1)
     new_dist = categorical.distribution_from_params(shifted)
     torch.testing.assert_close(categorical.exact_kl(old_logits, new_dist), expected)
+
+
+def test_discrete_sampling_is_categorical_sampling(small_agent_cfg: AgentConfig) -> None:
+    """``sample`` skips building a Categorical, but draws exactly what torch's Categorical draws
+    from the same random state and reports the same log-probabilities."""
+    agent = ActorCritic(gym.spaces.Box(-1, 1, (3,)), gym.spaces.Discrete(5), small_agent_cfg)
+    obs = torch.randn(4096, 3)
+    torch.manual_seed(7)
+    fast = agent.sample(obs)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        reference = Categorical(logits=agent.actor(obs))
+        expected = reference.sample()
+    assert torch.equal(fast.action, expected)
+    torch.testing.assert_close(fast.log_prob, reference.log_prob(expected))
+    greedy = agent.sample(obs, deterministic=True).action
+    assert torch.equal(greedy, reference.logits.argmax(-1))
