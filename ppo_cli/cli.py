@@ -251,7 +251,7 @@ def _compare_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="ppo-compare",
-        description="Learning curves (mean over seeds, 95%% bootstrap band) and a results table, "
+        description="Learning curves (mean over seeds, 95% bootstrap band) and a results table, "
         "grouped by config keys; writes comparison.png, comparison.md and comparison.csv.",
     )
     parser.add_argument("paths", type=Path, nargs="+", help="run directories, or directories holding runs")
