@@ -106,7 +106,7 @@ class Collector:
             self.agent.obs_normalizer.stats.update(tensor.flatten(1))
         return self.agent.normalize(tensor)
 
-    @torch.no_grad()
+    @torch.inference_mode()  # cheaper than no_grad; the storage it writes into stays normal
     def collect(self) -> RolloutStats:
         """Fill the storage with ``num_steps`` steps of every env."""
         s, stats = self.storage, RolloutStats()
@@ -195,7 +195,7 @@ class GroupCollector(Collector):
         base = self.seed * 1_000_003 + self.iteration * num_groups
         return [base + i // self.group_size for i in range(self.envs.num_envs)]
 
-    @torch.no_grad()
+    @torch.inference_mode()  # cheaper than no_grad; the storage it writes into stays normal
     def collect(self) -> RolloutStats:
         s, stats = self.storage, RolloutStats()
         # Sync and async vector envs take one seed per env (the annotation says int).
