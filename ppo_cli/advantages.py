@@ -37,13 +37,13 @@ def gae(
     """
     not_terminated = 1.0 - terminated.to(rewards.dtype)
     not_done = 1.0 - torch.logical_or(terminated.bool(), truncated.bool()).to(rewards.dtype)
-    deltas = rewards + gamma * next_values * not_terminated - values
     decay = gamma * gae_lambda * not_done
-    advantages = torch.empty_like(rewards)
-    running = torch.zeros_like(rewards[0])
-    for t in range(rewards.shape[0] - 1, -1, -1):
-        running = deltas[t] + decay[t] * running
-        advantages[t] = running
+    advantages = rewards + gamma * next_values * not_terminated - values  # delta_t, overwritten below
+    # Backwards in time, A_t = delta_t + decay_t * A_{t+1}, in place on row views: one tensor
+    # operation per step.
+    rows, decays = advantages.unbind(0), decay.unbind(0)
+    for t in range(len(rows) - 2, -1, -1):
+        rows[t].addcmul_(decays[t], rows[t + 1])
     return advantages, advantages + values
 
 

@@ -6,9 +6,9 @@ with gain sqrt(2) on hidden layers, 0.01 on the policy head (so the initial poli
 uniform / zero-mean) and 1 on the value head, zero biases.
 
 Discrete actions use a Categorical over logits. Box actions use a diagonal Gaussian whose log-std is
-a learned vector independent of the state. The sampled (raw) action is what the agent stores and
-learns from; only the copy sent to the environment is clipped to the action bounds, so the
-log-probabilities in the update refer to the action that was actually sampled.
+a learned vector independent of the state (formulas in ``distributions.py``). The sampled (raw)
+action is what the agent stores and learns from; only the copy sent to the environment is clipped
+to the action bounds, so the log-probabilities in the update refer to the action actually sampled.
 """
 
 from __future__ import annotations
@@ -22,44 +22,49 @@ import gymnasium as gym
 import numpy as np
 import torch
 from torch import nn
-from torch.distributions import Categorical, Distribution, Normal, kl_divergence
 from torch.nn import functional as F
 
 from ppo_cli.config import AgentConfig
+from ppo_cli.distributions import ActionDistribution, Categorical, DiagonalGaussian
 from ppo_cli.normalization import ObservationNormalizer
 
-# Argument validation costs a host sync per distribution; the networks never produce bad arguments.
-Distribution.set_default_validate_args(False)
-
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
-ACTIVATION_FUNCTIONS: dict[type[nn.Module], Callable[[torch.Tensor], torch.Tensor]] = {
-    nn.Tanh: torch.tanh,
-    nn.ReLU: torch.relu,
+ACTIVATION_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "tanh": torch.tanh,
+    "relu": torch.relu,
 }
 
 
 class MLP(nn.Sequential):
-    """Linear layers and activations, like ``nn.Sequential``, with a forward that calls the
-    functions directly: these tiny networks run at every env step, where calling each submodule
-    costs as much as its arithmetic (about 15% of a forward pass for 64-64 MLPs)."""
+    """Linear layers with an activation between them, like ``nn.Sequential``, with a forward that
+    calls the functions directly: these tiny networks run at every env step, where calling each
+    submodule costs as much as its arithmetic (about 15% of a forward pass for 64-64 MLPs)."""
+
+    def __init__(self, sizes: list[int], activation: str) -> None:
+        layers: list[nn.Module] = []
+        for a, b in itertools.pairwise(sizes):
+            if layers:
+                layers.append(ACTIVATIONS[activation]())
+            layers.append(nn.Linear(a, b))
+        super().__init__(*layers)
+        self.linear_layers = [layer for layer in layers if isinstance(layer, nn.Linear)]
+        self.activation = ACTIVATION_FUNCTIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self:
-            if isinstance(layer, nn.Linear):
-                x = F.linear(x, layer.weight, layer.bias)
-            else:
-                x = ACTIVATION_FUNCTIONS[type(layer)](x)
+        for depth, layer in enumerate(self.linear_layers):
+            if depth:
+                x = self.activation(x)
+            x = F.linear(x, layer.weight, layer.bias)
         return x
 
 
 def mlp(in_dim: int, hidden: list[int], out_dim: int, activation: str, out_gain: float) -> MLP:
-    """Linear layers with the given activation between them, orthogonally initialised."""
-    layers: list[nn.Module] = []
-    sizes = [in_dim, *hidden]
-    for a, b in itertools.pairwise(sizes):
-        layers += [_orthogonal(nn.Linear(a, b), math.sqrt(2)), ACTIVATIONS[activation]()]
-    layers.append(_orthogonal(nn.Linear(sizes[-1], out_dim), out_gain))
-    return MLP(*layers)
+    """An MLP initialised orthogonally: gain sqrt(2) for hidden layers, ``out_gain`` for the last."""
+    network = MLP([in_dim, *hidden, out_dim], activation)
+    for layer in network.linear_layers[:-1]:
+        _orthogonal(layer, math.sqrt(2))
+    _orthogonal(network.linear_layers[-1], out_gain)
+    return network
 
 
 def _orthogonal(layer: nn.Linear, gain: float) -> nn.Linear:
@@ -68,22 +73,13 @@ def _orthogonal(layer: nn.Linear, gain: float) -> nn.Linear:
     return layer
 
 
-class ActionSample(NamedTuple):
-    """What the rollout needs from one forward pass."""
-
-    action: torch.Tensor
-    log_prob: torch.Tensor
-    value: torch.Tensor
-    policy_params: torch.Tensor  # enough to rebuild pi_old(.|s) later: see ``policy_params``
-
-
 class Evaluation(NamedTuple):
     """What the update needs for a minibatch of stored (obs, action) pairs."""
 
     log_prob: torch.Tensor
     entropy: torch.Tensor
     value: torch.Tensor
-    distribution: Distribution
+    policy_params: torch.Tensor  # pi(.|s) as parameters, for the exact KL to pi_old
 
 
 class ActorCritic(nn.Module):
@@ -106,20 +102,20 @@ class ActorCritic(nn.Module):
         self.obs_normalizer = ObservationNormalizer((obs_dim,), clip_obs) if normalize_obs else None
         self.critic = mlp(obs_dim, list(cfg.critic_hidden), 1, cfg.activation, out_gain=1.0)
         self.continuous = isinstance(action_space, gym.spaces.Box)
+        self.dist: ActionDistribution
         if self.continuous:
             assert isinstance(action_space, gym.spaces.Box)
             act_dim = int(action_space.shape[0])
-            self.policy_param_dim = 2 * act_dim
-            self.action_shape: tuple[int, ...] = (act_dim,)
+            self.dist = DiagonalGaussian(act_dim)
             self.actor = mlp(obs_dim, list(cfg.actor_hidden), act_dim, cfg.activation, out_gain=0.01)
             self.log_std = nn.Parameter(torch.full((act_dim,), float(cfg.log_std_init)))
             self.register_buffer("action_low", torch.as_tensor(action_space.low, dtype=torch.float32))
             self.register_buffer("action_high", torch.as_tensor(action_space.high, dtype=torch.float32))
         else:
             assert isinstance(action_space, gym.spaces.Discrete)
-            self.policy_param_dim = int(action_space.n)
-            self.action_shape = ()
+            self.dist = Categorical(int(action_space.n))
             self.actor = mlp(obs_dim, list(cfg.actor_hidden), int(action_space.n), cfg.activation, 0.01)
+        self.actor_out_dim = self.actor.linear_layers[-1].out_features
 
     def normalize(self, obs: torch.Tensor) -> torch.Tensor:
         """Apply the observation statistics (frozen: updating them is the rollout's job)."""
@@ -136,64 +132,88 @@ class ActorCritic(nn.Module):
 
         Stored with each transition so that the exact KL(pi_old || pi) can be computed later.
         """
-        out = self.actor(obs)
+        return self.params_from_actor_output(self.actor(obs))
+
+    def params_from_actor_output(self, out: torch.Tensor) -> torch.Tensor:
+        """The policy parameters given the actor MLP's output (the Gaussian adds its log-std)."""
         if self.continuous:
             return torch.cat([out, self.log_std.expand_as(out)], dim=-1)
         return out
-
-    def distribution_from_params(self, params: torch.Tensor) -> Distribution:
-        """Inverse of :meth:`policy_params`."""
-        if self.continuous:
-            mean, log_std = params.chunk(2, dim=-1)
-            return Normal(mean, log_std.exp())
-        return Categorical(logits=params)
-
-    def distribution(self, obs: torch.Tensor) -> Distribution:
-        """pi(.|s) for a batch of normalised observations."""
-        return self.distribution_from_params(self.policy_params(obs))
-
-    def exact_kl(self, old_params: torch.Tensor, new: Distribution) -> torch.Tensor:
-        """KL(pi_old || pi) per sample, in closed form (summed over the dimensions of a Gaussian)."""
-        kl = kl_divergence(self.distribution_from_params(old_params), new)
-        return kl.sum(-1) if self.continuous else kl
 
     def value(self, obs: torch.Tensor) -> torch.Tensor:
         """V(s) for a batch of normalised observations, shape (batch,)."""
         return self.critic(obs).squeeze(-1)
 
-    def log_prob_entropy(self, dist: Distribution, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Joint log-probability and entropy: a diagonal Gaussian sums over action dimensions."""
-        if self.continuous:
-            return dist.log_prob(action).sum(-1), dist.entropy().sum(-1)
-        return dist.log_prob(action), dist.entropy()
-
     @torch.no_grad()
-    def sample(self, obs: torch.Tensor, deterministic: bool = False) -> ActionSample:
-        """Sample actions for a batch of normalised observations, with log pi(a|s) and V(s)."""
+    def act(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
+        """Actions for a batch of normalised observations: sampled, or the most likely ones."""
         params = self.policy_params(obs)
-        if not self.continuous:
-            # What Categorical(logits).sample() and .log_prob() compute, without building one:
-            # this runs at every env step. (The same multinomial draw: a test checks it.)
-            log_probs = params.log_softmax(-1)
-            if deterministic:
-                action = params.argmax(-1)
-            else:
-                action = torch.multinomial(log_probs.exp(), 1, replacement=True).squeeze(-1)
-            log_prob = log_probs.gather(-1, action.unsqueeze(-1)).squeeze(-1)
-            return ActionSample(action, log_prob, self.value(obs), params)
-        dist = self.distribution_from_params(params)
-        action = dist.mean if deterministic else dist.sample()
-        log_prob = dist.log_prob(action).sum(-1)  # no entropy: this runs at every env step
-        return ActionSample(action, log_prob, self.value(obs), params)
+        if deterministic:
+            return self.dist.mode(params)
+        return self.dist.sample(params, self.dist.draw_noise(params.shape[:-1], params.device))
+
+    def exploration_noise(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """Randomness for ``shape`` actions, in the units of the actor's output (see
+        :meth:`noisy_action`): Gumbel noise for logits, std * N(0, 1) for the Gaussian's mean.
+
+        A rollout draws it all at once; the log-std does not change within a rollout.
+        """
+        noise = self.dist.draw_noise(shape, self.critic.linear_layers[0].weight.device)
+        return noise * self.log_std.detach().exp() if self.continuous else noise
+
+    def noisy_action(self, actor_out: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The action sampled with ``noise``: the same draw as ``dist.sample`` on the full
+        parameters, from the actor's raw output (a test checks that they agree)."""
+        perturbed = actor_out + noise
+        return perturbed if self.continuous else perturbed.argmax(-1)
 
     def evaluate(self, obs: torch.Tensor, action: torch.Tensor) -> Evaluation:
         """log pi(a|s), entropy and V(s) with gradients, for the update."""
-        dist = self.distribution(obs)
-        log_prob, entropy = self.log_prob_entropy(dist, action)
-        return Evaluation(log_prob, entropy, self.value(obs), dist)
+        params = self.policy_params(obs)
+        log_prob, entropy = self.dist.log_prob_entropy(params, action)
+        return Evaluation(log_prob, entropy, self.value(obs), params)
 
     def env_action(self, action: torch.Tensor) -> np.ndarray:
         """The action as the environment takes it: clipped to the bounds for Box spaces."""
         if self.continuous:
             action = torch.clamp(action, self.action_low, self.action_high)
         return action.cpu().numpy()
+
+
+class JointForward:
+    """The actor's output and V(s) in one pass, for acting during rollouts (no gradients).
+
+    Actor and critic MLPs of the same depth are one MLP whose first weight matrix stacks both
+    networks' first layers and whose later ones are block-diagonal: [W_actor, 0; 0, W_critic].
+    Each env step then runs one matrix product per layer instead of two, which matters because
+    for these tiny networks the cost of a tensor operation is its overhead, not its arithmetic.
+    The weights are a snapshot: build a new one after every update. MLPs of different depths are
+    run one after the other instead.
+    """
+
+    def __init__(self, agent: ActorCritic) -> None:
+        self.agent = agent
+        actor, critic = agent.actor.linear_layers, agent.critic.linear_layers
+        self.activation = agent.actor.activation
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if len(actor) == len(critic):
+            with torch.no_grad():
+                for depth, (a, c) in enumerate(zip(actor, critic, strict=True)):
+                    if depth == 0:
+                        weight = torch.cat([a.weight, c.weight])
+                    else:
+                        weight = torch.block_diag(a.weight, c.weight)
+                    # Stored transposed, as addmm takes it: F.linear would transpose at every call.
+                    self.layers.append((weight.t().contiguous(), torch.cat([a.bias, c.bias])))
+
+    def __call__(self, obs: torch.Tensor, out: torch.Tensor) -> None:
+        """Write [actor output, V(s)] for each row of ``obs`` into ``out`` (batch, actor_out_dim + 1)."""
+        if not self.layers:
+            out[:, :-1] = self.agent.actor(obs)
+            out[:, -1] = self.agent.value(obs)
+            return
+        x = obs
+        for weight_t, bias in self.layers[:-1]:
+            x = self.activation(torch.addmm(bias, x, weight_t))
+        weight_t, bias = self.layers[-1]
+        torch.addmm(bias, x, weight_t, out=out)

@@ -64,7 +64,7 @@ def evaluate(
         obs, _ = envs.reset(seed=seed)
         while (counted < quota).any():
             obs_t = agent.normalize(torch.as_tensor(obs, dtype=torch.float32, device=device))
-            action = agent.sample(obs_t, deterministic=deterministic).action
+            action = agent.act(obs_t, deterministic=deterministic)
             obs, _, _, _, info = envs.step(agent.env_action(action))
             for env_index, episode_return, length in zip(*finished_episodes(info), strict=True):
                 if counted[env_index] < quota[env_index]:

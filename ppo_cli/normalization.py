@@ -81,9 +81,13 @@ class RewardScaler(nn.Module):
 
     @torch.no_grad()
     def forward(self, rewards: torch.Tensor, dones: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Scale one step's rewards; ``dones`` ends the accumulated return, ``valid`` masks fake steps."""
-        self.returns.mul_(self.gamma).add_(rewards.to(torch.float64))
-        self.stats.update(self.returns[valid])
-        self.returns.masked_fill_(dones, 0.0)
-        scaled = rewards / torch.sqrt(self.stats.var + self.eps).to(rewards.dtype)
+        """Scale a rollout's rewards, (T, N), step by step in time order: each step's returns join
+        the statistics before that step's rewards are divided by their std. ``dones`` ends the
+        accumulated return, ``valid`` masks fake steps out of the statistics."""
+        scaled = torch.empty_like(rewards)
+        for t in range(len(rewards)):
+            self.returns.mul_(self.gamma).add_(rewards[t].to(torch.float64))
+            self.stats.update(self.returns[valid[t]])
+            self.returns.masked_fill_(dones[t], 0.0)
+            scaled[t] = rewards[t] / torch.sqrt(self.stats.var + self.eps).to(rewards.dtype)
         return torch.clamp(scaled, -self.clip, self.clip)

@@ -43,7 +43,7 @@ class TrainedAgent:
     def act(self, obs: np.ndarray, deterministic: bool = True) -> np.ndarray:
         """The action to send to the environment (clipped to its bounds for Box actions)."""
         tensor, single = self._prepare(obs)
-        action = self.network.env_action(self.network.sample(tensor, deterministic).action)
+        action = self.network.env_action(self.network.act(tensor, deterministic))
         return action[0] if single else action
 
     @torch.no_grad()

@@ -24,41 +24,63 @@ import torch
 from gymnasium.vector import VectorEnv
 
 from ppo_cli import env_state
-from ppo_cli.agent import ActionSample, ActorCritic
+from ppo_cli.agent import ActorCritic, JointForward
 from ppo_cli.envs import finished_episodes, uses_next_step_autoreset
 from ppo_cli.errors import NonFiniteError
 from ppo_cli.normalization import RewardScaler
 
 
 class RolloutStorage:
-    """(T, N, ...) tensors for one iteration of experience, shaped for ``agent``."""
+    """(T, N, ...) tensors for one iteration of experience, shaped for ``agent``.
+
+    What the envs return (rewards, terminations, truncations) is first written into numpy arrays
+    on the host, one row per step, and moved into the device tensors once per rollout by
+    :meth:`upload_env_outputs`: per step that costs a numpy assignment instead of a tensor
+    operation (or, on a GPU, a host-to-device copy).
+    """
 
     def __init__(self, num_steps: int, num_envs: int, agent: ActorCritic, device: torch.device) -> None:
         shape = (num_steps, num_envs)
-        action_dtype = torch.float32 if agent.continuous else torch.long
         self.obs = torch.zeros((*shape, agent.obs_dim), device=device)
-        self.actions = torch.zeros((*shape, *agent.action_shape), dtype=action_dtype, device=device)
+        dist = agent.dist
+        self.actions = torch.zeros((*shape, *dist.action_shape), dtype=dist.action_dtype, device=device)
+        # [actor output, V(s)] per step, as JointForward writes them.
+        self.outputs = torch.zeros((*shape, agent.actor_out_dim + 1), device=device)
         self.log_probs = torch.zeros(shape, device=device)
-        self.policy_params = torch.zeros((*shape, agent.policy_param_dim), device=device)
-        self.values = torch.zeros(shape, device=device)
+        self.policy_params = torch.zeros((*shape, agent.dist.param_dim), device=device)
         self.next_values = torch.zeros(shape, device=device)
         self.rewards = torch.zeros(shape, device=device)
         self.terminated = torch.zeros(shape, dtype=torch.bool, device=device)
         self.truncated = torch.zeros(shape, dtype=torch.bool, device=device)
         self.valid = torch.ones(shape, dtype=torch.bool, device=device)
+        self.host_rewards = np.zeros(shape, dtype=np.float32)
+        self.host_terminated = np.zeros(shape, dtype=bool)
+        self.host_truncated = np.zeros(shape, dtype=bool)
+        self.host_valid = np.ones(shape, dtype=bool)
 
-    def store_sample(self, t: int, obs: torch.Tensor, sample: ActionSample) -> None:
-        """Record step t's (normalised) observations and what the agent did with them."""
-        self.obs[t], self.actions[t], self.log_probs[t] = obs, sample.action, sample.log_prob
-        self.values[t], self.policy_params[t] = sample.value, sample.policy_params
+    @property
+    def values(self) -> torch.Tensor:
+        """V(s_t) as estimated while acting, (T, N)."""
+        return self.outputs[..., -1]
+
+    def upload_env_outputs(self) -> None:
+        """Copy the host arrays the envs' results were written into to the device tensors."""
+        for tensor, array in (
+            (self.rewards, self.host_rewards),
+            (self.terminated, self.host_terminated),
+            (self.truncated, self.host_truncated),
+            (self.valid, self.host_valid),
+        ):
+            tensor.copy_(torch.from_numpy(array))
 
 
 def check_finite(field: str, values: np.ndarray) -> None:
     """Refuse a NaN or infinity in one step's ``values`` (leading dimension: env index)."""
+    if np.isfinite(values).all():  # the common case, in one pass
+        return
     finite = np.isfinite(values).reshape(len(values), -1).all(axis=1)
-    if not finite.all():
-        env_index = int(np.flatnonzero(~finite)[0])
-        raise NonFiniteError(f"env {env_index} returned a non-finite {field}: {values[env_index]}")
+    env_index = int(np.flatnonzero(~finite)[0])
+    raise NonFiniteError(f"env {env_index} returned a non-finite {field}: {values[env_index]}")
 
 
 @dataclass
@@ -92,51 +114,63 @@ class Collector:
         self.next_step_autoreset = uses_next_step_autoreset(envs)
         obs, _ = envs.reset(seed=seed)
         self.obs = self._observe(obs)
-        self.prev_done = torch.zeros(envs.num_envs, dtype=torch.bool, device=device)
-        self.all_valid = torch.ones(envs.num_envs, dtype=torch.bool, device=device)
-
-    def _to_tensor(self, array: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return torch.as_tensor(array, dtype=dtype, device=self.device)
+        self.prev_done = np.zeros(envs.num_envs, dtype=bool)
 
     def _observe(self, obs: np.ndarray) -> torch.Tensor:
         """Fold fresh observations into the statistics, then normalise them."""
         check_finite("observation", obs)
-        tensor = self._to_tensor(obs)
+        tensor = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
         if self.agent.obs_normalizer is not None:
             self.agent.obs_normalizer.stats.update(tensor.flatten(1))
         return self.agent.normalize(tensor)
+
+    def _act(self, t: int, forward: JointForward, noise: torch.Tensor) -> np.ndarray:
+        """Record the current observations at step t, and what the agent does with them."""
+        s = self.storage
+        s.obs[t] = self.obs
+        forward(self.obs, s.outputs[t])
+        action = self.agent.noisy_action(s.outputs[t, :, :-1], noise[t])
+        s.actions[t] = action
+        return self.agent.env_action(action)
+
+    def _finish(self, num_steps: int) -> None:
+        """After the last step: upload what the envs returned, then log pi_old(a|s) and the
+        parameters of pi_old(.|s) for every step, in one pass each."""
+        s = self.storage
+        s.upload_env_outputs()
+        params = self.agent.params_from_actor_output(s.outputs[..., :-1])
+        s.policy_params.copy_(params)
+        s.log_probs.copy_(self.agent.dist.log_prob(params, s.actions))
 
     @torch.inference_mode()  # cheaper than no_grad; the storage it writes into stays normal
     def collect(self) -> RolloutStats:
         """Fill the storage with ``num_steps`` steps of every env."""
         s, stats = self.storage, RolloutStats()
+        num_steps = s.obs.shape[0]
+        forward = JointForward(self.agent)
+        noise = self.agent.exploration_noise((num_steps, self.envs.num_envs))
         truncation_values: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-        for t in range(s.obs.shape[0]):
-            valid = ~self.prev_done if self.next_step_autoreset else self.all_valid
-            sample = self.agent.sample(self.obs)
-            s.store_sample(t, self.obs, sample)
-            s.valid[t] = valid
-            obs, reward, terminated, truncated, info = self.envs.step(self.agent.env_action(sample.action))
+        for t in range(num_steps):
+            if self.next_step_autoreset:  # the step after an episode's end is the fake one
+                s.host_valid[t] = ~self.prev_done
+            obs, reward, terminated, truncated, info = self.envs.step(self._act(t, forward, noise))
             check_finite("reward", reward)
-            s.terminated[t] = self._to_tensor(terminated, torch.bool)
-            s.truncated[t] = self._to_tensor(truncated, torch.bool)
-            done = s.terminated[t] | s.truncated[t]
-            rewards = self._to_tensor(reward)
-            if self.reward_scaler is not None:
-                rewards = self.reward_scaler(rewards, done, valid)
-            s.rewards[t] = rewards
+            s.host_rewards[t], s.host_terminated[t], s.host_truncated[t] = reward, terminated, truncated
+            self.prev_done = terminated | truncated
             if truncated.any() and "final_obs" in info and self.bootstrap_truncated:
                 truncation_values.append(self._final_values(t, truncated, info["final_obs"]))
             _, returns, lengths = finished_episodes(info)
             stats.episode_returns += returns.tolist()
             stats.episode_lengths += lengths.tolist()
-            self.prev_done = done
             self.obs = self._observe(obs)
+        self._finish(num_steps)
+        if self.reward_scaler is not None:
+            s.rewards.copy_(self.reward_scaler(s.rewards, s.terminated | s.truncated, s.valid))
         s.next_values[:-1] = s.values[1:]
         s.next_values[-1] = self.agent.value(self.obs)
         for t, idx, values in truncation_values:
             s.next_values[t, idx] = values
-        stats.env_steps = s.obs.shape[0] * s.obs.shape[1]
+        stats.env_steps = num_steps * s.obs.shape[1]
         return stats
 
     def _final_values(
@@ -146,13 +180,14 @@ class Collector:
         idx = np.flatnonzero(truncated)
         final = np.stack(list(final_obs[idx]))
         check_finite("final observation", final)
-        obs = self.agent.normalize(self._to_tensor(final))
+        obs = self.agent.normalize(torch.as_tensor(final, dtype=torch.float32, device=self.device))
         return t, torch.as_tensor(idx, device=self.device), self.agent.value(obs)
 
     def state_dict(self) -> dict[str, Any]:
         """What the next collection depends on: the envs' own state (None where it cannot be
         saved, see ``env_state.py``), the current observations, and which envs just finished."""
-        return {"obs": self.obs, "prev_done": self.prev_done, "envs": env_state.capture(self.envs)}
+        prev_done = torch.from_numpy(self.prev_done.copy())
+        return {"obs": self.obs, "prev_done": prev_done, "envs": env_state.capture(self.envs)}
 
     def load_state_dict(self, state: dict[str, Any], reset_seed: int) -> bool:
         """Continue the saved episodes; True if that was exact.
@@ -163,11 +198,11 @@ class Collector:
         """
         if state["envs"] is not None and env_state.restore(self.envs, state["envs"]):
             self.obs = state["obs"].to(self.device)
-            self.prev_done = state["prev_done"].to(self.device)
+            self.prev_done = state["prev_done"].numpy().copy()
             return True
         obs, _ = self.envs.reset(seed=reset_seed)
         self.obs = self._observe(obs)
-        self.prev_done.zero_()
+        self.prev_done[:] = False
         if self.reward_scaler is not None:
             self.reward_scaler.returns.zero_()  # the discounted returns belonged to lost episodes
         return False
@@ -202,24 +237,26 @@ class GroupCollector(Collector):
         obs, _ = self.envs.reset(seed=self.group_seeds())  # type: ignore[arg-type]
         self.iteration += 1
         self.obs = self._observe(obs)
-        running = torch.ones(self.envs.num_envs, dtype=torch.bool, device=self.device)
-        s.valid.zero_()
-        for t in range(s.obs.shape[0]):
-            sample = self.agent.sample(self.obs)
-            s.store_sample(t, self.obs, sample)
-            s.valid[t] = running
-            obs, reward, terminated, truncated, _ = self.envs.step(self.agent.env_action(sample.action))
+        num_steps = s.obs.shape[0]
+        forward = JointForward(self.agent)
+        noise = self.agent.exploration_noise((num_steps, self.envs.num_envs))
+        running = np.ones(self.envs.num_envs, dtype=bool)
+        s.host_valid[:] = False
+        s.host_rewards[:] = 0.0
+        for t in range(num_steps):
+            s.host_valid[t] = running
+            obs, reward, terminated, truncated, _ = self.envs.step(self._act(t, forward, noise))
             check_finite("reward", reward)
-            s.rewards[t] = self._to_tensor(reward) * running
-            s.terminated[t] = self._to_tensor(terminated, torch.bool)
-            s.truncated[t] = self._to_tensor(truncated, torch.bool)
-            running = running & ~(s.terminated[t] | s.truncated[t])
+            s.host_rewards[t] = reward * running
+            s.host_terminated[t], s.host_truncated[t] = terminated, truncated
+            running = running & ~(terminated | truncated)
             self.obs = self._observe(obs)
             if not running.any():
                 break
+        self._finish(num_steps)
         stats.env_steps = (t + 1) * self.envs.num_envs
-        stats.episode_returns = (s.rewards * s.valid).sum(dim=0).tolist()
-        stats.episode_lengths = s.valid.sum(dim=0).tolist()
+        stats.episode_returns = s.host_rewards.sum(axis=0, dtype=np.float64).tolist()
+        stats.episode_lengths = s.host_valid.sum(axis=0).tolist()
         return stats
 
     def state_dict(self) -> dict[str, Any]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -25,6 +27,7 @@ from ppo_cli.config import (
     SurrogateConfig,
     TRPOConfig,
 )
+from ppo_cli.distributions import ActionDistribution
 from ppo_cli.errors import NonFiniteError
 from ppo_cli.rollout import RolloutStorage
 from ppo_cli.trpo import trust_region_step
@@ -64,6 +67,25 @@ class Batch:
 
     def __len__(self) -> int:
         return self.obs.shape[0]
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+        """The batch with ``fn`` applied to every field."""
+        return Batch(**{f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)})
+
+    def shuffled_minibatches(self, num_minibatches: int) -> Iterator[Batch]:
+        """The batch in a fresh random order, cut into ``num_minibatches`` consecutive parts
+        whose sizes differ by at most one (like ``torch.tensor_split``).
+
+        Each field is gathered once per call; the minibatches are views of the gathered copy.
+        """
+        order = torch.randperm(len(self), device=self.obs.device)
+        shuffled = self.map(lambda field: field[order])
+        size, extra = divmod(len(self), num_minibatches)
+        start = 0
+        for i in range(num_minibatches):
+            end = start + size + (i < extra)
+            yield shuffled.map(lambda field: field[start:end])  # noqa: B023 (used at once)
+            start = end
 
 
 class Updater(ABC):
@@ -126,35 +148,34 @@ class SurrogateUpdater(Updater):
     cfg: SurrogateConfig | GRPOConfig
 
     @abstractmethod
-    def minibatch_loss(
-        self, out: Evaluation, batch: Batch, idx: torch.Tensor, kl: KLTerms
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(loss to minimise, {name: term to log}) for the minibatch ``idx`` of ``batch``."""
+    def minibatch_loss(self, out: Evaluation, mb: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss to minimise, {name: term to log}) for the minibatch ``mb``."""
 
     def update(self, batch: Batch) -> dict[str, float]:
         cfg = self.cfg
-        totals: dict[str, torch.Tensor] = {}
-        steps, stopped_early = 0, False
+        logged: list[torch.Tensor] = []  # one row of logged terms per minibatch
+        names: list[str] = []
+        stopped_early = False
         for _ in range(cfg.update_epochs):
-            order = torch.randperm(len(batch), device=batch.obs.device)
-            for idx in torch.tensor_split(order, cfg.num_minibatches):
-                out = self.agent.evaluate(batch.obs[idx], batch.actions[idx])
-                kl = KLTerms.measure(self.agent, out, batch.log_probs[idx], batch.policy_params[idx])
+            for mb in batch.shuffled_minibatches(cfg.num_minibatches):
+                out = self.agent.evaluate(mb.obs, mb.actions)
+                with torch.no_grad():  # diagnostics: no graph to record
+                    kl = KLTerms.measure(self.agent.dist, out, mb.log_probs, mb.policy_params)
                 if cfg.target_kl is not None and kl.k3.item() > cfg.target_kl:
                     stopped_early = True
                     break
-                loss, terms = self.minibatch_loss(out, batch, idx, kl)
+                loss, terms = self.minibatch_loss(out, mb)
                 self.step(loss, terms)
                 terms.update(kl.logged())
-                # Summed on the device; read back once per update, not once per minibatch.
-                for key, value in terms.items():
-                    totals[key] = totals.get(key, 0) + value.detach()
-                steps += 1
+                names = list(terms)
+                # Kept on the device; read back once per update, not once per minibatch.
+                logged.append(torch.stack([value.detach() for value in terms.values()]))
             if stopped_early:
                 break
-        means = {key: float(value) / max(steps, 1) for key, value in totals.items()}
-        means.update(minibatch_updates=float(steps), early_stop=float(stopped_early))
-        return means
+        means = torch.stack(logged).mean(dim=0).tolist() if logged else []
+        metrics = dict(zip(names, means, strict=True))
+        metrics.update(minibatch_updates=float(len(logged)), early_stop=float(stopped_early))
+        return metrics
 
 
 class ActorCriticSurrogateUpdater(SurrogateUpdater):
@@ -163,25 +184,17 @@ class ActorCriticSurrogateUpdater(SurrogateUpdater):
     cfg: SurrogateConfig
 
     @abstractmethod
-    def policy_loss(
-        self, log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, kl: KLTerms
-    ) -> dict[str, torch.Tensor]:
+    def policy_loss(self, out: Evaluation, mb: Batch, advantages: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{"policy_loss": ..., <extra logged terms>}`` for one minibatch; may carry gradients."""
 
     def value_clip_eps(self) -> float | None:
         return None
 
-    def minibatch_loss(
-        self, out: Evaluation, batch: Batch, idx: torch.Tensor, kl: KLTerms
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def minibatch_loss(self, out: Evaluation, mb: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg = self.cfg
-        advantages = batch.advantages[idx]
-        if cfg.norm_adv:
-            advantages = losses.normalize_advantages(advantages)
-        terms = self.policy_loss(out.log_prob, batch.log_probs[idx], advantages, kl)
-        terms["value_loss"] = losses.value_loss(
-            out.value, batch.values[idx], batch.returns[idx], self.value_clip_eps()
-        )
+        advantages = losses.normalize_advantages(mb.advantages) if cfg.norm_adv else mb.advantages
+        terms = self.policy_loss(out, mb, advantages)
+        terms["value_loss"] = losses.value_loss(out.value, mb.values, mb.returns, self.value_clip_eps())
         terms["entropy"] = out.entropy.mean()
         loss = terms["policy_loss"] - cfg.ent_coef * terms["entropy"] + cfg.vf_coef * terms["value_loss"]
         return loss, terms
@@ -197,10 +210,10 @@ class KLTerms(NamedTuple):
 
     @classmethod
     def measure(
-        cls, agent: ActorCritic, out: Evaluation, old_log_prob: torch.Tensor, old_params: torch.Tensor
+        cls, dist: ActionDistribution, out: Evaluation, old_log_prob: torch.Tensor, old_params: torch.Tensor
     ) -> KLTerms:
         """All four for the samples behind ``out`` (with gradients, if ``out`` has them)."""
-        exact = agent.exact_kl(old_params, out.distribution).mean()
+        exact = dist.kl(old_params, out.policy_params).mean()
         return cls(*losses.kl_estimates(out.log_prob, old_log_prob), exact)
 
     def logged(self) -> dict[str, torch.Tensor]:
@@ -214,13 +227,11 @@ class ClipUpdater(ActorCriticSurrogateUpdater):
 
     cfg: ClipConfig
 
-    def policy_loss(
-        self, log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, kl: KLTerms
-    ) -> dict[str, torch.Tensor]:
+    def policy_loss(self, out: Evaluation, mb: Batch, advantages: torch.Tensor) -> dict[str, torch.Tensor]:
         eps = self.cfg.clip_eps
         return {
-            "policy_loss": losses.clipped_surrogate_loss(log_prob, old_log_prob, advantages, eps),
-            "clipfrac": losses.clip_fraction(log_prob.detach(), old_log_prob, eps),
+            "policy_loss": losses.clipped_surrogate_loss(out.log_prob, mb.log_probs, advantages, eps),
+            "clipfrac": losses.clip_fraction(out.log_prob.detach(), mb.log_probs, eps),
         }
 
     def value_clip_eps(self) -> float | None:
@@ -240,11 +251,10 @@ class PenaltyUpdater(ActorCriticSurrogateUpdater):
         super().__init__(agent, optimizer, cfg)
         self.beta = cfg.kl_coef
 
-    def policy_loss(
-        self, log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, kl: KLTerms
-    ) -> dict[str, torch.Tensor]:
+    def policy_loss(self, out: Evaluation, mb: Batch, advantages: torch.Tensor) -> dict[str, torch.Tensor]:
+        kl = KLTerms.measure(self.agent.dist, out, mb.log_probs, mb.policy_params)  # with gradients
         penalty = getattr(kl, self.cfg.kl_estimator)
-        surrogate = losses.surrogate_loss(log_prob, old_log_prob, advantages)
+        surrogate = losses.surrogate_loss(out.log_prob, mb.log_probs, advantages)
         return {"policy_loss": surrogate + self.beta * penalty, "surrogate_loss": surrogate}
 
     def update(self, batch: Batch) -> dict[str, float]:
@@ -253,7 +263,7 @@ class PenaltyUpdater(ActorCriticSurrogateUpdater):
         if self.cfg.adaptive:
             with torch.no_grad():
                 out = self.agent.evaluate(batch.obs, batch.actions)
-                kl = KLTerms.measure(self.agent, out, batch.log_probs, batch.policy_params)
+                kl = KLTerms.measure(self.agent.dist, out, batch.log_probs, batch.policy_params)
             measured = float(getattr(kl, self.cfg.kl_estimator))
             metrics["kl_after_update"] = measured
             self.beta = losses.adaptive_kl_coef(
@@ -289,24 +299,19 @@ class GRPOUpdater(SurrogateUpdater):
         self.reference = copy.deepcopy(agent).requires_grad_(False)
         self.updates = 0
 
-    def minibatch_loss(
-        self, out: Evaluation, batch: Batch, idx: torch.Tensor, kl: KLTerms
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def minibatch_loss(self, out: Evaluation, mb: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with torch.no_grad():
-            ref_dist = self.reference.distribution(batch.obs[idx])
-            ref_log_prob, _ = self.reference.log_prob_entropy(ref_dist, batch.actions[idx])
+            ref_log_prob = self.reference.dist.log_prob(self.reference.policy_params(mb.obs), mb.actions)
         log_ratio = ref_log_prob - out.log_prob
         ref_kl = (torch.expm1(log_ratio) - log_ratio).mean()
-        advantages = batch.advantages[idx]
-        surrogate = losses.clipped_surrogate_loss(
-            out.log_prob, batch.log_probs[idx], advantages, self.cfg.clip_eps
-        )
+        eps = self.cfg.clip_eps
+        surrogate = losses.clipped_surrogate_loss(out.log_prob, mb.log_probs, mb.advantages, eps)
         terms = {
             "policy_loss": surrogate + self.cfg.kl_coef * ref_kl,
             "surrogate_loss": surrogate,
             "ref_kl": ref_kl,
             "entropy": out.entropy.mean(),
-            "clipfrac": losses.clip_fraction(out.log_prob.detach(), batch.log_probs[idx], self.cfg.clip_eps),
+            "clipfrac": losses.clip_fraction(out.log_prob.detach(), mb.log_probs, eps),
         }
         return terms["policy_loss"] - self.cfg.ent_coef * terms["entropy"], terms
 
@@ -390,14 +395,14 @@ class TRPOUpdater(A2CUpdater):
         advantages = losses.normalize_advantages(batch.advantages) if cfg.norm_adv else batch.advantages
 
         def surrogate() -> torch.Tensor:
-            dist = self.agent.distribution(batch.obs)
-            log_prob, entropy = self.agent.log_prob_entropy(dist, batch.actions)
+            params = self.agent.policy_params(batch.obs)
+            log_prob, entropy = self.agent.dist.log_prob_entropy(params, batch.actions)
             return (
                 -losses.surrogate_loss(log_prob, batch.log_probs, advantages) + cfg.ent_coef * entropy.mean()
             )
 
         def mean_kl() -> torch.Tensor:
-            return self.agent.exact_kl(batch.policy_params, self.agent.distribution(batch.obs)).mean()
+            return self.agent.dist.kl(batch.policy_params, self.agent.policy_params(batch.obs)).mean()
 
         result = trust_region_step(
             self.agent.actor_parameters(),
@@ -423,7 +428,7 @@ def _after_step_metrics(agent: ActorCritic, batch: Batch, terms: dict[str, torch
     """The logged terms plus how far the single step moved the policy (every KL estimate)."""
     with torch.no_grad():
         out = agent.evaluate(batch.obs, batch.actions)
-        kl = KLTerms.measure(agent, out, batch.log_probs, batch.policy_params)
+        kl = KLTerms.measure(agent.dist, out, batch.log_probs, batch.policy_params)
     return {key: float(value.detach()) for key, value in {**terms, **kl.logged()}.items()}
 
 

@@ -11,10 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from ppo_cli import cli
+from ppo_cli.agent import ActorCritic
 from ppo_cli.config import AlgoConfig, TrainConfig, to_train_config
+from ppo_cli.update import Batch
 
 
 def compose_config(*overrides: str) -> TrainConfig:
@@ -27,6 +30,18 @@ def algo_config(name: str, **values: Any) -> AlgoConfig:
     """``algo/<name>.yaml``'s defaults (no env-specific tuning) with ``values`` overridden."""
     overrides = [f"algo.{key}={'null' if value is None else value}" for key, value in values.items()]
     return compose_config(f"algo={name}", "~tuned", *overrides).algo
+
+
+def on_policy_batch(
+    agent: ActorCritic, obs: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor
+) -> Batch:
+    """A Batch of actions sampled by ``agent`` itself on ``obs``, as a rollout would store them."""
+    with torch.no_grad():
+        actions = agent.act(obs)
+        params = agent.policy_params(obs)
+        log_probs = agent.dist.log_prob(params, actions)
+        values = agent.value(obs)
+    return Batch(obs, actions, log_probs, params, values, advantages, returns)
 
 
 def console_script(name: str) -> str:

@@ -1,4 +1,4 @@
-"""ActorCritic: gradient isolation, initialisation, distributions and action handling."""
+"""ActorCritic: gradient isolation, initialisation, acting, and the joint rollout forward."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.distributions import Categorical, Normal
 
-from ppo_cli.agent import ActorCritic
+from ppo_cli.agent import ActorCritic, JointForward
 from ppo_cli.config import AgentConfig
+from ppo_cli.distributions import Categorical, DiagonalGaussian
 
 OBS = gym.spaces.Box(-np.inf, np.inf, shape=(5,), dtype=np.float32)
 DISCRETE = gym.spaces.Discrete(3)
@@ -47,9 +47,7 @@ def test_parameters_split_into_actor_and_critic(action_space, small_agent_cfg) -
 def test_value_loss_gradients_reach_only_critic(action_space, small_agent_cfg) -> None:
     agent = ActorCritic(OBS, action_space, small_agent_cfg)
     obs = torch.randn(16, 5)
-    with torch.no_grad():
-        action = agent.sample(obs).action
-    out = agent.evaluate(obs, action)
+    out = agent.evaluate(obs, agent.act(obs))
     (out.value - torch.randn(16)).square().mean().backward()
     assert all(_no_grad(p) for p in _actor_params(agent))
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in agent.critic.parameters())
@@ -59,9 +57,7 @@ def test_value_loss_gradients_reach_only_critic(action_space, small_agent_cfg) -
 def test_policy_loss_gradients_reach_only_actor(action_space, small_agent_cfg) -> None:
     agent = ActorCritic(OBS, action_space, small_agent_cfg)
     obs = torch.randn(16, 5)
-    with torch.no_grad():
-        action = agent.sample(obs).action
-    out = agent.evaluate(obs, action)
+    out = agent.evaluate(obs, agent.act(obs))
     (-(out.log_prob * torch.randn(16)).mean() - 0.01 * out.entropy.mean()).backward()
     assert all(_no_grad(p) for p in agent.critic.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in _actor_params(agent))
@@ -94,47 +90,41 @@ def test_orthogonal_init_gains(action_space) -> None:
 
 def test_discrete_gives_categorical_over_n(small_agent_cfg) -> None:
     agent = ActorCritic(OBS, gym.spaces.Discrete(7), small_agent_cfg)
-    assert not agent.continuous
+    assert not agent.continuous and isinstance(agent.dist, Categorical)
     obs = torch.randn(4, 5)
-    dist = agent.distribution(obs)
-    assert isinstance(dist, Categorical)
-    assert dist.probs.shape == (4, 7)
-    torch.testing.assert_close(dist.logits.exp().sum(-1), torch.ones(4))
-    sample = agent.sample(obs)
-    assert sample.action.shape == (4,)
-    assert sample.action.dtype == torch.int64
-    assert sample.value.shape == (4,)
-    assert sample.log_prob.shape == (4,)
+    assert agent.policy_params(obs).shape == (4, 7)
+    action = agent.act(obs)
+    assert action.shape == (4,) and action.dtype == torch.int64
+    out = agent.evaluate(obs, action)
+    assert out.value.shape == out.log_prob.shape == out.entropy.shape == (4,)
 
 
 def test_box_gives_gaussian_with_state_independent_std() -> None:
     cfg = AgentConfig(actor_hidden=[8], critic_hidden=[8], log_std_init=-0.7)
     agent = ActorCritic(OBS, BOX, cfg)
-    assert agent.continuous
+    assert agent.continuous and isinstance(agent.dist, DiagonalGaussian)
     obs = torch.randn(4, 5)
-    dist = agent.distribution(obs)
-    assert isinstance(dist, Normal)
-    assert dist.mean.shape == (4, 2)
-    torch.testing.assert_close(dist.stddev, torch.full((4, 2), math.exp(-0.7)))
-    assert agent.sample(obs).action.shape == (4, 2)
+    mean, log_std = agent.policy_params(obs).chunk(2, dim=-1)
+    torch.testing.assert_close(mean, agent.actor(obs))
+    torch.testing.assert_close(log_std, torch.full((4, 2), -0.7))
+    assert agent.act(obs).shape == (4, 2)
 
 
 def test_env_action_clips_but_stored_action_is_raw() -> None:
     cfg = AgentConfig(actor_hidden=[8], critic_hidden=[8], log_std_init=1.5)  # std ~ 4.5
     agent = ActorCritic(OBS, BOX, cfg)
     obs = torch.randn(256, 5)
-    sample = agent.sample(obs)
-    raw = sample.action
+    raw = agent.act(obs)
     env_action = agent.env_action(raw)
     assert isinstance(env_action, np.ndarray)
     np.testing.assert_array_equal(env_action, np.clip(raw.numpy(), BOX.low, BOX.high))
     assert (env_action >= BOX.low).all() and (env_action <= BOX.high).all()
     outside = (raw.numpy() < BOX.low) | (raw.numpy() > BOX.high)
     assert outside.any()  # the stored action really is unclipped
-    # The stored log-probability belongs to the raw action, not the clipped one.
-    torch.testing.assert_close(agent.evaluate(obs, raw).log_prob, sample.log_prob)
+    # Clipping changes the log-probability: the update must see the raw action.
+    raw_lp = agent.evaluate(obs, raw).log_prob
     clipped_lp = agent.evaluate(obs, torch.as_tensor(env_action)).log_prob
-    assert not torch.allclose(clipped_lp, sample.log_prob)
+    assert not torch.allclose(clipped_lp, raw_lp)
 
 
 def test_env_action_discrete_passes_through(small_agent_cfg) -> None:
@@ -150,11 +140,9 @@ def test_deterministic_discrete_is_argmax(small_agent_cfg) -> None:
     obs = torch.randn(64, 5)
     with torch.no_grad():
         logits = agent.actor(obs)
-    sample = agent.sample(obs, deterministic=True)
-    torch.testing.assert_close(sample.action, logits.argmax(-1))
-    assert len(set(sample.action.tolist())) > 1
-    expected_lp = torch.log_softmax(logits, -1).gather(1, sample.action[:, None]).squeeze(1)
-    torch.testing.assert_close(sample.log_prob, expected_lp)
+    action = agent.act(obs, deterministic=True)
+    torch.testing.assert_close(action, logits.argmax(-1))
+    assert len(set(action.tolist())) > 1
 
 
 def test_deterministic_box_is_mean() -> None:
@@ -163,24 +151,48 @@ def test_deterministic_box_is_mean() -> None:
     obs = torch.randn(10, 5)
     with torch.no_grad():
         mean = agent.actor(obs)
-    a1 = agent.sample(obs, deterministic=True)
-    a2 = agent.sample(obs, deterministic=True)
-    torch.testing.assert_close(a1.action, mean)
-    torch.testing.assert_close(a1.action, a2.action)
-    # log N(mu | mu, sigma) summed over 2 dims = -2 * (log sigma + 0.5 * log(2 pi))
-    expected = torch.full((10,), -2 * (0.3 + 0.5 * math.log(2 * math.pi)))
-    torch.testing.assert_close(a1.log_prob, expected)
+    torch.testing.assert_close(agent.act(obs, deterministic=True), mean)
+    torch.testing.assert_close(agent.act(obs, deterministic=True), mean)
 
 
 @pytest.mark.parametrize("action_space", [DISCRETE, BOX], ids=["discrete", "box"])
-def test_evaluate_matches_sample(action_space, small_agent_cfg) -> None:
-    agent = ActorCritic(OBS, action_space, small_agent_cfg)
-    obs = torch.randn(32, 5)
-    sample = agent.sample(obs)
-    out = agent.evaluate(obs, sample.action)
-    torch.testing.assert_close(out.log_prob, sample.log_prob)
-    torch.testing.assert_close(out.value, sample.value)
-    assert out.log_prob.shape == out.entropy.shape == (32,)
+def test_noisy_action_is_the_distributions_sample(action_space, small_agent_cfg) -> None:
+    """The rollout samples from the actor's raw output with pre-drawn noise; that must be the
+    draw ``dist.sample`` makes from the full parameters with the same noise."""
+    agent = ActorCritic(OBS, action_space, small_agent_cfg, normalize_obs=False)
+    with torch.no_grad():
+        agent.actor[-1].weight.mul_(100.0)  # logits / means far from their initial near-zero
+        if agent.continuous:
+            agent.log_std.copy_(torch.tensor([0.5, -1.0]))
+    obs = torch.randn(512, 5)
+    torch.manual_seed(3)
+    rollout_noise = agent.exploration_noise((512,))
+    torch.manual_seed(3)
+    params = agent.policy_params(obs).detach()
+    noise = agent.dist.draw_noise((512,), torch.device("cpu"))
+    expected = agent.dist.sample(params, noise)
+    torch.testing.assert_close(agent.noisy_action(agent.actor(obs).detach(), rollout_noise), expected)
+
+
+@pytest.mark.parametrize(
+    ("actor_hidden", "critic_hidden", "activation"),
+    [([8, 8], [8, 8], "tanh"), ([16, 4], [8, 32], "relu"), ([8], [8, 8], "tanh")],
+    ids=["same-sizes", "other-sizes", "other-depths"],
+)
+@pytest.mark.parametrize("action_space", [DISCRETE, BOX], ids=["discrete", "box"])
+def test_joint_forward_is_actor_and_critic_side_by_side(
+    action_space, actor_hidden, critic_hidden, activation
+) -> None:
+    cfg = AgentConfig(actor_hidden=actor_hidden, critic_hidden=critic_hidden, activation=activation)
+    agent = ActorCritic(OBS, action_space, cfg)
+    for layer in [*agent.actor.linear_layers, *agent.critic.linear_layers]:
+        nn.init.normal_(layer.bias)  # the initial zero biases would hide a misplaced bias
+    obs = torch.randn(6, 5)
+    out = torch.empty(6, agent.actor_out_dim + 1)
+    with torch.no_grad():
+        JointForward(agent)(obs, out)
+        torch.testing.assert_close(out[:, :-1], agent.actor(obs))
+        torch.testing.assert_close(out[:, -1], agent.value(obs))
 
 
 def test_box_log_prob_is_diagonal_gaussian_density() -> None:
@@ -228,47 +240,4 @@ def test_multidimensional_observations_are_normalised_per_element() -> None:
     flat = data.flatten(1).double()
     expected = (flat[:4] - flat.mean(0)) / flat.var(0, unbiased=False).sqrt()
     torch.testing.assert_close(out.double(), expected, rtol=1e-3, atol=1e-3)
-    assert agent.sample(out).action.shape == (4,)
-
-
-def test_exact_kl_matches_closed_forms(small_agent_cfg: AgentConfig) -> None:
-    obs_space = gym.spaces.Box(-1.0, 1.0, shape=(3,), dtype=np.float32)
-    obs = torch.randn(5, 3)
-
-    gaussian = ActorCritic(obs_space, gym.spaces.Box(-1.0, 1.0, shape=(2,)), small_agent_cfg)
-    old_params = gaussian.policy_params(obs).detach()
-    with torch.no_grad():
-        gaussian.log_std.add_(torch.tensor([0.3, -0.2]))
-    new = gaussian.distribution(obs)
-    mu0, log_s0 = old_params.chunk(2, dim=-1)
-    mu1, s1 = new.mean, new.stddev
-    s0 = log_s0.exp()
-    # KL(N0 || N1) = log(s1/s0) + (s0^2 + (mu0 - mu1)^2) / (2 s1^2) - 1/2, summed over dimensions
-    expected = (torch.log(s1 / s0) + (s0**2 + (mu0 - mu1) ** 2) / (2 * s1**2) - 0.5).sum(-1)
-    torch.testing.assert_close(gaussian.exact_kl(old_params, new), expected)
-
-    categorical = ActorCritic(obs_space, gym.spaces.Discrete(3), small_agent_cfg)
-    old_logits = categorical.policy_params(obs).detach()
-    assert torch.all(categorical.exact_kl(old_logits, categorical.distribution(obs)).abs() < 1e-6)
-    shifted = old_logits + torch.tensor([0.5, 0.0, -0.5])
-    p_old, p_new = old_logits.softmax(-1), shifted.softmax(-1)
-    expected = (p_old * (p_old.log() - p_new.log())).sum(-1)
-    new_dist = categorical.distribution_from_params(shifted)
-    torch.testing.assert_close(categorical.exact_kl(old_logits, new_dist), expected)
-
-
-def test_discrete_sampling_is_categorical_sampling(small_agent_cfg: AgentConfig) -> None:
-    """``sample`` skips building a Categorical, but draws exactly what torch's Categorical draws
-    from the same random state and reports the same log-probabilities."""
-    agent = ActorCritic(gym.spaces.Box(-1, 1, (3,)), gym.spaces.Discrete(5), small_agent_cfg)
-    obs = torch.randn(4096, 3)
-    torch.manual_seed(7)
-    fast = agent.sample(obs)
-    torch.manual_seed(7)
-    with torch.no_grad():
-        reference = Categorical(logits=agent.actor(obs))
-        expected = reference.sample()
-    assert torch.equal(fast.action, expected)
-    torch.testing.assert_close(fast.log_prob, reference.log_prob(expected))
-    greedy = agent.sample(obs, deterministic=True).action
-    assert torch.equal(greedy, reference.logits.argmax(-1))
+    assert agent.act(out).shape == (4,)

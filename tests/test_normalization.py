@@ -92,6 +92,26 @@ def _reward_stream(steps: int, num_envs: int, seed: int):
     return rewards, dones
 
 
+def _scale_step(
+    scaler: RewardScaler, rewards: torch.Tensor, dones: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """One step's rewards through the scaler, as a rollout of length 1."""
+    return scaler(rewards[None], dones[None], valid[None])[0]
+
+
+def test_reward_scaler_on_a_rollout_equals_step_by_step() -> None:
+    rewards, dones = _reward_stream(30, 4, seed=2)
+    valid = torch.from_numpy(np.random.default_rng(3).random((30, 4)) < 0.9)
+    whole, stepwise = RewardScaler(4, 0.95, clip=5.0), RewardScaler(4, 0.95, clip=5.0)
+    out = whole(torch.from_numpy(rewards), torch.from_numpy(dones), valid)
+    expected = torch.stack([
+        _scale_step(stepwise, torch.from_numpy(rewards[t]), torch.from_numpy(dones[t]), valid[t])
+        for t in range(30)
+    ])  # fmt: skip
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(whole.state_dict(), stepwise.state_dict())
+
+
 def test_reward_scaler_divides_by_return_std_and_resets_on_done() -> None:
     gamma, num_envs = 0.9, 3
     rewards, dones = _reward_stream(40, num_envs, seed=1)
@@ -104,7 +124,7 @@ def test_reward_scaler_divides_by_return_std_and_resets_on_done() -> None:
         G = gamma * G + rewards[t].astype(np.float64)
         seen.extend(G.tolist())
         G[dones[t]] = 0.0
-        out = scaler(torch.as_tensor(rewards[t]), torch.as_tensor(dones[t]), valid)
+        out = _scale_step(scaler, torch.as_tensor(rewards[t]), torch.as_tensor(dones[t]), valid)
         _, var, _ = with_prior(np.array(seen))
         expected = rewards[t] / np.sqrt(var + 1e-8)
         np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5)
@@ -119,11 +139,11 @@ def test_reward_scaler_divides_by_return_std_and_resets_on_done() -> None:
 def test_reward_scaler_reset_starts_a_fresh_return() -> None:
     scaler = RewardScaler(2, gamma=0.5, clip=100.0)
     valid = torch.ones(2, dtype=torch.bool)
-    scaler(torch.tensor([1.0, 1.0]), torch.tensor([False, False]), valid)
-    scaler(torch.tensor([2.0, 2.0]), torch.tensor([True, False]), valid)
+    _scale_step(scaler, torch.tensor([1.0, 1.0]), torch.tensor([False, False]), valid)
+    _scale_step(scaler, torch.tensor([2.0, 2.0]), torch.tensor([True, False]), valid)
     # env 0 finished: its return restarts from 0; env 1 keeps accumulating
     assert scaler.returns.tolist() == [0.0, 2.5]
-    scaler(torch.tensor([4.0, 4.0]), torch.tensor([False, False]), valid)
+    _scale_step(scaler, torch.tensor([4.0, 4.0]), torch.tensor([False, False]), valid)
     assert scaler.returns.tolist() == [4.0, 5.25]
     # values folded into the statistics: 1, 1, 2.5, 2.5, 4, 5.25
     _, var, _ = with_prior(np.array([1.0, 1.0, 2.5, 2.5, 4.0, 5.25]))
@@ -132,7 +152,8 @@ def test_reward_scaler_reset_starts_a_fresh_return() -> None:
 
 def test_reward_scaler_masks_invalid_steps_and_clips() -> None:
     scaler = RewardScaler(3, gamma=0.99, clip=0.5)
-    out = scaler(
+    out = _scale_step(
+        scaler,
         torch.tensor([10.0, -10.0, 0.1]),
         torch.zeros(3, dtype=torch.bool),
         torch.tensor([True, False, True]),
@@ -160,7 +181,8 @@ def test_statistics_are_buffers_in_state_dict() -> None:
     torch.testing.assert_close(fresh(obs), norm(obs))
 
     scaler = RewardScaler(2, gamma=0.9, clip=10.0)
-    scaler(torch.tensor([1.0, 3.0]), torch.tensor([False, False]), torch.ones(2, dtype=torch.bool))
+    all_valid = torch.ones(2, dtype=torch.bool)
+    _scale_step(scaler, torch.tensor([1.0, 3.0]), torch.tensor([False, False]), all_valid)
     state = scaler.state_dict()
     assert set(state) == {"stats.mean", "stats.var", "stats.count", "returns"}
     restored = RewardScaler(2, gamma=0.9, clip=10.0)

@@ -6,13 +6,13 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from support import algo_config
+from support import algo_config, on_policy_batch
 
 from ppo_cli import losses
 from ppo_cli.agent import ActorCritic
 from ppo_cli.config import AgentConfig, TRPOConfig
 from ppo_cli.trpo import conjugate_gradient
-from ppo_cli.update import Batch, TRPOUpdater
+from ppo_cli.update import TRPOUpdater
 
 
 def test_conjugate_gradient_solves_a_known_spd_system() -> None:
@@ -48,11 +48,8 @@ def test_step_stays_in_the_trust_region_and_improves_the_surrogate(continuous: b
     action_space = gym.spaces.Box(-1.0, 1.0, shape=(2,)) if continuous else gym.spaces.Discrete(3)
     agent = ActorCritic(obs_space, action_space, AgentConfig([16], [16]))
     obs = torch.randn(128, 4)
-    sample = agent.sample(obs)
     advantages = torch.randn(128)
-    batch = Batch(
-        obs, sample.action, sample.log_prob, sample.policy_params, sample.value, advantages, advantages
-    )
+    batch = on_policy_batch(agent, obs, advantages, advantages)
     critic_before = [p.clone() for p in agent.critic.parameters()]
     optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3)
 
@@ -63,11 +60,11 @@ def test_step_stays_in_the_trust_region_and_improves_the_surrogate(continuous: b
     assert metrics["surrogate_improvement"] > 0
     # Recompute both independently of the updater.
     with torch.no_grad():
-        dist = agent.distribution(obs)
-        kl = agent.exact_kl(sample.policy_params, dist).mean().item()
-        log_prob, _ = agent.log_prob_entropy(dist, sample.action)
+        params = agent.policy_params(obs)
+        kl = agent.dist.kl(batch.policy_params, params).mean().item()
+        log_prob = agent.dist.log_prob(params, batch.actions)
         normalized = losses.normalize_advantages(advantages)
-        after = -losses.surrogate_loss(log_prob, sample.log_prob, normalized).item()
+        after = -losses.surrogate_loss(log_prob, batch.log_probs, normalized).item()
         before = normalized.mean().item()  # rho = 1 at theta_old
     assert kl <= max_kl
     assert after > before

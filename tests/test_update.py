@@ -6,7 +6,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from support import algo_config
+from support import algo_config, on_policy_batch
 
 from ppo_cli import losses, update
 from ppo_cli.advantages import gae
@@ -43,13 +43,9 @@ def setup(
     obs_space = gym.spaces.Box(-1.0, 1.0, shape=(3,), dtype=np.float32)
     agent = ActorCritic(obs_space, gym.spaces.Discrete(3), small_agent_cfg)
     obs = torch.randn(size, 3)
-    sample = agent.sample(obs)
-    batch = Batch(
+    batch = on_policy_batch(
+        agent,
         obs,
-        sample.action,
-        sample.log_prob,
-        sample.policy_params,
-        sample.value,
         torch.randn(size) if advantages is None else advantages,
         torch.randn(size) if returns is None else returns,
     )
