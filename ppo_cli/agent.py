@@ -161,11 +161,14 @@ class ActorCritic(nn.Module):
         noise = self.dist.draw_noise(shape, self.critic.linear_layers[0].weight.device)
         return noise * self.log_std.detach().exp() if self.continuous else noise
 
-    def noisy_action(self, actor_out: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """The action sampled with ``noise``: the same draw as ``dist.sample`` on the full
-        parameters, from the actor's raw output (a test checks that they agree)."""
-        perturbed = actor_out + noise
-        return perturbed if self.continuous else perturbed.argmax(-1)
+    def noisy_action(
+        self, actor_out: torch.Tensor, noise: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The action sampled with ``noise`` (written into ``out`` if given): the same draw as
+        ``dist.sample`` on the full parameters, from the actor's raw output (a test checks it)."""
+        if self.continuous:
+            return torch.add(actor_out, noise, out=out)
+        return torch.argmax(actor_out + noise, dim=-1, out=out)
 
     def evaluate(self, obs: torch.Tensor, action: torch.Tensor) -> Evaluation:
         """log pi(a|s), entropy and V(s) with gradients, for the update."""

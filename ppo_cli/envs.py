@@ -19,9 +19,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import gymnasium as gym
-import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
-from gymnasium.wrappers.vector import RecordEpisodeStatistics
 
 from ppo_cli.config import EnvConfig
 from ppo_cli.errors import UserError
@@ -65,7 +63,7 @@ def make_vector_env(
     per_env_seeds: bool = False,
     wrappers: Sequence[Callable[[gym.Env], gym.Wrapper]] = (),
 ) -> VectorEnv:
-    """The vector env described by ``cfg``, with episode statistics recorded in ``info["episode"]``.
+    """The vector env described by ``cfg``.
 
     ``wrappers`` wrap each sub-env (e.g. video recording); they need ``sync`` vectorisation.
     """
@@ -97,7 +95,7 @@ def make_vector_env(
     except gym.error.DependencyNotInstalled as exc:
         raise UserError(f"env.id: {spec.id} needs an optional dependency: {exc}") from None
     check_spaces(envs, spec.id)
-    return RecordEpisodeStatistics(envs)
+    return envs
 
 
 @contextmanager
@@ -132,14 +130,6 @@ def uses_next_step_autoreset(envs: VectorEnv) -> bool:
     """True when the env emits the reset transition as an extra step (see module docstring)."""
     mode = envs.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)
     return AutoresetMode(mode) == AutoresetMode.NEXT_STEP
-
-
-def finished_episodes(info: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(env indices, returns, lengths) of the episodes that ended in this step (raw rewards)."""
-    if "episode" not in info:
-        return np.empty(0, dtype=int), np.empty(0), np.empty(0, dtype=int)
-    done = info["_episode"]
-    return np.flatnonzero(done), info["episode"]["r"][done], info["episode"]["l"][done]
 
 
 def episode_time_limit(cfg: EnvConfig) -> int | None:

@@ -14,11 +14,12 @@ import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium.wrappers import RecordVideo
+from gymnasium.wrappers.vector import RecordEpisodeStatistics
 
 from ppo_cli.agent import ActorCritic
 from ppo_cli.checkpoint import resolve_checkpoint
 from ppo_cli.config import EnvConfig
-from ppo_cli.envs import finished_episodes, make_vector_env
+from ppo_cli.envs import make_vector_env
 from ppo_cli.errors import UserError
 from ppo_cli.logger import write_json
 from ppo_cli.policy import load_agent
@@ -76,11 +77,20 @@ def evaluate(
     return Episodes(np.asarray(returns), np.asarray(lengths))
 
 
+def finished_episodes(info: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(env indices, returns, lengths) of the episodes that ended in this step (raw rewards), as
+    ``RecordEpisodeStatistics`` reports them in ``info``."""
+    if "episode" not in info:
+        return np.empty(0, dtype=int), np.empty(0), np.empty(0, dtype=int)
+    done = info["_episode"]
+    return np.flatnonzero(done), info["episode"]["r"][done], info["episode"]["l"][done]
+
+
 def _eval_envs(
     env_cfg: EnvConfig, num_envs: int, episodes: int, video_dir: Path | None
 ) -> gym.vector.VectorEnv:
     if video_dir is None:
-        return make_vector_env(env_cfg, num_envs=num_envs)
+        return RecordEpisodeStatistics(make_vector_env(env_cfg, num_envs=num_envs))
     if not os.environ.get("DISPLAY"):
         # MuJoCo renders through an X display by default; headless machines need EGL (read when
         # mujoco is first imported, i.e. when the first MuJoCo env is made, which is below).
@@ -93,7 +103,8 @@ def _eval_envs(
         disable_logger=True,
     )
     try:
-        return make_vector_env(env_cfg, num_envs=1, render_mode="rgb_array", wrappers=[recorder])
+        envs = make_vector_env(env_cfg, num_envs=1, render_mode="rgb_array", wrappers=[recorder])
+        return RecordEpisodeStatistics(envs)
     except gym.error.DependencyNotInstalled as exc:
         raise UserError(f"--video needs moviepy: pip install 'ppo-cli[video]' ({exc})") from None
 

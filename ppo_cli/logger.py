@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 from tqdm import tqdm
@@ -61,9 +62,10 @@ class RunLogger:
         self.next_report = (resumed_at or 0) + total_steps / TEXT_REPORTS
 
     def scalars(self, values: dict[str, float], step: int) -> None:
-        """Log ``{tag: value}`` at ``step`` (environment steps)."""
-        for tag, value in values.items():
-            self.writer.add_scalar(tag, value, step)
+        """Log ``{tag: value}`` at ``step`` (environment steps), all in one event: readers see the
+        same scalars as from one ``add_scalar`` per tag, which costs ten times more per iteration."""
+        values_pb = [Summary.Value(tag=tag, simple_value=float(value)) for tag, value in values.items()]
+        self._add_summary(Summary(value=values_pb), step)
 
     def progress(self, step: int, sps: float, mean_return: float | None) -> None:
         recent = "n/a" if mean_return is None else f"{mean_return:.1f}"

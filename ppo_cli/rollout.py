@@ -17,7 +17,7 @@ Two autoreset conventions are handled (see ``envs.py``):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -25,9 +25,19 @@ from gymnasium.vector import VectorEnv
 
 from ppo_cli import env_state
 from ppo_cli.agent import ActorCritic, JointForward
-from ppo_cli.envs import finished_episodes, uses_next_step_autoreset
+from ppo_cli.envs import uses_next_step_autoreset
 from ppo_cli.errors import NonFiniteError
 from ppo_cli.normalization import RewardScaler
+
+
+class StepView(NamedTuple):
+    """Views of one time step of a RolloutStorage, made once: indexing the storage at every env
+    step would cost a tensor operation per field."""
+
+    obs: torch.Tensor
+    outputs: torch.Tensor  # [actor output, V(s)]
+    actor_out: torch.Tensor
+    actions: torch.Tensor
 
 
 class RolloutStorage:
@@ -41,13 +51,13 @@ class RolloutStorage:
 
     def __init__(self, num_steps: int, num_envs: int, agent: ActorCritic, device: torch.device) -> None:
         shape = (num_steps, num_envs)
-        self.obs = torch.zeros((*shape, agent.obs_dim), device=device)
         dist = agent.dist
+        self.obs = torch.zeros((*shape, agent.obs_dim), device=device)
         self.actions = torch.zeros((*shape, *dist.action_shape), dtype=dist.action_dtype, device=device)
         # [actor output, V(s)] per step, as JointForward writes them.
         self.outputs = torch.zeros((*shape, agent.actor_out_dim + 1), device=device)
         self.log_probs = torch.zeros(shape, device=device)
-        self.policy_params = torch.zeros((*shape, agent.dist.param_dim), device=device)
+        self.policy_params = torch.zeros((*shape, dist.param_dim), device=device)
         self.next_values = torch.zeros(shape, device=device)
         self.rewards = torch.zeros(shape, device=device)
         self.terminated = torch.zeros(shape, dtype=torch.bool, device=device)
@@ -57,6 +67,10 @@ class RolloutStorage:
         self.host_terminated = np.zeros(shape, dtype=bool)
         self.host_truncated = np.zeros(shape, dtype=bool)
         self.host_valid = np.ones(shape, dtype=bool)
+        self.steps = [
+            StepView(self.obs[t], self.outputs[t], self.outputs[t, :, :-1], self.actions[t])
+            for t in range(num_steps)
+        ]
 
     @property
     def values(self) -> torch.Tensor:
@@ -92,6 +106,44 @@ class RolloutStats:
     episode_lengths: list[int] = field(default_factory=list)
 
 
+class EpisodeCounter:
+    """The return (raw rewards) and length of each env's episode in progress.
+
+    What gymnasium's ``RecordEpisodeStatistics`` wrapper reports, counted here from the rewards
+    and flags the collector holds anyway: the wrapper costs about 14 us per step, a fifth of a
+    whole step of four numpy-vectorised CartPoles.
+    """
+
+    def __init__(self, num_envs: int) -> None:
+        self.returns = np.zeros(num_envs)
+        self.lengths = np.zeros(num_envs, dtype=np.int64)
+
+    def step(self, rewards: np.ndarray, valid: np.ndarray, done: np.ndarray, stats: RolloutStats) -> None:
+        """Count one step (fake steps, ``valid`` False, count for nothing); episodes that ended
+        with it go into ``stats``."""
+        self.returns += rewards * valid
+        self.lengths += valid
+        if done.any():
+            stats.episode_returns += self.returns[done].tolist()
+            stats.episode_lengths += self.lengths[done].tolist()
+            self.returns[done] = 0.0
+            self.lengths[done] = 0
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            "returns": torch.from_numpy(self.returns.copy()),
+            "lengths": torch.from_numpy(self.lengths.copy()),
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.returns[:] = state["returns"].numpy()
+        self.lengths[:] = state["lengths"].numpy()
+
+    def reset(self) -> None:
+        self.returns[:] = 0.0
+        self.lengths[:] = 0
+
+
 class Collector:
     """Steps a vector env with an agent and writes the transitions into a storage."""
 
@@ -115,6 +167,7 @@ class Collector:
         obs, _ = envs.reset(seed=seed)
         self.obs = self._observe(obs)
         self.prev_done = np.zeros(envs.num_envs, dtype=bool)
+        self.episodes = EpisodeCounter(envs.num_envs)
 
     def _observe(self, obs: np.ndarray) -> torch.Tensor:
         """Fold fresh observations into the statistics, then normalise them."""
@@ -124,18 +177,16 @@ class Collector:
             self.agent.obs_normalizer.stats.update(tensor.flatten(1))
         return self.agent.normalize(tensor)
 
-    def _act(self, t: int, forward: JointForward, noise: torch.Tensor) -> np.ndarray:
-        """Record the current observations at step t, and what the agent does with them."""
-        s = self.storage
-        s.obs[t] = self.obs
-        forward(self.obs, s.outputs[t])
-        action = self.agent.noisy_action(s.outputs[t, :, :-1], noise[t])
-        s.actions[t] = action
-        return self.agent.env_action(action)
+    def _act(self, step: StepView, forward: JointForward, noise: torch.Tensor) -> np.ndarray:
+        """Record the current observations at ``step``, and what the agent does with them."""
+        step.obs.copy_(self.obs)
+        forward(step.obs, step.outputs)
+        self.agent.noisy_action(step.actor_out, noise, out=step.actions)
+        return self.agent.env_action(step.actions)
 
-    def _finish(self, num_steps: int) -> None:
-        """After the last step: upload what the envs returned, then log pi_old(a|s) and the
-        parameters of pi_old(.|s) for every step, in one pass each."""
+    def _finish(self) -> None:
+        """After the last step: upload what the envs returned, then record the parameters of
+        pi_old(.|s) and log pi_old(a|s) for every step, in one pass each."""
         s = self.storage
         s.upload_env_outputs()
         params = self.agent.params_from_actor_output(s.outputs[..., :-1])
@@ -146,31 +197,30 @@ class Collector:
     def collect(self) -> RolloutStats:
         """Fill the storage with ``num_steps`` steps of every env."""
         s, stats = self.storage, RolloutStats()
-        num_steps = s.obs.shape[0]
+        num_steps = len(s.steps)
         forward = JointForward(self.agent)
-        noise = self.agent.exploration_noise((num_steps, self.envs.num_envs))
+        noise = self.agent.exploration_noise((num_steps, self.envs.num_envs)).unbind(0)
         truncation_values: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-        for t in range(num_steps):
+        for t, step in enumerate(s.steps):
+            valid = s.host_valid[t]
             if self.next_step_autoreset:  # the step after an episode's end is the fake one
-                s.host_valid[t] = ~self.prev_done
-            obs, reward, terminated, truncated, info = self.envs.step(self._act(t, forward, noise))
+                np.logical_not(self.prev_done, out=valid)
+            obs, reward, terminated, truncated, info = self.envs.step(self._act(step, forward, noise[t]))
             check_finite("reward", reward)
             s.host_rewards[t], s.host_terminated[t], s.host_truncated[t] = reward, terminated, truncated
             self.prev_done = terminated | truncated
+            self.episodes.step(reward, valid, self.prev_done, stats)
             if truncated.any() and "final_obs" in info and self.bootstrap_truncated:
                 truncation_values.append(self._final_values(t, truncated, info["final_obs"]))
-            _, returns, lengths = finished_episodes(info)
-            stats.episode_returns += returns.tolist()
-            stats.episode_lengths += lengths.tolist()
             self.obs = self._observe(obs)
-        self._finish(num_steps)
+        self._finish()
         if self.reward_scaler is not None:
             s.rewards.copy_(self.reward_scaler(s.rewards, s.terminated | s.truncated, s.valid))
         s.next_values[:-1] = s.values[1:]
         s.next_values[-1] = self.agent.value(self.obs)
         for t, idx, values in truncation_values:
             s.next_values[t, idx] = values
-        stats.env_steps = num_steps * s.obs.shape[1]
+        stats.env_steps = num_steps * self.envs.num_envs
         return stats
 
     def _final_values(
@@ -186,8 +236,12 @@ class Collector:
     def state_dict(self) -> dict[str, Any]:
         """What the next collection depends on: the envs' own state (None where it cannot be
         saved, see ``env_state.py``), the current observations, and which envs just finished."""
-        prev_done = torch.from_numpy(self.prev_done.copy())
-        return {"obs": self.obs, "prev_done": prev_done, "envs": env_state.capture(self.envs)}
+        return {
+            "obs": self.obs,
+            "prev_done": torch.from_numpy(self.prev_done.copy()),
+            "episodes": self.episodes.state_dict(),
+            "envs": env_state.capture(self.envs),
+        }
 
     def load_state_dict(self, state: dict[str, Any], reset_seed: int) -> bool:
         """Continue the saved episodes; True if that was exact.
@@ -199,10 +253,12 @@ class Collector:
         if state["envs"] is not None and env_state.restore(self.envs, state["envs"]):
             self.obs = state["obs"].to(self.device)
             self.prev_done = state["prev_done"].numpy().copy()
+            self.episodes.load_state_dict(state["episodes"])
             return True
         obs, _ = self.envs.reset(seed=reset_seed)
         self.obs = self._observe(obs)
         self.prev_done[:] = False
+        self.episodes.reset()
         if self.reward_scaler is not None:
             self.reward_scaler.returns.zero_()  # the discounted returns belonged to lost episodes
         return False
@@ -237,15 +293,14 @@ class GroupCollector(Collector):
         obs, _ = self.envs.reset(seed=self.group_seeds())  # type: ignore[arg-type]
         self.iteration += 1
         self.obs = self._observe(obs)
-        num_steps = s.obs.shape[0]
         forward = JointForward(self.agent)
-        noise = self.agent.exploration_noise((num_steps, self.envs.num_envs))
+        noise = self.agent.exploration_noise((len(s.steps), self.envs.num_envs)).unbind(0)
         running = np.ones(self.envs.num_envs, dtype=bool)
         s.host_valid[:] = False
         s.host_rewards[:] = 0.0
-        for t in range(num_steps):
+        for t, step in enumerate(s.steps):
             s.host_valid[t] = running
-            obs, reward, terminated, truncated, _ = self.envs.step(self._act(t, forward, noise))
+            obs, reward, terminated, truncated, _ = self.envs.step(self._act(step, forward, noise[t]))
             check_finite("reward", reward)
             s.host_rewards[t] = reward * running
             s.host_terminated[t], s.host_truncated[t] = terminated, truncated
@@ -253,7 +308,7 @@ class GroupCollector(Collector):
             self.obs = self._observe(obs)
             if not running.any():
                 break
-        self._finish(num_steps)
+        self._finish()
         stats.env_steps = (t + 1) * self.envs.num_envs
         stats.episode_returns = s.host_rewards.sum(axis=0, dtype=np.float64).tolist()
         stats.episode_lengths = s.host_valid.sum(axis=0).tolist()

@@ -143,6 +143,9 @@ class SurrogateUpdater(Updater):
     With ``target_kl`` set, the k3 estimate of KL(pi_old || pi) of each minibatch is checked
     *before* its optimizer step (it comes from the same forward pass), and the update stops at the
     first minibatch that exceeds it, so no step is ever taken from a policy already too far away.
+
+    The logged losses are means over the minibatches that ran; the logged KL estimates are
+    measured once, after the update, over the whole batch: how far this iteration moved the policy.
     """
 
     cfg: SurrogateConfig | GRPOConfig
@@ -159,14 +162,13 @@ class SurrogateUpdater(Updater):
         for _ in range(cfg.update_epochs):
             for mb in batch.shuffled_minibatches(cfg.num_minibatches):
                 out = self.agent.evaluate(mb.obs, mb.actions)
-                with torch.no_grad():  # diagnostics: no graph to record
-                    kl = KLTerms.measure(self.agent.dist, out, mb.log_probs, mb.policy_params)
-                if cfg.target_kl is not None and kl.k3.item() > cfg.target_kl:
-                    stopped_early = True
-                    break
+                if cfg.target_kl is not None:
+                    k3 = losses.kl_estimates(out.log_prob.detach(), mb.log_probs).k3
+                    if k3.item() > cfg.target_kl:
+                        stopped_early = True
+                        break
                 loss, terms = self.minibatch_loss(out, mb)
                 self.step(loss, terms)
-                terms.update(kl.logged())
                 names = list(terms)
                 # Kept on the device; read back once per update, not once per minibatch.
                 logged.append(torch.stack([value.detach() for value in terms.values()]))
@@ -175,6 +177,7 @@ class SurrogateUpdater(Updater):
         means = torch.stack(logged).mean(dim=0).tolist() if logged else []
         metrics = dict(zip(names, means, strict=True))
         metrics.update(minibatch_updates=float(len(logged)), early_stop=float(stopped_early))
+        metrics.update(measure_kl(self.agent, batch))
         return metrics
 
 
@@ -216,10 +219,16 @@ class KLTerms(NamedTuple):
         exact = dist.kl(old_params, out.policy_params).mean()
         return cls(*losses.kl_estimates(out.log_prob, old_log_prob), exact)
 
-    def logged(self) -> dict[str, torch.Tensor]:
-        """Every estimate under ``kl_*``, plus CleanRL's names for k1 and k3 so curves overlay."""
-        terms = {f"kl_{name}": value for name, value in self._asdict().items()}
-        return {**terms, "old_approx_kl": self.k1, "approx_kl": self.k3}
+
+@torch.no_grad()
+def measure_kl(agent: ActorCritic, batch: Batch) -> dict[str, float]:
+    """Every KL estimate between pi_old and the current policy over the whole batch, as logged:
+    under ``kl_*``, plus CleanRL's names for k1 and k3 so curves overlay."""
+    kl = KLTerms.measure(
+        agent.dist, agent.evaluate(batch.obs, batch.actions), batch.log_probs, batch.policy_params
+    )
+    values = {f"kl_{name}": float(value) for name, value in kl._asdict().items()}
+    return {**values, "old_approx_kl": values["kl_k1"], "approx_kl": values["kl_k3"]}
 
 
 class ClipUpdater(ActorCriticSurrogateUpdater):
@@ -261,10 +270,7 @@ class PenaltyUpdater(ActorCriticSurrogateUpdater):
         metrics = super().update(batch)
         metrics["kl_beta"] = self.beta  # the beta this iteration's update used
         if self.cfg.adaptive:
-            with torch.no_grad():
-                out = self.agent.evaluate(batch.obs, batch.actions)
-                kl = KLTerms.measure(self.agent.dist, out, batch.log_probs, batch.policy_params)
-            measured = float(getattr(kl, self.cfg.kl_estimator))
+            measured = metrics[f"kl_{self.cfg.kl_estimator}"]  # over the batch, after the update
             metrics["kl_after_update"] = measured
             self.beta = losses.adaptive_kl_coef(
                 self.beta,
@@ -426,10 +432,7 @@ class TRPOUpdater(A2CUpdater):
 
 def _after_step_metrics(agent: ActorCritic, batch: Batch, terms: dict[str, torch.Tensor]) -> dict[str, float]:
     """The logged terms plus how far the single step moved the policy (every KL estimate)."""
-    with torch.no_grad():
-        out = agent.evaluate(batch.obs, batch.actions)
-        kl = KLTerms.measure(agent.dist, out, batch.log_probs, batch.policy_params)
-    return {key: float(value.detach()) for key, value in {**terms, **kl.logged()}.items()}
+    return {**{key: float(value.detach()) for key, value in terms.items()}, **measure_kl(agent, batch)}
 
 
 UPDATERS: dict[type[AlgoConfig], type[Updater]] = {

@@ -6,12 +6,14 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from gymnasium.wrappers.vector import RecordEpisodeStatistics
 from support import algo_config
 
 from ppo_cli import load_agent
 from ppo_cli.agent import ActorCritic
 from ppo_cli.config import AgentConfig, EnvConfig, EvalConfig, TrainConfig
 from ppo_cli.envs import make_vector_env, uses_next_step_autoreset
+from ppo_cli.evaluate import finished_episodes
 from ppo_cli.rollout import Collector, GroupCollector, RolloutStorage
 from ppo_cli.train import train
 from ppo_cli.update import Batch
@@ -266,3 +268,33 @@ def test_group_collector_starts_each_group_from_one_seed() -> None:
             assert done[lengths[env] - 1]
         assert stats.env_steps == int(lengths.max()) * 6
     envs.close()
+
+
+@pytest.mark.parametrize("vectorization", ["vector_entry_point", "sync"])
+def test_episode_statistics_match_gymnasiums_wrapper(vectorization: str) -> None:
+    """The collector counts episodes itself; it must report what RecordEpisodeStatistics reports,
+    under both autoreset conventions and across iteration boundaries."""
+    cfg = EnvConfig(id="CartPole-v1", num_envs=3, num_steps=40, vectorization=vectorization,
+                    max_episode_steps=30)  # fmt: skip
+    envs = RecordEpisodeStatistics(make_vector_env(cfg))
+    wrapper_returns: list[float] = []
+    wrapper_lengths: list[int] = []
+    step = envs.step
+
+    def recording_step(actions: np.ndarray):  # type: ignore[no-untyped-def]
+        result = step(actions)
+        _, returns, lengths = finished_episodes(result[4])
+        wrapper_returns.extend(returns.tolist())
+        wrapper_lengths.extend(lengths.tolist())
+        return result
+
+    envs.step = recording_step  # type: ignore[method-assign]
+    try:
+        agent = _agent(envs)
+        collector = Collector(envs, agent, _storage(cfg.num_steps, envs, agent), None, True, CPU, seed=5)
+        stats = [collector.collect() for _ in range(3)]
+    finally:
+        envs.close()
+    assert len(wrapper_lengths) >= 6 and 30 in wrapper_lengths  # terminations and truncations
+    assert [r for st in stats for r in st.episode_returns] == wrapper_returns
+    assert [n for st in stats for n in st.episode_lengths] == wrapper_lengths

@@ -101,7 +101,7 @@ def test_minibatches_partition_the_batch_each_epoch(
 
     monkeypatch.setattr(agent, "evaluate", counting_evaluate)
     ClipUpdater(agent, optimizer, algo(update_epochs=2, num_minibatches=4)).update(batch)
-    assert sizes == [16] * 8
+    assert sizes == [16] * 8 + [BATCH]  # then the whole batch once, to measure the KL reached
 
 
 def penalty(**overrides: object) -> PenaltyConfig:
