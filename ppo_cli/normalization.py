@@ -1,23 +1,46 @@
 """Running statistics for observation normalisation and reward scaling.
 
 Both are ``nn.Module`` s whose statistics are *buffers*, so they travel with ``state_dict()`` into
-every checkpoint and to the right device. Observation statistics are part of the agent (a policy
-trained on normalised inputs is meaningless without them); evaluation uses them frozen.
+every checkpoint. Observation statistics are part of the agent (a policy trained on normalised
+inputs is meaningless without them); evaluation uses them frozen.
+
+The statistics are updated from host data (numpy arrays, as the envs return them) at every env
+step. For buffers on the CPU the arithmetic runs in numpy on views of them: for one step's few
+samples a numpy call costs a fraction of a torch call, and a reward-scaled MuJoCo rollout spent
+most of its time here otherwise. The reward scaler, which only ever sees host rewards, stays on
+the CPU whatever the training device.
 """
 
 from __future__ import annotations
 
+from typing import TypeVar
+
+import numpy as np
 import torch
 from torch import nn
 
+Moments = TypeVar("Moments", np.ndarray, torch.Tensor)
+
+
+def merge_moments(
+    count: Moments, mean: Moments, var: Moments, batch_count: int, batch_mean: Moments, batch_var: Moments
+) -> tuple[Moments, Moments, Moments]:
+    """(count, mean, variance) of the union of two sets, by Chan et al.'s parallel formula.
+
+    For counts n_a, n_b, means m_a, m_b and variances v_a, v_b, the union has mean
+    m_a + d * n_b / n and variance (v_a * n_a + v_b * n_b + d^2 * n_a * n_b / n) / n, where
+    d = m_b - m_a and n = n_a + n_b. Plain arithmetic: numpy arrays and tensors alike.
+    """
+    total = count + batch_count
+    delta = batch_mean - mean
+    new_mean = mean + delta * batch_count / total
+    new_var = (var * count + batch_var * batch_count + delta * delta * count * batch_count / total) / total
+    return total, new_mean, new_var
+
 
 class RunningMeanStd(nn.Module):
-    """Mean and variance of a stream of batches, merged with Chan et al.'s parallel formula.
-
-    For two sets with counts n_a, n_b, means m_a, m_b and variances v_a, v_b, the union has
-    mean m_a + d * n_b / n and variance (v_a * n_a + v_b * n_b + d^2 * n_a * n_b / n) / n,
-    where d = m_b - m_a and n = n_a + n_b. Stored in float64 so long runs do not drift.
-    """
+    """Mean and variance of a stream of batches (see :func:`merge_moments`), in float64 so that
+    long runs do not drift."""
 
     mean: torch.Tensor
     var: torch.Tensor
@@ -31,19 +54,22 @@ class RunningMeanStd(nn.Module):
         self.register_buffer("count", torch.tensor(1e-4, dtype=torch.float64))
 
     @torch.no_grad()
-    def update(self, batch: torch.Tensor) -> None:
-        """Fold a batch (first dimension = samples) into the statistics."""
-        batch = batch.to(torch.float64)
-        n_b = batch.shape[0]
-        if n_b == 0:
+    def update(self, batch: np.ndarray) -> None:
+        """Fold a batch of host data (first dimension = samples) into the statistics."""
+        batch = np.asarray(batch, dtype=np.float64)
+        n = len(batch)
+        if n == 0:
             return
-        mean_b = batch.mean(dim=0)
-        var_b = batch.var(dim=0, unbiased=False)
-        n = self.count + n_b
-        delta = mean_b - self.mean
-        self.mean += delta * n_b / n
-        self.var.copy_((self.var * self.count + var_b * n_b + delta.square() * self.count * n_b / n) / n)
-        self.count.copy_(n)
+        # np.add.reduce: ndarray.mean/.var wrap it in Python code that costs more than the sums.
+        batch_mean = np.add.reduce(batch, axis=0) / n
+        batch_var = np.add.reduce(np.square(batch - batch_mean), axis=0) / n
+        buffers = (self.count, self.mean, self.var)
+        count, mean, var = arrays = [b.cpu().numpy() for b in buffers]  # views of CPU buffers, else copies
+        merged = merge_moments(count, mean, var, n, batch_mean, batch_var)
+        for buffer, array, value in zip(buffers, arrays, merged, strict=True):
+            array[...] = value
+            if buffer.device.type != "cpu":
+                buffer.copy_(torch.from_numpy(array))
 
 
 class ObservationNormalizer(nn.Module):
@@ -59,6 +85,12 @@ class ObservationNormalizer(nn.Module):
         std = torch.sqrt(self.stats.var + self.eps).to(obs.dtype)
         return torch.clamp((obs - self.stats.mean.to(obs.dtype)) / std, -self.clip, self.clip)
 
+    def normalize_array(self, obs: np.ndarray) -> np.ndarray:
+        """The same map on host data, in numpy (the rollout's per-step path), as float32."""
+        mean, var = self.stats.mean.cpu().numpy(), self.stats.var.cpu().numpy()
+        normalized = np.clip((obs - mean) / np.sqrt(var + self.eps), -self.clip, self.clip)
+        return normalized.astype(np.float32)
+
 
 class RewardScaler(nn.Module):
     """Divide rewards by the running std of the discounted return, then clip.
@@ -66,7 +98,7 @@ class RewardScaler(nn.Module):
     The return G_t = gamma * G_{t-1} + r_t is accumulated per env and reset when an episode ends;
     scaling by its standard deviation (not the reward's) keeps the value targets of order one
     whatever the horizon (Engstrom et al. 2020, "Implementation Matters in Deep RL", sec. 3).
-    The mean is not subtracted, so the sign of every reward is kept.
+    The mean is not subtracted, so the sign of every reward is kept. Lives on the CPU.
     """
 
     returns: torch.Tensor
@@ -80,14 +112,16 @@ class RewardScaler(nn.Module):
         self.eps = eps
 
     @torch.no_grad()
-    def forward(self, rewards: torch.Tensor, dones: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def forward(self, rewards: np.ndarray, dones: np.ndarray, valid: np.ndarray) -> np.ndarray:
         """Scale a rollout's rewards, (T, N), step by step in time order: each step's returns join
         the statistics before that step's rewards are divided by their std. ``dones`` ends the
         accumulated return, ``valid`` masks fake steps out of the statistics."""
-        scaled = torch.empty_like(rewards)
+        returns, var = self.returns.numpy(), self.stats.var.numpy()  # views of the buffers
+        scaled = np.empty_like(rewards)
         for t in range(len(rewards)):
-            self.returns.mul_(self.gamma).add_(rewards[t].to(torch.float64))
-            self.stats.update(self.returns[valid[t]])
-            self.returns.masked_fill_(dones[t], 0.0)
-            scaled[t] = rewards[t] / torch.sqrt(self.stats.var + self.eps).to(rewards.dtype)
-        return torch.clamp(scaled, -self.clip, self.clip)
+            returns *= self.gamma
+            returns += rewards[t]
+            self.stats.update(returns[valid[t]])
+            returns[dones[t]] = 0.0
+            scaled[t] = rewards[t] / np.sqrt(var + self.eps)
+        return np.clip(scaled, -self.clip, self.clip)

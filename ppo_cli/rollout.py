@@ -172,10 +172,12 @@ class Collector:
     def _observe(self, obs: np.ndarray) -> torch.Tensor:
         """Fold fresh observations into the statistics, then normalise them."""
         check_finite("observation", obs)
-        tensor = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
-        if self.agent.obs_normalizer is not None:
-            self.agent.obs_normalizer.stats.update(tensor.flatten(1))
-        return self.agent.normalize(tensor)
+        obs = obs.reshape(len(obs), -1)
+        normalizer = self.agent.obs_normalizer
+        if normalizer is not None:
+            normalizer.stats.update(obs)
+            obs = normalizer.normalize_array(obs)
+        return torch.as_tensor(obs, dtype=torch.float32, device=self.device)
 
     def _act(self, step: StepView, forward: JointForward, noise: torch.Tensor) -> np.ndarray:
         """Record the current observations at ``step``, and what the agent does with them."""
@@ -213,9 +215,10 @@ class Collector:
             if truncated.any() and "final_obs" in info and self.bootstrap_truncated:
                 truncation_values.append(self._final_values(t, truncated, info["final_obs"]))
             self.obs = self._observe(obs)
-        self._finish()
         if self.reward_scaler is not None:
-            s.rewards.copy_(self.reward_scaler(s.rewards, s.terminated | s.truncated, s.valid))
+            dones = s.host_terminated | s.host_truncated
+            s.host_rewards[:] = self.reward_scaler(s.host_rewards, dones, s.host_valid)
+        self._finish()
         s.next_values[:-1] = s.values[1:]
         s.next_values[-1] = self.agent.value(self.obs)
         for t, idx, values in truncation_values:

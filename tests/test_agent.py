@@ -223,6 +223,7 @@ def test_normalize_uses_frozen_obs_statistics(small_agent_cfg) -> None:
     expected = torch.clamp((obs - torch.arange(5.0)) / math.sqrt(4.0 + 1e-8), -3.0, 3.0)
     torch.testing.assert_close(agent.normalize(obs), expected)
     assert stats.count == before
+    np.testing.assert_allclose(agent.obs_normalizer.normalize_array(obs.numpy()), expected.numpy(), rtol=1e-6)
     plain = ActorCritic(OBS, DISCRETE, small_agent_cfg)
     torch.testing.assert_close(plain.normalize(obs), obs)
 

@@ -92,23 +92,19 @@ def _reward_stream(steps: int, num_envs: int, seed: int):
     return rewards, dones
 
 
-def _scale_step(
-    scaler: RewardScaler, rewards: torch.Tensor, dones: torch.Tensor, valid: torch.Tensor
-) -> torch.Tensor:
+def _scale_step(scaler: RewardScaler, rewards: object, dones: object, valid: object) -> np.ndarray:
     """One step's rewards through the scaler, as a rollout of length 1."""
-    return scaler(rewards[None], dones[None], valid[None])[0]
+    as_row = lambda x: np.asarray(x)[None]  # noqa: E731
+    return scaler(as_row(rewards).astype(np.float32), as_row(dones), as_row(valid))[0]
 
 
 def test_reward_scaler_on_a_rollout_equals_step_by_step() -> None:
     rewards, dones = _reward_stream(30, 4, seed=2)
-    valid = torch.from_numpy(np.random.default_rng(3).random((30, 4)) < 0.9)
+    valid = np.random.default_rng(3).random((30, 4)) < 0.9
     whole, stepwise = RewardScaler(4, 0.95, clip=5.0), RewardScaler(4, 0.95, clip=5.0)
-    out = whole(torch.from_numpy(rewards), torch.from_numpy(dones), valid)
-    expected = torch.stack([
-        _scale_step(stepwise, torch.from_numpy(rewards[t]), torch.from_numpy(dones[t]), valid[t])
-        for t in range(30)
-    ])  # fmt: skip
-    torch.testing.assert_close(out, expected)
+    out = whole(rewards, dones, valid)
+    expected = np.stack([_scale_step(stepwise, rewards[t], dones[t], valid[t]) for t in range(30)])
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
     torch.testing.assert_close(whole.state_dict(), stepwise.state_dict())
 
 
@@ -127,7 +123,7 @@ def test_reward_scaler_divides_by_return_std_and_resets_on_done() -> None:
         out = _scale_step(scaler, torch.as_tensor(rewards[t]), torch.as_tensor(dones[t]), valid)
         _, var, _ = with_prior(np.array(seen))
         expected = rewards[t] / np.sqrt(var + 1e-8)
-        np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5)
+        np.testing.assert_allclose(out, expected, rtol=1e-5)
         np.testing.assert_allclose(scaler.returns.numpy(), G, rtol=1e-6, atol=1e-6)
         assert (scaler.returns.numpy()[dones[t]] == 0.0).all()
     # The divisor is the std of the return, not of the reward, and not of the reward's mean.
@@ -160,10 +156,10 @@ def test_reward_scaler_masks_invalid_steps_and_clips() -> None:
     )
     assert scaler.stats.count.item() == pytest.approx(2 + PRIOR)
     _, var, _ = with_prior(np.array([10.0, 0.1]))
-    torch.testing.assert_close(out[:2], torch.tensor([0.5, -0.5]))
-    assert out[2].item() == pytest.approx(0.1 / math.sqrt(var + 1e-8), rel=1e-5)
+    np.testing.assert_allclose(out[:2], [0.5, -0.5])
+    assert out[2] == pytest.approx(0.1 / math.sqrt(var + 1e-8), rel=1e-5)
     # the sign of every reward survives (no mean subtraction)
-    assert (torch.sign(out) == torch.tensor([1.0, -1.0, 1.0])).all()
+    assert (np.sign(out) == [1.0, -1.0, 1.0]).all()
 
 
 def test_statistics_are_buffers_in_state_dict() -> None:
