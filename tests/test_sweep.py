@@ -14,7 +14,7 @@ from support import compose_config, ppo_train
 from ppo_cli.sweep import SUMMARY_CSV, SUMMARY_MD, train_seeds
 
 TESTS = Path(__file__).resolve().parent
-SMALL = ["total_timesteps=512", "eval.episodes=2"]
+SMALL = ["env.num_envs=8", "total_timesteps=512", "eval.episodes=2"]  # 2 iterations of 8 x 32
 
 
 def _rows(sweep_dir: Path) -> list[dict[str, str]]:

@@ -76,6 +76,7 @@ def test_time_limit_bootstrap_learns_the_infinite_horizon_value(tmp_path: Path) 
 def small_cartpole(seed: int = 0) -> TrainConfig:
     return compose_config(
         "env=CartPole",
+        "env.num_envs=8",  # 256 steps per iteration
         f"seed={seed}",
         "total_timesteps=4096",
         "eval.episodes=2",
@@ -124,8 +125,10 @@ def test_run_dir_holds_events_checkpoints_and_summary(tmp_path: Path) -> None:
     assert expected <= tags.keys()
     steps = [step for step, _ in tags["losses/policy_loss"]]
     assert steps == list(range(256, 4097, 256))
-    # Linear annealing: the last iteration runs at 1/16 of the initial rate.
-    assert tags["charts/learning_rate"][-1][1] == pytest.approx(1e-3 / 16)
+    # Linear annealing: the last iteration runs at 1/16 of the initial rate (the CartPole tuning's).
+    initial_lr = tags["charts/learning_rate"][0][1]
+    assert initial_lr == pytest.approx(small_cartpole().algo.learning_rate)
+    assert tags["charts/learning_rate"][-1][1] == pytest.approx(initial_lr / 16)
 
 
 def test_same_seed_gives_identical_metrics_on_cpu(tmp_path: Path) -> None:

@@ -1,0 +1,90 @@
+"""Where the time of a ppo-cli run goes, for benchmark case (a) (see bench.py).
+
+    python benchmarks/breakdown.py [--iterations 100]
+
+Runs the training loop in this process, timing each part of an iteration: the env's own steps,
+the rest of the rollout (the policy acting, storage, bookkeeping), advantages and the update.
+Process start-up (imports, config, env and network creation, the first iteration's warm-up)
+is measured separately, as the wall time of a whole ``ppo-train`` run of one iteration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import tempfile
+import time
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import torch
+from bench import CASES, ppo_cli_command  # the script's own directory is on sys.path
+from hydra import compose, initialize_config_dir
+
+from ppo_cli.cli import find_config_dir
+from ppo_cli.config import to_train_config
+from ppo_cli.envs import make_vector_env
+from ppo_cli.train import build_state, estimate_advantages, seed_everything
+from ppo_cli.update import Batch
+
+
+def startup_seconds() -> float:
+    """Wall time of a whole ppo-train process that trains a single iteration."""
+    case = {**CASES["a"], "total": CASES["a"]["n_envs"] * CASES["a"]["n_steps"]}
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        subprocess.run(ppo_cli_command(case, Path(tmp) / "run", 0), check=True, capture_output=True)
+        return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--iterations", type=int, default=100)
+    args = parser.parse_args()
+    overrides = [
+        arg for arg in ppo_cli_command(CASES["a"], Path("unused"), 0)[1:] if not arg.startswith("hydra.")
+    ]
+    with initialize_config_dir(config_dir=find_config_dir(), version_base="1.3"):
+        cfg = to_train_config(compose("train", overrides=overrides))
+    torch.set_num_threads(cfg.torch_threads)
+    seed_everything(cfg.seed)
+    totals = dict.fromkeys(["env steps", "acting and storage", "advantages", "update"], 0.0)
+    with closing(make_vector_env(cfg.env)) as envs:
+        state = build_state(cfg, envs, torch.device("cpu"))
+        env_step = envs.step
+
+        def timed_step(actions: Any) -> Any:
+            start = time.perf_counter()
+            result = env_step(actions)
+            totals["env steps"] += time.perf_counter() - start
+            return result
+
+        envs.step = timed_step  # type: ignore[method-assign]
+        state.collector.collect()  # warm-up, not counted
+        totals["env steps"] = 0.0
+        for _ in range(args.iterations):
+            start = time.perf_counter()
+            state.collector.collect()
+            collected = time.perf_counter()
+            advantages, returns = estimate_advantages(cfg.algo, state.collector.storage)
+            batch = Batch.from_storage(state.collector.storage, advantages, returns)
+            estimated = time.perf_counter()
+            state.updater.update(batch)
+            updated = time.perf_counter()
+            totals["acting and storage"] += collected - start
+            totals["advantages"] += estimated - collected
+            totals["update"] += updated - estimated
+    totals["acting and storage"] -= totals["env steps"]
+    per_iteration = {part: seconds / args.iterations * 1e3 for part, seconds in totals.items()}
+    iterations_per_run = CASES["a"]["total"] // (CASES["a"]["n_envs"] * CASES["a"]["n_steps"])
+    print(f"case (a), per iteration of {CASES['a']['n_envs'] * CASES['a']['n_steps']} env steps:")
+    for part, ms in per_iteration.items():
+        print(f"  {part:20s} {ms:6.1f} ms  ({ms * iterations_per_run / 1e3:5.1f} s per run)")
+    print(f"  {'process start-up':20s} {startup_seconds():6.1f} s (a whole run of one iteration)")
+
+
+if __name__ == "__main__":
+    main()
