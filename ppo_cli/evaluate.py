@@ -60,7 +60,7 @@ def evaluate(
     returns: list[float] = []
     lengths: list[int] = []
     counted = np.zeros(num_envs, dtype=int)
-    envs = _eval_envs(env_cfg, num_envs, episodes, video_dir)
+    envs = RecordEpisodeStatistics(_eval_envs(env_cfg, num_envs, episodes, video_dir))
     try:
         obs, _ = envs.reset(seed=seed)
         while (counted < quota).any():
@@ -90,7 +90,7 @@ def _eval_envs(
     env_cfg: EnvConfig, num_envs: int, episodes: int, video_dir: Path | None
 ) -> gym.vector.VectorEnv:
     if video_dir is None:
-        return RecordEpisodeStatistics(make_vector_env(env_cfg, num_envs=num_envs))
+        return make_vector_env(env_cfg, num_envs=num_envs)
     if not os.environ.get("DISPLAY"):
         # MuJoCo renders through an X display by default; headless machines need EGL (read when
         # mujoco is first imported, i.e. when the first MuJoCo env is made, which is below).
@@ -103,8 +103,7 @@ def _eval_envs(
         disable_logger=True,
     )
     try:
-        envs = make_vector_env(env_cfg, num_envs=1, render_mode="rgb_array", wrappers=[recorder])
-        return RecordEpisodeStatistics(envs)
+        return make_vector_env(env_cfg, num_envs=1, render_mode="rgb_array", wrappers=[recorder])
     except gym.error.DependencyNotInstalled as exc:
         raise UserError(f"--video needs moviepy: pip install 'ppo-cli[video]' ({exc})") from None
 

@@ -256,8 +256,7 @@ class Collector:
         if state["envs"] is not None and env_state.restore(self.envs, state["envs"]):
             self.obs = state["obs"].to(self.device)
             self.prev_done = state["prev_done"].numpy().copy()
-            if "episodes" in state:  # checkpoints before 2026-11-22 kept them in a wrapper's state
-                self.episodes.load_state_dict(state["episodes"])
+            self.episodes.load_state_dict(state["episodes"])
             return True
         obs, _ = self.envs.reset(seed=reset_seed)
         self.obs = self._observe(obs)

@@ -261,8 +261,11 @@ class PenaltyUpdater(ActorCriticSurrogateUpdater):
         self.beta = cfg.kl_coef
 
     def policy_loss(self, out: Evaluation, mb: Batch, advantages: torch.Tensor) -> dict[str, torch.Tensor]:
-        kl = KLTerms.measure(self.agent.dist, out, mb.log_probs, mb.policy_params)  # with gradients
-        penalty = getattr(kl, self.cfg.kl_estimator)
+        estimator = self.cfg.kl_estimator  # only the one the penalty uses, with gradients
+        if estimator == "exact":
+            penalty = self.agent.dist.kl(mb.policy_params, out.policy_params).mean()
+        else:
+            penalty = getattr(losses.kl_estimates(out.log_prob, mb.log_probs), estimator)
         surrogate = losses.surrogate_loss(out.log_prob, mb.log_probs, advantages)
         return {"policy_loss": surrogate + self.beta * penalty, "surrogate_loss": surrogate}
 
