@@ -27,6 +27,7 @@ from torch.nn import functional as F
 from ppo_cli.config import AgentConfig
 from ppo_cli.distributions import ActionDistribution, Categorical, DiagonalGaussian
 from ppo_cli.normalization import ObservationNormalizer
+from ppo_cli.packing import PackedParameters
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
 ACTIVATION_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -116,6 +117,14 @@ class ActorCritic(nn.Module):
             self.dist = Categorical(int(action_space.n))
             self.actor = mlp(obs_dim, list(cfg.actor_hidden), int(action_space.n), cfg.activation, 0.01)
         self.actor_out_dim = self.actor.linear_layers[-1].out_features
+        self.packs: list[PackedParameters] = []
+
+    def pack_parameters(self) -> list[nn.Parameter]:
+        """Pack the actor's and the critic's parameters into one tensor each (see ``packing.py``);
+        returns the two packed tensors, which are what the optimizer should step. Call once, after
+        moving the agent to its device."""
+        self.packs = [PackedParameters(self.actor_parameters()), PackedParameters(self.critic.parameters())]
+        return [pack.flat for pack in self.packs]
 
     def normalize(self, obs: torch.Tensor) -> torch.Tensor:
         """Apply the observation statistics (frozen: updating them is the rollout's job)."""

@@ -17,9 +17,10 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from torch.nn.utils import parameters_to_vector
 
 from ppo_cli.errors import NonFiniteError
+from ppo_cli.packing import copy_into
 
 
 def conjugate_gradient(
@@ -89,9 +90,9 @@ def trust_region_step(
     with torch.no_grad():
         for k in range(line_search_steps):
             fraction = backtrack**k
-            vector_to_parameters(old + fraction * full_step, params)
+            copy_into(old + fraction * full_step, params)
             after, kl = float(surrogate()), float(mean_kl())
             if kl <= max_kl and after > before:
                 return StepResult(before, after, kl, fraction)
-        vector_to_parameters(old, params)
+        copy_into(old, params)
     return StepResult(before, before, 0.0, 0.0)

@@ -100,16 +100,22 @@ class Updater(ABC):
         self.optimizer = optimizer
         self.cfg = cfg
         self.params = [p for p in agent.parameters() if p.requires_grad]
+        # What the optimizer steps: the agent's packed tensors (see packing.py) or its parameters.
+        self.stepped = [p for group in optimizer.param_groups for p in group["params"]]
 
     def step(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
         """One optimizer step on ``loss`` with the global gradient norm clipped to
         ``max_grad_norm``; a non-finite loss or gradient stops training before the step.
 
-        ``terms`` are the loss's parts, named in the error when one of them is not finite.
+        Parameters that ``loss`` does not depend on get no gradient, so the optimizer leaves them
+        alone. ``terms`` are the loss's parts, named in the error when one of them is not finite.
         """
-        self.optimizer.zero_grad(set_to_none=True)
+        for param in self.params:
+            param.grad = None
         loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        for pack in self.agent.packs:
+            pack.gather_grad()
+        grad_norm = nn.utils.clip_grad_norm_(self.stepped, self.cfg.max_grad_norm)
         if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):  # one device sync per step
             raise NonFiniteError(self._non_finite_report(loss, terms))
         self.optimizer.step()

@@ -51,7 +51,8 @@ def test_step_stays_in_the_trust_region_and_improves_the_surrogate(continuous: b
     advantages = torch.randn(128)
     batch = on_policy_batch(agent, obs, advantages, advantages)
     critic_before = [p.clone() for p in agent.critic.parameters()]
-    optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3)
+    optimizer = torch.optim.Adam(agent.pack_parameters(), lr=1e-3)
+    actor_before = agent.packs[0].flat.detach().clone()
 
     metrics = TRPOUpdater(agent, optimizer, trpo_config(max_kl)).update(batch)
 
@@ -68,5 +69,10 @@ def test_step_stays_in_the_trust_region_and_improves_the_surrogate(continuous: b
         before = normalized.mean().item()  # rho = 1 at theta_old
     assert kl <= max_kl
     assert after > before
+    # The step was written into the actor's parameters in place: they are still views of the
+    # packed tensor the optimizer holds, which moved with them.
+    actor_pack = agent.packs[0]
+    assert torch.equal(actor_pack.flat, torch.cat([p.reshape(-1) for p in agent.actor_parameters()]))
+    assert not torch.equal(actor_pack.flat, actor_before)
     # The critic was trained separately by regression.
     assert any(not torch.equal(a, b) for a, b in zip(critic_before, agent.critic.parameters(), strict=True))

@@ -49,7 +49,7 @@ def setup(
         torch.randn(size) if advantages is None else advantages,
         torch.randn(size) if returns is None else returns,
     )
-    return agent, torch.optim.Adam(agent.parameters(), lr=1e-2), batch
+    return agent, torch.optim.Adam(agent.pack_parameters(), lr=1e-2), batch
 
 
 def test_runs_every_minibatch_of_every_epoch(small_agent_cfg: AgentConfig) -> None:
@@ -207,9 +207,9 @@ def test_pg_takes_one_policy_step_and_regresses_the_critic(small_agent_cfg: Agen
     actor_before = [p.clone() for p in agent.actor.parameters()]
     cfg = algo_config("pg", value_epochs=3, value_minibatches=4, **COMMON)
     PGUpdater(agent, optimizer, cfg).update(batch)
-    steps = {id(p): optimizer.state[p]["step"].item() for p in agent.parameters() if p in optimizer.state}
-    assert all(steps[id(p)] == 1 for p in agent.actor.parameters())
-    assert all(steps[id(p)] == 3 * 4 for p in agent.critic.parameters())  # the policy step skips V
+    actor, critic = agent.packs
+    assert optimizer.state[actor.flat]["step"].item() == 1
+    assert optimizer.state[critic.flat]["step"].item() == 3 * 4  # the policy step skips V
     assert any(not torch.equal(a, b) for a, b in zip(actor_before, agent.actor.parameters(), strict=True))
     # Regression moved the critic towards the returns.
     with torch.no_grad():
