@@ -49,6 +49,7 @@ class MLP(nn.Sequential):
             layers.append(nn.Linear(a, b))
         super().__init__(*layers)
         self.linear_layers = [layer for layer in layers if isinstance(layer, nn.Linear)]
+        self.activation_name = activation
         self.activation = ACTIVATION_FUNCTIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -190,42 +191,3 @@ class ActorCritic(nn.Module):
         if self.continuous:
             action = torch.clamp(action, self.action_low, self.action_high)
         return action.cpu().numpy()
-
-
-class JointForward:
-    """The actor's output and V(s) in one pass, for acting during rollouts (no gradients).
-
-    Actor and critic MLPs of the same depth are one MLP whose first weight matrix stacks both
-    networks' first layers and whose later ones are block-diagonal: [W_actor, 0; 0, W_critic].
-    Each env step then runs one matrix product per layer instead of two, which matters because
-    for these tiny networks the cost of a tensor operation is its overhead, not its arithmetic.
-    The weights are a snapshot: build a new one after every update. MLPs of different depths are
-    run one after the other instead.
-    """
-
-    def __init__(self, agent: ActorCritic) -> None:
-        self.agent = agent
-        actor, critic = agent.actor.linear_layers, agent.critic.linear_layers
-        self.activation = agent.actor.activation
-        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
-        if len(actor) == len(critic):
-            with torch.no_grad():
-                for depth, (a, c) in enumerate(zip(actor, critic, strict=True)):
-                    if depth == 0:
-                        weight = torch.cat([a.weight, c.weight])
-                    else:
-                        weight = torch.block_diag(a.weight, c.weight)
-                    # Stored transposed, as addmm takes it: F.linear would transpose at every call.
-                    self.layers.append((weight.t().contiguous(), torch.cat([a.bias, c.bias])))
-
-    def __call__(self, obs: torch.Tensor, out: torch.Tensor) -> None:
-        """Write [actor output, V(s)] for each row of ``obs`` into ``out`` (batch, actor_out_dim + 1)."""
-        if not self.layers:
-            out[:, :-1] = self.agent.actor(obs)
-            out[:, -1] = self.agent.value(obs)
-            return
-        x = obs
-        for weight_t, bias in self.layers[:-1]:
-            x = self.activation(torch.addmm(bias, x, weight_t))
-        weight_t, bias = self.layers[-1]
-        torch.addmm(bias, x, weight_t, out=out)

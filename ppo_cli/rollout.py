@@ -17,27 +17,18 @@ Two autoreset conventions are handled (see ``envs.py``):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 from gymnasium.vector import VectorEnv
 
 from ppo_cli import env_state
-from ppo_cli.agent import ActorCritic, JointForward
+from ppo_cli.acting import Acting, ActingBuffers, make_acting
+from ppo_cli.agent import ActorCritic
 from ppo_cli.envs import uses_next_step_autoreset
 from ppo_cli.errors import NonFiniteError
 from ppo_cli.normalization import RewardScaler
-
-
-class StepView(NamedTuple):
-    """Views of one time step of a RolloutStorage, made once: indexing the storage at every env
-    step would cost a tensor operation per field."""
-
-    obs: torch.Tensor
-    outputs: torch.Tensor  # [actor output, V(s)]
-    actor_out: torch.Tensor
-    actions: torch.Tensor
 
 
 class RolloutStorage:
@@ -54,7 +45,7 @@ class RolloutStorage:
         dist = agent.dist
         self.obs = torch.zeros((*shape, agent.obs_dim), device=device)
         self.actions = torch.zeros((*shape, *dist.action_shape), dtype=dist.action_dtype, device=device)
-        # [actor output, V(s)] per step, as JointForward writes them.
+        # [actor output, V(s)] per step, as acting.py writes them.
         self.outputs = torch.zeros((*shape, agent.actor_out_dim + 1), device=device)
         self.log_probs = torch.zeros(shape, device=device)
         self.policy_params = torch.zeros((*shape, dist.param_dim), device=device)
@@ -67,10 +58,7 @@ class RolloutStorage:
         self.host_terminated = np.zeros(shape, dtype=bool)
         self.host_truncated = np.zeros(shape, dtype=bool)
         self.host_valid = np.ones(shape, dtype=bool)
-        self.steps = [
-            StepView(self.obs[t], self.outputs[t], self.outputs[t, :, :-1], self.actions[t])
-            for t in range(num_steps)
-        ]
+        self.num_steps = num_steps
 
     @property
     def values(self) -> torch.Tensor:
@@ -179,12 +167,11 @@ class Collector:
             obs = normalizer.normalize_array(obs)
         return torch.as_tensor(obs, dtype=torch.float32, device=self.device)
 
-    def _act(self, step: StepView, forward: JointForward, noise: torch.Tensor) -> np.ndarray:
-        """Record the current observations at ``step``, and what the agent does with them."""
-        step.obs.copy_(self.obs)
-        forward(step.obs, step.outputs)
-        self.agent.noisy_action(step.actor_out, noise, out=step.actions)
-        return self.agent.env_action(step.actions)
+    def _acting(self) -> Acting:
+        """How the agent acts in this rollout (a snapshot of its weights; see acting.py)."""
+        s = self.storage
+        noise = self.agent.exploration_noise((s.num_steps, self.envs.num_envs))
+        return make_acting(self.agent, ActingBuffers(s.obs, s.outputs, s.actions, noise))
 
     def _finish(self) -> None:
         """After the last step: upload what the envs returned, then record the parameters of
@@ -199,15 +186,13 @@ class Collector:
     def collect(self) -> RolloutStats:
         """Fill the storage with ``num_steps`` steps of every env."""
         s, stats = self.storage, RolloutStats()
-        num_steps = len(s.steps)
-        forward = JointForward(self.agent)
-        noise = self.agent.exploration_noise((num_steps, self.envs.num_envs)).unbind(0)
+        act = self._acting()
         truncation_values: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-        for t, step in enumerate(s.steps):
+        for t in range(s.num_steps):
             valid = s.host_valid[t]
             if self.next_step_autoreset:  # the step after an episode's end is the fake one
                 np.logical_not(self.prev_done, out=valid)
-            obs, reward, terminated, truncated, info = self.envs.step(self._act(step, forward, noise[t]))
+            obs, reward, terminated, truncated, info = self.envs.step(act(t, self.obs))
             check_finite("reward", reward)
             s.host_rewards[t], s.host_terminated[t], s.host_truncated[t] = reward, terminated, truncated
             self.prev_done = terminated | truncated
@@ -223,7 +208,7 @@ class Collector:
         s.next_values[-1] = self.agent.value(self.obs)
         for t, idx, values in truncation_values:
             s.next_values[t, idx] = values
-        stats.env_steps = num_steps * self.envs.num_envs
+        stats.env_steps = s.num_steps * self.envs.num_envs
         return stats
 
     def _final_values(
@@ -296,14 +281,13 @@ class GroupCollector(Collector):
         obs, _ = self.envs.reset(seed=self.group_seeds())  # type: ignore[arg-type]
         self.iteration += 1
         self.obs = self._observe(obs)
-        forward = JointForward(self.agent)
-        noise = self.agent.exploration_noise((len(s.steps), self.envs.num_envs)).unbind(0)
+        act = self._acting()
         running = np.ones(self.envs.num_envs, dtype=bool)
         s.host_valid[:] = False
         s.host_rewards[:] = 0.0
-        for t, step in enumerate(s.steps):
+        for t in range(s.num_steps):
             s.host_valid[t] = running
-            obs, reward, terminated, truncated, _ = self.envs.step(self._act(step, forward, noise[t]))
+            obs, reward, terminated, truncated, _ = self.envs.step(act(t, self.obs))
             check_finite("reward", reward)
             s.host_rewards[t] = reward * running
             s.host_terminated[t], s.host_truncated[t] = terminated, truncated

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from ppo_cli.agent import ActorCritic, JointForward
+from ppo_cli.agent import ActorCritic
 from ppo_cli.config import AgentConfig
 from ppo_cli.distributions import Categorical, DiagonalGaussian
 
@@ -172,27 +172,6 @@ def test_noisy_action_is_the_distributions_sample(action_space, small_agent_cfg)
     noise = agent.dist.draw_noise((512,), torch.device("cpu"))
     expected = agent.dist.sample(params, noise)
     torch.testing.assert_close(agent.noisy_action(agent.actor(obs).detach(), rollout_noise), expected)
-
-
-@pytest.mark.parametrize(
-    ("actor_hidden", "critic_hidden", "activation"),
-    [([8, 8], [8, 8], "tanh"), ([16, 4], [8, 32], "relu"), ([8], [8, 8], "tanh")],
-    ids=["same-sizes", "other-sizes", "other-depths"],
-)
-@pytest.mark.parametrize("action_space", [DISCRETE, BOX], ids=["discrete", "box"])
-def test_joint_forward_is_actor_and_critic_side_by_side(
-    action_space, actor_hidden, critic_hidden, activation
-) -> None:
-    cfg = AgentConfig(actor_hidden=actor_hidden, critic_hidden=critic_hidden, activation=activation)
-    agent = ActorCritic(OBS, action_space, cfg)
-    for layer in [*agent.actor.linear_layers, *agent.critic.linear_layers]:
-        nn.init.normal_(layer.bias)  # the initial zero biases would hide a misplaced bias
-    obs = torch.randn(6, 5)
-    out = torch.empty(6, agent.actor_out_dim + 1)
-    with torch.no_grad():
-        JointForward(agent)(obs, out)
-        torch.testing.assert_close(out[:, :-1], agent.actor(obs))
-        torch.testing.assert_close(out[:, -1], agent.value(obs))
 
 
 def test_box_log_prob_is_diagonal_gaussian_density() -> None:

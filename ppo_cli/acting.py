@@ -1,0 +1,148 @@
+"""How the agent acts during a rollout: at each env step, the actor's output and V(s) for the
+current observations, written into the rollout storage, and the action sampled from them.
+
+With the small MLPs PPO uses on vector observations, one env step's forward pass is a few matrix
+products on a few rows: it costs the overhead of each call, not arithmetic. Two things cut it:
+
+* :class:`JointForward` runs actor and critic as one MLP, one matrix product per layer instead of two;
+* on the CPU, :class:`NumpyActing` runs that pass in numpy, on arrays that share memory with the
+  storage's tensors: a numpy call on arrays this small costs a few microseconds less than a torch
+  operation (benchmark case (a): collection 27 -> 22.5 ms per iteration of 128 steps).
+
+On an accelerator, :class:`TorchActing` runs the same pass in torch, next to the storage on the
+device. Either way the weights are a snapshot: build a new acting object for every rollout.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from ppo_cli.agent import ActorCritic
+
+
+class JointForward:
+    """The actor's output and V(s) in one pass, for acting during rollouts (no gradients).
+
+    Actor and critic MLPs of the same depth are one MLP whose first weight matrix stacks both
+    networks' first layers and whose later ones are block-diagonal: [W_actor, 0; 0, W_critic].
+    Each env step then runs one matrix product per layer instead of two, which matters because
+    for these tiny networks the cost of a tensor operation is its overhead, not its arithmetic.
+    The weights are a snapshot: build a new one after every update. MLPs of different depths are
+    run one after the other instead.
+    """
+
+    def __init__(self, agent: ActorCritic) -> None:
+        self.agent = agent
+        actor, critic = agent.actor.linear_layers, agent.critic.linear_layers
+        self.activation = agent.actor.activation
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if self.joinable(agent):
+            with torch.no_grad():
+                for depth, (a, c) in enumerate(zip(actor, critic, strict=True)):
+                    if depth == 0:
+                        weight = torch.cat([a.weight, c.weight])
+                    else:
+                        weight = torch.block_diag(a.weight, c.weight)
+                    # Stored transposed, as addmm takes it: F.linear would transpose at every call.
+                    self.layers.append((weight.t().contiguous(), torch.cat([a.bias, c.bias])))
+
+    @staticmethod
+    def joinable(agent: ActorCritic) -> bool:
+        """Whether actor and critic have the same depth, and so run as one MLP."""
+        return len(agent.actor.linear_layers) == len(agent.critic.linear_layers)
+
+    def __call__(self, obs: torch.Tensor, out: torch.Tensor) -> None:
+        """Write [actor output, V(s)] for each row of ``obs`` into ``out`` (batch, actor_out_dim + 1)."""
+        if not self.layers:
+            out[:, :-1] = self.agent.actor(obs)
+            out[:, -1] = self.agent.value(obs)
+            return
+        x = obs
+        for weight_t, bias in self.layers[:-1]:
+            x = self.activation(torch.addmm(bias, x, weight_t))
+        weight_t, bias = self.layers[-1]
+        torch.addmm(bias, x, weight_t, out=out)
+
+
+class ActingBuffers(NamedTuple):
+    """The storage tensors of one rollout that acting writes into, and the exploration noise
+    (``ActorCritic.exploration_noise``) drawn for all its steps up front."""
+
+    obs: torch.Tensor  # (T, N, obs_dim)
+    outputs: torch.Tensor  # (T, N, actor_out_dim + 1): [actor output, V(s)]
+    actions: torch.Tensor  # (T, N, *action_shape)
+    noise: torch.Tensor  # (T, N, ...)
+
+
+class Acting(ABC):
+    """Acts for every step ``t`` of one rollout, into :class:`ActingBuffers`."""
+
+    @abstractmethod
+    def __call__(self, t: int, obs: torch.Tensor) -> np.ndarray:
+        """Record ``obs`` as step ``t``'s observations and what the agent does with them; returns
+        the actions to send to the envs (clipped to the bounds for Box spaces)."""
+
+
+class TorchActing(Acting):
+    """Acting with torch operations, wherever the storage lives."""
+
+    def __init__(self, agent: ActorCritic, buffers: ActingBuffers) -> None:
+        self.agent = agent
+        self.forward = JointForward(agent)
+        # Per-step views made once: indexing the tensors at every step would cost an operation each.
+        self.obs, self.outputs, self.actions = (x.unbind(0) for x in buffers[:3])
+        self.actor_out, self.noise = buffers.outputs[..., :-1].unbind(0), buffers.noise.unbind(0)
+
+    def __call__(self, t: int, obs: torch.Tensor) -> np.ndarray:
+        self.obs[t].copy_(obs)
+        self.forward(self.obs[t], self.outputs[t])
+        self.agent.noisy_action(self.actor_out[t], self.noise[t], out=self.actions[t])
+        return self.agent.env_action(self.actions[t])
+
+
+def _relu(x: np.ndarray, out: np.ndarray) -> None:
+    np.maximum(x, 0.0, out=out)
+
+
+NUMPY_ACTIVATIONS: dict[str, Callable[..., object]] = {"tanh": np.tanh, "relu": _relu}
+
+
+class NumpyActing(Acting):
+    """The same pass and draw as :class:`TorchActing` (a test checks it), in numpy, for CPU storage."""
+
+    def __init__(self, agent: ActorCritic, buffers: ActingBuffers) -> None:
+        self.layers = [(weight_t.numpy(), bias.numpy()) for weight_t, bias in JointForward(agent).layers]
+        self.activation = NUMPY_ACTIVATIONS[agent.actor.activation_name]
+        self.obs, self.outputs, self.actions, self.noise = (x.numpy() for x in buffers)
+        self.bounds = (agent.action_low.numpy(), agent.action_high.numpy()) if agent.continuous else None
+
+    def __call__(self, t: int, obs: torch.Tensor) -> np.ndarray:
+        x = self.obs[t]
+        np.copyto(x, obs.numpy())
+        for weight_t, bias in self.layers[:-1]:
+            x = x @ weight_t
+            x += bias
+            self.activation(x, out=x)
+        weight_t, bias = self.layers[-1]
+        outputs = self.outputs[t]
+        np.matmul(x, weight_t, out=outputs)
+        outputs += bias
+        actions = self.actions[t]
+        if self.bounds is None:  # Gumbel-max, as Categorical.sample
+            np.argmax(outputs[:, :-1] + self.noise[t], axis=-1, out=actions)
+            return actions
+        np.add(outputs[:, :-1], self.noise[t], out=actions)  # mean + std * eps
+        return np.clip(actions, *self.bounds)
+
+
+def make_acting(agent: ActorCritic, buffers: ActingBuffers) -> Acting:
+    """Numpy acting for storage on the CPU (when actor and critic have the same depth, so that
+    they run as one MLP), torch acting otherwise."""
+    if buffers.obs.device.type == "cpu" and JointForward.joinable(agent):
+        return NumpyActing(agent, buffers)
+    return TorchActing(agent, buffers)

@@ -1,0 +1,95 @@
+"""Acting during rollouts: the joint forward pass, and numpy acting against torch acting."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ppo_cli.acting import ActingBuffers, JointForward, NumpyActing, TorchActing, make_acting
+from ppo_cli.agent import ActorCritic
+from ppo_cli.config import AgentConfig
+
+OBS = gym.spaces.Box(-np.inf, np.inf, shape=(5,), dtype=np.float32)
+DISCRETE = gym.spaces.Discrete(3)
+BOX = gym.spaces.Box(np.array([-1.0, -2.0], dtype=np.float32), np.array([1.0, 0.5], dtype=np.float32))
+SHAPES = pytest.mark.parametrize(
+    ("actor_hidden", "critic_hidden", "activation"),
+    [([8, 8], [8, 8], "tanh"), ([16, 4], [8, 32], "relu"), ([8], [8, 8], "tanh")],
+    ids=["same-sizes", "other-sizes", "other-depths"],
+)
+SPACES = pytest.mark.parametrize("action_space", [DISCRETE, BOX], ids=["discrete", "box"])
+
+
+def make_agent(action_space: gym.spaces.Space, actor_hidden: list[int], critic_hidden: list[int],
+               activation: str) -> ActorCritic:  # fmt: skip
+    cfg = AgentConfig(actor_hidden=actor_hidden, critic_hidden=critic_hidden, activation=activation)
+    agent = ActorCritic(OBS, action_space, cfg)
+    with torch.no_grad():
+        for layer in [*agent.actor.linear_layers, *agent.critic.linear_layers]:
+            nn.init.normal_(layer.bias)  # the initial zero biases would hide a misplaced bias
+        agent.actor.linear_layers[-1].weight.mul_(100.0)  # actions far apart, means beyond bounds
+    return agent
+
+
+@SHAPES
+@SPACES
+def test_joint_forward_is_actor_and_critic_side_by_side(
+    action_space: gym.spaces.Space, actor_hidden: list[int], critic_hidden: list[int], activation: str
+) -> None:
+    agent = make_agent(action_space, actor_hidden, critic_hidden, activation)
+    obs = torch.randn(6, 5)
+    out = torch.empty(6, agent.actor_out_dim + 1)
+    with torch.no_grad():
+        JointForward(agent)(obs, out)
+        torch.testing.assert_close(out[:, :-1], agent.actor(obs))
+        torch.testing.assert_close(out[:, -1], agent.value(obs))
+
+
+def buffers(agent: ActorCritic, steps: int, envs: int) -> ActingBuffers:
+    """Zeroed (obs, outputs, actions) tensors of a rollout, and its exploration noise."""
+    dist = agent.dist
+    return ActingBuffers(
+        torch.zeros(steps, envs, 5),
+        torch.zeros(steps, envs, agent.actor_out_dim + 1),
+        torch.zeros(steps, envs, *dist.action_shape, dtype=dist.action_dtype),
+        agent.exploration_noise((steps, envs)),
+    )
+
+
+@SHAPES
+@SPACES
+def test_numpy_acting_writes_and_samples_what_torch_acting_does(
+    action_space: gym.spaces.Space, actor_hidden: list[int], critic_hidden: list[int], activation: str
+) -> None:
+    agent = make_agent(action_space, actor_hidden, critic_hidden, activation)
+    if isinstance(action_space, gym.spaces.Box):
+        with torch.no_grad():
+            agent.log_std.copy_(torch.tensor([0.5, -1.0]))
+    torch_tensors = buffers(agent, steps=3, envs=64)
+    numpy_tensors = ActingBuffers(*(tensor.clone() for tensor in torch_tensors))  # the same noise
+    by_torch = TorchActing(agent, torch_tensors)
+    by_numpy = make_acting(agent, numpy_tensors)
+    assert isinstance(by_numpy, NumpyActing if JointForward.joinable(agent) else TorchActing)
+    with torch.inference_mode():
+        for t in range(3):
+            obs = torch.randn(64, 5)
+            env_actions = by_torch(t, obs), by_numpy(t, obs)
+            np.testing.assert_allclose(*env_actions, rtol=1e-5, atol=1e-5)
+    for torch_tensor, numpy_tensor in zip(torch_tensors[:3], numpy_tensors[:3], strict=True):
+        torch.testing.assert_close(numpy_tensor, torch_tensor)
+    obs, outputs, actions, noise = numpy_tensors
+    # What was stored is the network's output and the distribution's draw from it.
+    with torch.no_grad():
+        torch.testing.assert_close(outputs[..., -1], agent.value(obs))
+        params = agent.policy_params(obs)
+    # (For the Gaussian the exploration noise is std * eps already: see test_agent.py.)
+    expected = params[..., :2] + noise if agent.continuous else agent.dist.sample(params, noise)
+    torch.testing.assert_close(actions, expected)
+    if isinstance(action_space, gym.spaces.Box):
+        assert (env_actions[1] >= BOX.low).all() and (env_actions[1] <= BOX.high).all()
+        assert (actions.numpy() < BOX.low).any() or (actions.numpy() > BOX.high).any()  # stored raw
+    else:
+        assert len(np.unique(actions.numpy())) == 3
