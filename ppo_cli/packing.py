@@ -1,10 +1,10 @@
 """Each network's parameters packed into one contiguous tensor, for a cheaper optimizer step.
 
 The update of these small networks costs per-tensor overhead more than arithmetic: with a dozen
-weight and bias tensors, clipping the gradient norm and Adam's step each loop over a dozen tensors,
-about a quarter of a minibatch step in benchmark case (a). Packing a network's parameters into one
-tensor, which the modules keep using through views of it, turns each of those loops into one
-operation on one tensor; the optimizer is given the packed tensors instead of the modules'.
+weight and bias tensors, clipping the gradient norm, Adam's step and zeroing the gradients loop
+over a dozen tensors, about 30% of a minibatch step in benchmark case (a). Packing a network's
+parameters into one tensor, which the modules keep using through views of it, turns each of those
+loops into one operation on one tensor; the optimizer is given the packed tensors instead.
 
 Autograd still writes each parameter's own ``.grad``; :meth:`PackedParameters.gather_grad`
 concatenates them into the packed tensor's gradient (one operation). A network that received no
@@ -37,16 +37,14 @@ class PackedParameters:
             param.data = self.flat.data[offset : offset + param.numel()].view_as(param)
             offset += param.numel()
 
-    def gather_grad(self) -> bool:
-        """Set the packed gradient from the parameters' own; False (and no gradient) when none
-        of them received one."""
+    def gather_grad(self) -> None:
+        """Set the packed gradient from the parameters' own: none when none of them received one."""
         grads = [param.grad for param in self.params]
         if all(grad is None for grad in grads):
             self.flat.grad = None
-            return False
+            return
         pieces = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads, strict=True)]
         self.flat.grad = torch.cat([piece.reshape(-1) for piece in pieces])
-        return True
 
 
 def copy_into(vector: torch.Tensor, params: Sequence[nn.Parameter]) -> None:

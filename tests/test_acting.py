@@ -86,7 +86,7 @@ def test_numpy_acting_writes_and_samples_what_torch_acting_does(
         torch.testing.assert_close(outputs[..., -1], agent.value(obs))
         params = agent.policy_params(obs)
     # (For the Gaussian the exploration noise is std * eps already: see test_agent.py.)
-    expected = params[..., :2] + noise if agent.continuous else agent.dist.sample(params, noise)
+    expected = agent.dist.mode(params) + noise if agent.continuous else agent.dist.sample(params, noise)
     torch.testing.assert_close(actions, expected)
     if isinstance(action_space, gym.spaces.Box):
         assert (env_actions[1] >= BOX.low).all() and (env_actions[1] <= BOX.high).all()
