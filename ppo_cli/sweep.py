@@ -131,13 +131,17 @@ def threads_per_job(requested: int, hydra_cfg: DictConfig) -> int:
     """Torch threads for one job of a sweep, so that jobs x threads fits the cores.
 
     joblib runs ``launcher.n_jobs`` jobs at once (-1: one per core); submitit gives each job
-    ``launcher.cpus_per_task`` cores when set; the basic launcher runs one job at a time.
-    ``requested`` 0 (torch's default: every core) becomes the job's share.
+    ``launcher.cpus_per_task`` cores when set; Ray reserves ``launcher.ray.remote.num_cpus`` per
+    job (Ray's default for a task: 1); the basic launcher runs one job at a time. ``requested`` 0
+    (torch's default: every core) becomes the job's share.
     """
     cores = os.cpu_count() or 1
     cpus_per_task = OmegaConf.select(hydra_cfg, "launcher.cpus_per_task")
+    ray = OmegaConf.select(hydra_cfg, "launcher.ray")
     if cpus_per_task:
         share = int(cpus_per_task)
+    elif ray is not None:
+        share = int(OmegaConf.select(ray, "remote.num_cpus", default=None) or 1)
     else:
         n_jobs = int(OmegaConf.select(hydra_cfg, "launcher.n_jobs", default=1))
         share = max(1, cores // (cores if n_jobs < 0 else max(1, n_jobs)))
