@@ -28,7 +28,8 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from ppo_cli import sweep
 from ppo_cli.config import register_schemas, to_train_config, unknown_key_error
-from ppo_cli.errors import Interrupted, UserError
+from ppo_cli.distributed import DataParallel, process_group
+from ppo_cli.errors import ConfigError, Interrupted, UserError
 from ppo_cli.evaluate import evaluate_checkpoint
 from ppo_cli.logger import read_summary, write_summary
 from ppo_cli.resume import expand_resume_argv
@@ -61,15 +62,21 @@ def _train_task(cfg: DictConfig) -> float | None:
 
     In a multirun a failing job does not stop the others: its error goes to its summary.json and
     its traceback to its log, and it returns NaN (a failed trial, for Optuna).
+
+    Under torchrun every rank runs this; rank 0's Hydra chose the run directory, the others' made
+    none (see ``distributed.py``), and only rank 0 reports.
     """
     hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
+    parallel = DataParallel.current()
+    run_dir = parallel.main_run_dir(Path(hydra_cfg.runtime.output_dir))
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         try:
             train_cfg = to_train_config(cfg)
+            if parallel.active and train_cfg.seeds_per_job > 1:
+                raise ConfigError("seeds_per_job", "must be 1 under torchrun, whose ranks train one run")
         except Exception as exc:
-            if not read_summary(run_dir):  # never overwrite the record of an earlier run
+            if parallel.is_main and not read_summary(run_dir):  # never overwrite an earlier run's record
                 write_summary(run_dir, {"status": "failed", "global_step": 0, "error": one_line_error(exc)})
             raise
         label = sweep.configure_job(train_cfg, cast(DictConfig, hydra_cfg)) if multirun else ""
@@ -87,6 +94,8 @@ def _train_task(cfg: DictConfig) -> float | None:
         # In a single run, report here: past this function Hydra prints its own banner first.
         _exit_if_expected(exc, "ppo-train")
         raise
+    if not parallel.is_main:
+        return None
     print(f"run dir: {run_dir}")
     if "eval_std" in summary:
         print(f"evaluation: {summary['eval_mean']:.2f} +/- {summary['eval_std']:.2f}")
@@ -180,11 +189,13 @@ def _run_cli(task: Callable[[], Any], prog: str) -> None:
 
 
 def _train_with_resume() -> None:
-    sys.argv = [sys.argv[0], *expand_resume_argv(sys.argv[1:])]
-    try:
-        _train_task()
-    finally:
-        outcome = sweep.finish()
+    argv = expand_resume_argv(sys.argv[1:])
+    with process_group(argv) as parallel:  # a group of one, outside torchrun
+        sys.argv = [sys.argv[0], *argv, *parallel.hydra_overrides()]
+        try:
+            _train_task()
+        finally:
+            outcome = sweep.finish()
     if outcome is not None and outcome.failed:
         print(
             f"ppo-train: error: {outcome.failed} of {outcome.jobs} jobs did not complete; "

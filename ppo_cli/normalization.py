@@ -38,6 +38,22 @@ def merge_moments(
     return total, new_mean, new_var
 
 
+def split_moments(
+    count: Moments, mean: Moments, var: Moments, part_count: Moments, part_mean: Moments, part_var: Moments
+) -> tuple[Moments, Moments, Moments]:
+    """(count, mean, variance) of the samples of a set that are not in its part: the inverse of
+    :func:`merge_moments`, so ``merge_moments(*part, *split_moments(*merged, *part))`` is ``merged``.
+
+    With n = n_a + n_b: n_b = n - n_a, m_b = (n m - n_a m_a) / n_b and
+    v_b = (n v - n_a v_a - d^2 n_a n_b / n) / n_b with d = m_b - m_a. Counts must differ (n_b > 0).
+    """
+    rest = count - part_count
+    rest_mean = (mean * count - part_mean * part_count) / rest
+    delta = rest_mean - part_mean
+    rest_var = (var * count - part_var * part_count - delta * delta * part_count * rest / count) / rest
+    return rest, rest_mean, rest_var
+
+
 class RunningMeanStd(nn.Module):
     """Mean and variance of a stream of batches (see :func:`merge_moments`), in float64 so that
     long runs do not drift."""

@@ -225,7 +225,7 @@ class Collector:
         """What the next collection depends on: the envs' own state (None where it cannot be
         saved, see ``env_state.py``), the current observations, and which envs just finished."""
         return {
-            "obs": self.obs,
+            "obs": self.obs.cpu(),  # on the host: rank 0 gathers the other ranks' (distributed.py)
             "prev_done": torch.from_numpy(self.prev_done.copy()),
             "episodes": self.episodes.state_dict(),
             "envs": env_state.capture(self.envs),
@@ -243,13 +243,17 @@ class Collector:
             self.prev_done = state["prev_done"].numpy().copy()
             self.episodes.load_state_dict(state["episodes"])
             return True
+        self.restart(reset_seed)
+        return False
+
+    def restart(self, reset_seed: int) -> None:
+        """Reset every env with ``reset_seed``, forgetting the episodes in flight."""
         obs, _ = self.envs.reset(seed=reset_seed)
         self.obs = self._observe(obs)
         self.prev_done[:] = False
         self.episodes.reset()
         if self.reward_scaler is not None:
             self.reward_scaler.returns.zero_()  # the discounted returns belonged to lost episodes
-        return False
 
 
 class GroupCollector(Collector):

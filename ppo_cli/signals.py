@@ -4,6 +4,11 @@ The first signal only raises a flag: the training loop finishes the iteration it
 seconds at most), writes a checkpoint, and stops. A second signal, or any signal once the final
 checkpoint is written (during evaluation), stops at once: nothing is lost that a checkpoint holds.
 Cluster schedulers send SIGTERM some time before SIGKILL; Ctrl-C sends SIGINT.
+
+Under torchrun each rank receives a terminal's Ctrl-C (or a scheduler's signal to the whole
+process group) twice: directly, and forwarded by torchrun's agent a moment later. So there, the
+same signal again within ``echo_window`` seconds of the first is taken for that echo, not for a
+second request.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -27,9 +33,11 @@ class GracefulStop:
     Outside the main thread (where Python cannot install handlers) it does nothing.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, echo_window: float = 0.0) -> None:
         self.signum: int | None = None
         self.graceful = True
+        self.echo_window = echo_window
+        self._received_at = 0.0
         self._previous: dict[int, Any] = {}
 
     @property
@@ -38,9 +46,12 @@ class GracefulStop:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
+        if signum == self.signum and time.monotonic() - self._received_at < self.echo_window:
+            return
         if self.requested or not self.graceful:
             raise Interrupted(signum, f"stopped by {name}")
         self.signum = signum
+        self._received_at = time.monotonic()
         log.warning("%s received: stopping after this iteration (send it again to stop at once)", name)
 
     def __enter__(self) -> GracefulStop:

@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 from ppo_cli.advantages import gae, group_relative
 from ppo_cli.agent import ActorCritic
 from ppo_cli.checkpoint import (
+    LAST,
     checkpoint_dir,
     describe_spaces,
     load_matching,
@@ -32,6 +33,7 @@ from ppo_cli.checkpoint import (
     save_checkpoint,
 )
 from ppo_cli.config import ActorCriticConfig, AlgoConfig, GRPOConfig, TrainConfig, flatten
+from ppo_cli.distributed import DataParallel, IterationReport, StatisticsExchange
 from ppo_cli.envs import episode_time_limit, make_vector_env
 from ppo_cli.errors import ConfigError, Interrupted, NonFiniteError, UserError
 from ppo_cli.evaluate import EVAL_SEED_OFFSET, evaluate
@@ -50,6 +52,10 @@ RECENT_EPISODES = 20  # episodes averaged for the progress bar
 HPARAMS_METRICS = ["eval/episodic_return", "charts/episodic_return"]  # columns of TensorBoard's HParams
 # Config keys that do not change what is learned, left out of the HParams table.
 OPERATIONAL_KEYS = ("progress", "torch_threads", "device", "resume", "checkpoint.")
+# The parts of the training state that differ between the ranks of a data-parallel run (their envs,
+# their random generators, their envs' discounted returns); everything else is the same on all.
+PER_RANK_KEYS = ("collector", "rng", "reward_scaler")
+FORWARDED_SIGNAL_WINDOW_S = 2.0  # how late torchrun's agent may forward a signal a rank already got
 
 
 def _hyperparameters(plain_config: dict[str, Any]) -> dict[str, Any]:
@@ -117,6 +123,8 @@ class TrainingState:
     reward_scaler: RewardScaler | None
     updater: Updater
     collector: Collector
+    parallel: DataParallel
+    statistics: StatisticsExchange
     global_step: int = 0
     iteration: int = 0
     recent_returns: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_EPISODES))
@@ -134,11 +142,12 @@ class TrainingState:
             "recent_returns": list(self.recent_returns),
         }
 
-    def load_state_dict(self, payload: dict[str, Any], source: Path, seed: int) -> bool:
-        """Restore a checkpoint; True if the envs continue their episodes exactly.
+    def load_state_dict(self, payload: dict[str, Any], source: Path, env_seed: int) -> bool:
+        """Restore a checkpoint; True if this rank's envs continue their episodes exactly.
 
-        Where they cannot (see ``env_state.py``), every env restarts from a seed derived from
-        ``seed`` and the checkpoint's step, so a resumed run is still reproducible.
+        Where they cannot (see ``env_state.py``), its envs restart from a seed derived from
+        ``env_seed`` and the checkpoint's step, so a resumed run is still reproducible. So do those
+        of a rank the checkpoint holds no state for (resumed by more ranks than wrote it).
         """
         load_matching(self.agent, payload["agent"], "network", source)
         optimizer_state = payload["optimizer"]
@@ -146,8 +155,6 @@ class TrainingState:
             params = list(self.agent.parameters())
             optimizer_state = packed_optimizer_state(optimizer_state, params, self.agent.packs)
         self.optimizer.load_state_dict(optimizer_state)
-        if self.reward_scaler is not None and payload["reward_scaler"] is not None:
-            load_matching(self.reward_scaler, payload["reward_scaler"], "reward scaler", source)
         try:
             self.updater.load_state_dict(payload["updater"])
         except (KeyError, ValueError, RuntimeError) as exc:
@@ -156,14 +163,30 @@ class TrainingState:
             ) from None
         self.global_step, self.iteration = int(payload["global_step"]), int(payload["iteration"])
         self.recent_returns.extend(payload["recent_returns"])
-        reset_seed = int(np.random.SeedSequence([seed, self.global_step]).generate_state(1)[0])
-        exact = self.collector.load_state_dict(payload["collector"], reset_seed)
-        set_rng_state(payload["rng"])  # last: building the run above drew from the generators
+        reset_seed = int(np.random.SeedSequence([env_seed, self.global_step]).generate_state(1)[0])
+        # Rank 0's part is the checkpoint's top level; the other ranks' are listed beside it.
+        others = payload.get("other_ranks", [])
+        own = payload if self.parallel.is_main else None
+        if self.parallel.rank and len(others) == self.parallel.world_size - 1:
+            own = others[self.parallel.rank - 1]
+        scaler_state = (own or payload)["reward_scaler"]
+        if self.reward_scaler is not None and scaler_state is not None:
+            load_matching(self.reward_scaler, scaler_state, "reward scaler", source)
+        self.statistics.mark()  # every rank loaded the same statistics
+        if own is None:
+            self.collector.restart(reset_seed)
+            seed_everything(reset_seed)
+            return False
+        exact = self.collector.load_state_dict(own["collector"], reset_seed)
+        set_rng_state(own["rng"])  # last: building the run above drew from the generators
         return exact
 
 
-def build_state(cfg: TrainConfig, envs: VectorEnv, device: torch.device) -> TrainingState:
-    """A fresh agent, optimizer, variant and collector for ``cfg`` on ``envs``."""
+def build_state(
+    cfg: TrainConfig, envs: VectorEnv, device: torch.device, parallel: DataParallel
+) -> TrainingState:
+    """A fresh agent, optimizer, variant and collector for ``cfg`` on ``envs``, one of
+    ``parallel``'s ranks (the agent depends only on ``cfg``: it is the same on every rank)."""
     algo = cfg.algo
     obs_space, act_space = envs.single_observation_space, envs.single_action_space
     assert isinstance(obs_space, gym.spaces.Box)  # make_vector_env refuses anything else
@@ -178,15 +201,18 @@ def build_state(cfg: TrainConfig, envs: VectorEnv, device: torch.device) -> Trai
         if isinstance(algo, ActorCriticConfig) and cfg.env.normalize_reward
         else None
     )
-    updater = make_updater(algo, agent, optimizer)
+    updater = make_updater(algo, agent, optimizer, parallel)
+    normalizers = (agent.obs_normalizer, reward_scaler)
+    statistics = StatisticsExchange(parallel, [n.stats for n in normalizers if n is not None])
     storage = RolloutStorage(rollout_length(cfg), cfg.env.num_envs, agent, device)
+    env_seed = parallel.env_seed(cfg.seed, cfg.env.num_envs)
     collector: Collector
     if isinstance(algo, GRPOConfig):
-        collector = GroupCollector(envs, agent, storage, algo.group_size, device, cfg.seed)
+        collector = GroupCollector(envs, agent, storage, algo.group_size, device, env_seed)
     else:
         assert isinstance(algo, ActorCriticConfig), type(algo)
-        collector = Collector(envs, agent, storage, reward_scaler, algo.bootstrap_truncated, device, cfg.seed)
-    return TrainingState(agent, optimizer, reward_scaler, updater, collector)
+        collector = Collector(envs, agent, storage, reward_scaler, algo.bootstrap_truncated, device, env_seed)
+    return TrainingState(agent, optimizer, reward_scaler, updater, collector, parallel, statistics)
 
 
 def train(cfg: TrainConfig, run_dir: Path, label: str = "") -> dict[str, Any]:
@@ -197,7 +223,11 @@ def train(cfg: TrainConfig, run_dir: Path, label: str = "") -> dict[str, Any]:
     ``interrupted``, or ``failed`` with the error; exceptions then propagate. A resume that is
     refused (a changed config, a checkpoint that does not fit) leaves the summary as it was.
     ``label`` prefixes the progress lines (the job, in a sweep).
+
+    Under ``torchrun`` every rank calls this with the same ``cfg`` and ``run_dir``; only rank 0
+    writes there (see ``distributed.py``).
     """
+    parallel = DataParallel.current()
     plain_config = cast(dict[str, Any], OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
     start = time.perf_counter()
     summary: dict[str, Any] = {"status": "running", "global_step": 0, "config": plain_config}
@@ -209,8 +239,14 @@ def train(cfg: TrainConfig, run_dir: Path, label: str = "") -> dict[str, Any]:
             torch.set_num_threads(cfg.torch_threads)
         device = pick_device(cfg.device)
         per_env_seeds = isinstance(cfg.algo, GRPOConfig)
-        with GracefulStop() as stop, closing(make_vector_env(cfg.env, per_env_seeds=per_env_seeds)) as envs:
-            state = build_state(cfg, envs, device)
+        echo_window = FORWARDED_SIGNAL_WINDOW_S if parallel.active else 0.0  # see signals.py
+        with (
+            GracefulStop(echo_window) as stop,
+            closing(make_vector_env(cfg.env, per_env_seeds=per_env_seeds)) as envs,
+        ):
+            state = build_state(cfg, envs, device, parallel)
+            if parallel.rank:  # the agent is built; from here on each rank draws its own numbers
+                seed_everything(parallel.rank_seed(cfg.seed))
             resumed = resume_state(cfg, run_dir, plain_config, state)
             started = True
             if resumed is not None:
@@ -232,7 +268,7 @@ def train(cfg: TrainConfig, run_dir: Path, label: str = "") -> dict[str, Any]:
         raise
     finally:
         summary["wall_time_s"] = round(time.perf_counter() - start, 2)
-        if started or not previous_summary:
+        if parallel.is_main and (started or not previous_summary):
             write_summary(run_dir, summary)
     return summary
 
@@ -272,7 +308,15 @@ def resume_state(
             f"{path}: the checkpoint was trained on spaces {payload['spaces']}, "
             f"env.id={cfg.env.id} has {spaces}"
         )
-    exact = state.load_state_dict(payload, path, cfg.seed)
+    saved_ranks = 1 + len(payload.get("other_ranks", []))
+    if saved_ranks != state.parallel.world_size and state.parallel.is_main:
+        log.warning(
+            "the checkpoint was written by %d process(es), this run has %d: the global batch changes, "
+            "and ranks the checkpoint holds no state for restart their envs",
+            saved_ranks,
+            state.parallel.world_size,
+        )
+    exact = state.load_state_dict(payload, path, state.parallel.env_seed(cfg.seed, cfg.env.num_envs))
     remove_stale_temp_files(path.parent)
     log.info(
         "resumed from %s at step %d (%s)",
@@ -293,26 +337,31 @@ def _run(
     resumed: bool,
     label: str,
 ) -> dict[str, Any]:
-    algo, agent, collector = cfg.algo, state.agent, state.collector
+    algo, agent, collector, parallel = cfg.algo, state.agent, state.collector, state.parallel
     envs = collector.envs
     spaces = describe_spaces(envs.single_observation_space, envs.single_action_space)
     start_step = state.global_step
-    logger = RunLogger(
-        run_dir,
-        OmegaConf.to_yaml(plain_config),
-        cfg.total_timesteps,
-        cfg.progress,
-        start_step if resumed else None,
-        label,
-    )
-    logger.hparams(_hyperparameters(plain_config), HPARAMS_METRICS, logger.first_step)
+    logger: RunLogger | None = None  # only rank 0 writes
+    if parallel.is_main:
+        resumed_at = start_step if resumed else None
+        logger = RunLogger(
+            run_dir, OmegaConf.to_yaml(plain_config), cfg.total_timesteps, cfg.progress, resumed_at, label
+        )
+        logger.hparams(_hyperparameters(plain_config), HPARAMS_METRICS, logger.first_step)
     last_saved: Path | None = None
 
     def checkpoint(periodic: bool) -> None:
+        """Rank 0 saves; the other ranks send it their own parts of the state."""
         nonlocal last_saved
-        logger.flush()  # the event files on disk reach at least as far as the checkpoint
-        payload = {"config": plain_config, "spaces": spaces, **state.state_dict()}
-        last_saved = save_checkpoint(payload, run_dir, cfg.checkpoint.keep, periodic)
+        state_dict = state.state_dict()
+        parts = parallel.gather_on_main({key: state_dict[key] for key in PER_RANK_KEYS})
+        last_saved = checkpoint_dir(run_dir) / LAST
+        if logger is not None:
+            logger.flush()  # the event files on disk reach at least as far as the checkpoint
+            payload = {"config": plain_config, "spaces": spaces, **state_dict}
+            if parallel.active:
+                payload["other_ranks"] = parts[1:]
+            last_saved = save_checkpoint(payload, run_dir, cfg.checkpoint.keep, periodic)
 
     train_start = time.perf_counter()
     try:
@@ -325,10 +374,9 @@ def _run(
                 group["lr"] = lr
 
             try:
-                # --- collect -------------------------------------------------------------------
+                # --- collect (under torchrun: each rank its own envs, then statistics merged) ---
                 rollout = collector.collect()
-                state.global_step += rollout.env_steps
-                state.recent_returns.extend(rollout.episode_returns)
+                state.statistics.merge()
 
                 # --- advantages ----------------------------------------------------------------
                 advantages, returns = estimate_advantages(algo, collector.storage)
@@ -341,30 +389,41 @@ def _run(
                     f"iteration {state.iteration}: {exc}; training stopped before the optimizer step, "
                     f"last good checkpoint: {last_saved or 'none written yet'}"
                 ) from None
+            report = parallel.combine(
+                IterationReport(
+                    rollout.env_steps,
+                    rollout.episode_returns,
+                    rollout.episode_lengths,
+                    explained_variance(batch.values, batch.returns),
+                )
+            )
+            state.global_step += report.env_steps
+            state.recent_returns.extend(report.episode_returns)
 
             # --- log ---------------------------------------------------------------------------
-            sps = (state.global_step - start_step) / (time.perf_counter() - train_start)
-            scalars = {f"losses/{key}": value for key, value in metrics.items()}
-            scalars["losses/explained_variance"] = explained_variance(batch.values, batch.returns)
-            scalars["charts/learning_rate"] = lr
-            scalars["charts/SPS"] = sps
-            if rollout.episode_returns:
-                scalars["charts/episodic_return"] = float(np.mean(rollout.episode_returns))
-                scalars["charts/episodic_length"] = float(np.mean(rollout.episode_lengths))
-            logger.scalars(scalars, state.global_step)
-            mean_recent = float(np.mean(state.recent_returns)) if state.recent_returns else None
-            logger.progress(state.global_step, sps, mean_recent)
+            if logger is not None:
+                sps = (state.global_step - start_step) / (time.perf_counter() - train_start)
+                scalars = {f"losses/{key}": value for key, value in metrics.items()}
+                scalars["losses/explained_variance"] = report.explained_variance
+                scalars["charts/learning_rate"] = lr
+                scalars["charts/SPS"] = sps
+                if report.episode_returns:
+                    scalars["charts/episodic_return"] = float(np.mean(report.episode_returns))
+                    scalars["charts/episodic_length"] = float(np.mean(report.episode_lengths))
+                logger.scalars(scalars, state.global_step)
+                mean_recent = float(np.mean(state.recent_returns)) if state.recent_returns else None
+                logger.progress(state.global_step, sps, mean_recent)
             summary["global_step"] = state.global_step
 
             # --- checkpoint --------------------------------------------------------------------
+            stop_signal = parallel.any_signal(stop.signum)  # under torchrun, every rank stops alike
             periodic = bool(cfg.checkpoint.interval) and state.iteration % cfg.checkpoint.interval == 0
-            if periodic or stop.requested:
+            if periodic or stop_signal is not None:
                 checkpoint(periodic)
-            if stop.requested:
-                assert stop.signum is not None
+            if stop_signal is not None:
                 raise Interrupted(
-                    stop.signum,
-                    f"stopped by {signal.Signals(stop.signum).name} at step {state.global_step}; "
+                    stop_signal,
+                    f"stopped by {signal.Signals(stop_signal).name} at step {state.global_step}; "
                     f"checkpoint: {last_saved}; resume with: ppo-train resume={run_dir}",
                 )
 
@@ -381,6 +440,8 @@ def _run(
             "sps": round(trained / train_time, 1),
             "recent_episodic_return": float(np.mean(state.recent_returns)) if state.recent_returns else None,
         }
+        if logger is None:  # the evaluation is rank 0's
+            return result
         if cfg.eval.episodes:
             agent.eval()
             eval_returns = evaluate(
@@ -412,4 +473,5 @@ def _run(
         logger.hparams_completed(state.global_step)
         return result
     finally:
-        logger.close()
+        if logger is not None:
+            logger.close()

@@ -66,13 +66,17 @@ def trust_region_step(
     cg_damping: float,
     line_search_steps: int,
     backtrack: float,
+    average: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
 ) -> StepResult:
     """Move ``params`` by one TRPO step; ``surrogate`` and ``mean_kl`` recompute from the current params.
 
     ``cg_damping`` adds lambda * I to F so the solve stays well-posed when F is near singular.
+    ``average`` turns a local quantity into the mean over data-parallel ranks (see
+    ``distributed.py``): the gradient, every Fisher-vector product and the line search's
+    measurements, so that every rank computes the same step.
     """
     surrogate_before = surrogate()
-    grad = parameters_to_vector(torch.autograd.grad(surrogate_before, params))
+    grad = average(parameters_to_vector(torch.autograd.grad(surrogate_before, params)))
     if not bool(torch.isfinite(grad).all()):  # a NaN surrogate has NaN gradients too
         value = float(surrogate_before.detach())
         raise NonFiniteError(f"the TRPO surrogate's gradient is not finite (surrogate {value:g})")
@@ -80,18 +84,18 @@ def trust_region_step(
 
     def fisher_vector_product(v: torch.Tensor) -> torch.Tensor:
         hv = torch.autograd.grad(kl_grad @ v, params, retain_graph=True)
-        return parameters_to_vector(hv) + cg_damping * v
+        return average(parameters_to_vector(hv)) + cg_damping * v
 
     direction = conjugate_gradient(fisher_vector_product, grad, cg_iterations)
     quadratic = direction @ fisher_vector_product(direction)
     full_step = direction * torch.sqrt(2 * max_kl / quadratic.clamp_min(1e-12))
     old = parameters_to_vector(params).detach()
-    before = float(surrogate_before.detach())
+    before = float(average(surrogate_before.detach()))
     with torch.no_grad():
         for k in range(line_search_steps):
             fraction = backtrack**k
             copy_into(old + fraction * full_step, params)
-            after, kl = float(surrogate()), float(mean_kl())
+            after, kl = average(torch.stack([surrogate(), mean_kl()])).tolist()
             if kl <= max_kl and after > before:
                 return StepResult(before, after, kl, fraction)
         copy_into(old, params)

@@ -27,6 +27,7 @@ from ppo_cli.config import (
     SurrogateConfig,
     TRPOConfig,
 )
+from ppo_cli.distributed import SINGLE_PROCESS, DataParallel
 from ppo_cli.distributions import ActionDistribution
 from ppo_cli.errors import NonFiniteError
 from ppo_cli.rollout import RolloutStorage
@@ -92,16 +93,29 @@ class Updater(ABC):
     """Turns one rollout's Batch into parameter updates for one variant of the family.
 
     State that must survive from one iteration to the next (PPO-Penalty's beta) lives here and
-    goes into checkpoints through :meth:`state_dict`.
+    goes into checkpoints through :meth:`state_dict`. Under data parallelism (``parallel``, see
+    ``distributed.py``) gradients, and the numbers decisions are taken on, are averaged over the
+    ranks; the metrics returned are those averages.
     """
 
-    def __init__(self, agent: ActorCritic, optimizer: torch.optim.Optimizer, cfg: AlgoConfig) -> None:
+    def __init__(
+        self,
+        agent: ActorCritic,
+        optimizer: torch.optim.Optimizer,
+        cfg: AlgoConfig,
+        parallel: DataParallel = SINGLE_PROCESS,
+    ) -> None:
         self.agent = agent
         self.optimizer = optimizer
         self.cfg = cfg
+        self.parallel = parallel
         self.params = [p for p in agent.parameters() if p.requires_grad]
         # What the optimizer steps: the agent's packed tensors (see packing.py) or its parameters.
         self.stepped = [p for group in optimizer.param_groups for p in group["params"]]
+        self.reset_state()
+
+    def reset_state(self) -> None:  # noqa: B027 (most variants keep no state: nothing to do)
+        """Set the variant's own state (what :meth:`state_dict` holds) to its start."""
 
     def step(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
         """One optimizer step on ``loss`` with the global gradient norm clipped to
@@ -109,14 +123,18 @@ class Updater(ABC):
 
         Parameters that ``loss`` does not depend on get no gradient, so the optimizer leaves them
         alone. ``terms`` are the loss's parts, named in the error when one of them is not finite.
+        Under data parallelism the gradient is the ranks' mean, and a non-finite loss on any rank
+        stops them all (its mean, averaged with the gradient, is then not finite either).
         """
         for param in self.params:
             param.grad = None
         loss.backward()
         for pack in self.agent.packs:
             pack.gather_grad()
+        mean_loss = loss.detach().reshape(1).clone()
+        self.parallel.average_([*(p.grad for p in self.stepped if p.grad is not None), mean_loss])
         grad_norm = nn.utils.clip_grad_norm_(self.stepped, self.cfg.max_grad_norm)
-        if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):  # one device sync per step
+        if not bool(torch.isfinite(mean_loss) & torch.isfinite(grad_norm)):  # one device sync per step
             raise NonFiniteError(self._non_finite_report(loss, terms))
         self.optimizer.step()
 
@@ -170,7 +188,7 @@ class SurrogateUpdater(Updater):
                 out = self.agent.evaluate(mb.obs, mb.actions)
                 if cfg.target_kl is not None:
                     k3 = losses.kl_estimates(out.log_prob.detach(), mb.log_probs).k3
-                    if k3.item() > cfg.target_kl:
+                    if self.parallel.average(k3).item() > cfg.target_kl:
                         stopped_early = True
                         break
                 loss, terms = self.minibatch_loss(out, mb)
@@ -184,7 +202,7 @@ class SurrogateUpdater(Updater):
         metrics = dict(zip(names, means, strict=True))
         metrics.update(minibatch_updates=float(len(logged)), early_stop=float(stopped_early))
         metrics.update(measure_kl(self.agent, batch))
-        return metrics
+        return self.parallel.average_metrics(metrics)
 
 
 class ActorCriticSurrogateUpdater(SurrogateUpdater):
@@ -262,9 +280,8 @@ class PenaltyUpdater(ActorCriticSurrogateUpdater):
 
     cfg: PenaltyConfig
 
-    def __init__(self, agent: ActorCritic, optimizer: torch.optim.Optimizer, cfg: PenaltyConfig) -> None:
-        super().__init__(agent, optimizer, cfg)
-        self.beta = cfg.kl_coef
+    def reset_state(self) -> None:
+        self.beta = self.cfg.kl_coef
 
     def policy_loss(self, out: Evaluation, mb: Batch, advantages: torch.Tensor) -> dict[str, torch.Tensor]:
         estimator = self.cfg.kl_estimator  # only the one the penalty uses, with gradients
@@ -309,9 +326,8 @@ class GRPOUpdater(SurrogateUpdater):
 
     cfg: GRPOConfig
 
-    def __init__(self, agent: ActorCritic, optimizer: torch.optim.Optimizer, cfg: GRPOConfig) -> None:
-        super().__init__(agent, optimizer, cfg)
-        self.reference = copy.deepcopy(agent).requires_grad_(False)
+    def reset_state(self) -> None:
+        self.reference = copy.deepcopy(self.agent).requires_grad_(False)
         self.updates = 0
 
     def minibatch_loss(self, out: Evaluation, mb: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -368,7 +384,12 @@ class A2CUpdater(Updater):
             + self.cfg.vf_coef * terms["value_loss"],
             terms,
         )
-        return _after_step_metrics(self.agent, batch, terms)
+        return self.metrics_after_step(batch, terms)
+
+    def metrics_after_step(self, batch: Batch, terms: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The logged terms plus how far the single step moved the policy (every KL estimate)."""
+        metrics = {key: float(value.detach()) for key, value in terms.items()}
+        return self.parallel.average_metrics({**metrics, **measure_kl(self.agent, batch)})
 
 
 class PGUpdater(A2CUpdater):
@@ -380,7 +401,7 @@ class PGUpdater(A2CUpdater):
         _, terms = self._policy_terms(batch)
         self.step(terms["policy_loss"] - self.cfg.ent_coef * terms["entropy"], terms)
         terms["value_loss"] = regress_critic(self, batch, self.cfg)
-        return _after_step_metrics(self.agent, batch, terms)
+        return self.metrics_after_step(batch, terms)
 
 
 def regress_critic(updater: Updater, batch: Batch, cfg: RegressedCriticConfig) -> torch.Tensor:
@@ -428,20 +449,16 @@ class TRPOUpdater(A2CUpdater):
             cfg.cg_damping,
             cfg.line_search_steps,
             cfg.backtrack_coef,
+            self.parallel.average,
         )
         _, terms = self._policy_terms(batch)
         terms["value_loss"] = regress_critic(self, batch, cfg)
-        metrics = _after_step_metrics(self.agent, batch, terms)
+        metrics = self.metrics_after_step(batch, terms)
         metrics.update(
             surrogate_improvement=result.surrogate_after - result.surrogate_before,
             line_search_fraction=result.step_fraction,
         )
         return metrics
-
-
-def _after_step_metrics(agent: ActorCritic, batch: Batch, terms: dict[str, torch.Tensor]) -> dict[str, float]:
-    """The logged terms plus how far the single step moved the policy (every KL estimate)."""
-    return {**{key: float(value.detach()) for key, value in terms.items()}, **measure_kl(agent, batch)}
 
 
 UPDATERS: dict[type[AlgoConfig], type[Updater]] = {
@@ -454,6 +471,12 @@ UPDATERS: dict[type[AlgoConfig], type[Updater]] = {
 }
 
 
-def make_updater(cfg: AlgoConfig, agent: ActorCritic, optimizer: torch.optim.Optimizer) -> Updater:
-    """The updater of the configured variant (one per schema in ``config.ALGO_SCHEMAS``)."""
-    return UPDATERS[type(cfg)](agent, optimizer, cfg)
+def make_updater(
+    cfg: AlgoConfig,
+    agent: ActorCritic,
+    optimizer: torch.optim.Optimizer,
+    parallel: DataParallel = SINGLE_PROCESS,
+) -> Updater:
+    """The updater of the configured variant (one per schema in ``config.ALGO_SCHEMAS``), for a
+    single process unless ``parallel`` says otherwise."""
+    return UPDATERS[type(cfg)](agent, optimizer, cfg, parallel)

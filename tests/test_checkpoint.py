@@ -22,6 +22,7 @@ from ppo_cli import checkpoint as ckpt
 from ppo_cli import load_agent
 from ppo_cli.agent import ActorCritic
 from ppo_cli.config import AgentConfig, EnvConfig, TrainConfig
+from ppo_cli.distributed import SINGLE_PROCESS
 from ppo_cli.envs import make_vector_env
 from ppo_cli.errors import UserError
 from ppo_cli.normalization import RewardScaler
@@ -352,7 +353,7 @@ def test_save_load_keeps_the_whole_training_state(algo: str, tmp_path: Path) -> 
     path = ckpt.checkpoint_dir(tmp_path) / "last.pt"
     saved = ckpt.load_checkpoint(path)
     with closing(make_vector_env(cfg.env, per_env_seeds=algo == "grpo")) as envs:
-        state = build_state(cfg, envs, torch.device("cpu"))
+        state = build_state(cfg, envs, torch.device("cpu"), SINGLE_PROCESS)
         assert state.load_state_dict(saved, path, cfg.seed)  # exact: Pendulum's state is all numpy
         again = state.state_dict()
     assert saved["agent"]["obs_normalizer.stats.count"] > 0

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ppo_cli.normalization import ObservationNormalizer, RewardScaler, RunningMeanStd
+from ppo_cli.normalization import ObservationNormalizer, RewardScaler, RunningMeanStd, split_moments
 
 PRIOR = 1e-4  # the prior count (mean 0, variance 1) every RunningMeanStd starts from
 
@@ -42,6 +42,22 @@ def test_running_mean_std_matches_concatenation() -> None:
     np.testing.assert_allclose(rms.var.numpy(), var, rtol=1e-10)
     assert rms.count.item() == pytest.approx(count, rel=1e-12)
     assert rms.mean.dtype == rms.var.dtype == torch.float64
+
+
+def test_split_moments_recovers_what_was_added() -> None:
+    """What a stream added after a snapshot, recovered from the snapshot and the final statistics,
+    are the added samples' own count, mean and variance (data-parallel ranks exchange these)."""
+    rng = np.random.default_rng(1)
+    before, added = rng.normal(3.0, 2.0, size=(1000, 2)), rng.normal(-1.0, 0.5, size=(37, 2))
+    rms = RunningMeanStd((2,))
+    rms.update(before)
+    snapshot = (rms.count.clone(), rms.mean.clone(), rms.var.clone())
+    for chunk in np.array_split(added, 5):
+        rms.update(chunk)
+    count, mean, var = split_moments(rms.count, rms.mean, rms.var, *snapshot)
+    assert count.item() == pytest.approx(37, abs=1e-9)
+    np.testing.assert_allclose(mean.numpy(), added.mean(axis=0), rtol=1e-9)
+    np.testing.assert_allclose(var.numpy(), added.var(axis=0), rtol=1e-8)
 
 
 def test_running_mean_std_ignores_empty_batch_and_starts_at_prior() -> None:

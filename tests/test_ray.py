@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,20 +63,19 @@ def ray_head(ray_auth: dict[str, str]) -> Iterator[str]:
             "--disable-usage-stats", f"--temp-dir={temp_dir}",
             *(f"{option}={port}" for option, port in ports.items()),
         ]  # fmt: skip
-        head = subprocess.Popen(
-            command,
-            env={**os.environ, **ray_auth},
-            start_new_session=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
+        # Its output goes to a file: a pipe nobody reads once the banner is out could fill up and
+        # block it, on shutdown in particular.
+        log = Path(temp_dir) / "head.log"
+        with open(log, "wb") as out:
+            head = subprocess.Popen(
+                command, env={**os.environ, **ray_auth}, start_new_session=True, stdout=out, stderr=out
+            )
         try:
-            assert head.stdout is not None
-            for line in head.stdout:  # --block: it prints its banner, then waits
-                if b"Ray runtime started" in line:
-                    break
-            else:
-                pytest.fail(f"ray start exited with {head.wait()}")
+            deadline = time.monotonic() + 120
+            while b"Ray runtime started" not in log.read_bytes():  # --block: the banner, then it waits
+                if head.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"ray start did not start ({head.poll()}): {log.read_text()[-2000:]}")
+                time.sleep(0.1)
             yield f"127.0.0.1:{ports['--port']}"
         finally:
             head.send_signal(signal.SIGINT)  # ray start --block stops what it started
