@@ -194,15 +194,24 @@ def _train_with_resume() -> None:
         sys.argv = [sys.argv[0], *argv, *parallel.hydra_overrides()]
         try:
             _train_task()
-        finally:
+        except Exception as exc:
             outcome = sweep.finish()
+            if outcome is None or not outcome.failed or expected_outcome(exc) is not None:
+                raise
+            # The launcher gave up on a job whose process died (Ray, joblib): a failed job.
+            _exit_with_failed_jobs(outcome, f" ({one_line_error(exc)})")
+    outcome = sweep.finish()
     if outcome is not None and outcome.failed:
-        print(
-            f"ppo-train: error: {outcome.failed} of {outcome.jobs} jobs did not complete; "
-            f"see {outcome.sweep_dir / sweep.SUMMARY_MD}",
-            file=sys.stderr,
-        )
-        sys.exit(1)
+        _exit_with_failed_jobs(outcome)
+
+
+def _exit_with_failed_jobs(outcome: sweep.SweepOutcome, cause: str = "") -> None:
+    print(
+        f"ppo-train: error: {outcome.failed} of {outcome.jobs} jobs did not complete{cause}; "
+        f"see {outcome.sweep_dir / sweep.SUMMARY_MD}",
+        file=sys.stderr,
+    )
+    sys.exit(1)
 
 
 def train_main() -> None:

@@ -73,6 +73,24 @@ def test_a_failing_job_does_not_stop_the_others(launcher: str, tmp_path: Path) -
     assert "the simulator exploded" in (sweep_dir / SUMMARY_MD).read_text()
 
 
+def test_a_killed_job_process_is_reported_in_one_line(tmp_path: Path) -> None:
+    """A job whose process the OS kills (here: SIGKILL from its env) makes the launcher raise;
+    ppo-train reports it as a job that did not complete, in one line with the launcher's words."""
+    sweep_dir = tmp_path / "sweep"
+    env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    result = ppo_train(
+        "-m", "hydra/launcher=joblib", "env.id=faulty_envs:Killed-v0", "env.vectorization=sync", *SMALL,
+        f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    # (loky's resource tracker may warn after it about the dead worker's semaphores)
+    (report,) = [line for line in result.stderr.splitlines() if line.startswith("ppo-train:")]
+    assert report.startswith("ppo-train: error: 1 of 1 jobs did not complete (A worker process"), report
+    assert report.endswith(f"; see {sweep_dir / SUMMARY_MD}")
+    assert [row["status"] for row in _rows(sweep_dir)] == ["killed"]
+
+
 def test_optuna_search_finds_and_reports_the_best_trial(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "search"
     result = ppo_train(
