@@ -10,26 +10,11 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.envs.classic_control.cartpole import CartPoleEnv
 
-
-class ExplodingCartPole(CartPoleEnv):
-    """CartPole whose 50th step (counted across episodes) raises."""
-
-    def __init__(self, **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
-        self.steps = 0
-
-    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
-        self.steps += 1
-        if self.steps == 50:
-            raise RuntimeError("the simulator exploded")
-        return super().step(action)
+FAILING_STEP = 50  # counted across episodes
 
 
-gym.register("Exploding-v0", entry_point=ExplodingCartPole, max_episode_steps=500)
-
-
-class KilledCartPole(CartPoleEnv):
-    """CartPole whose process is killed (SIGKILL, as by the OOM killer) at its 50th step."""
+class FailingCartPole(CartPoleEnv):
+    """CartPole that calls :meth:`fail` at its FAILING_STEP-th step."""
 
     def __init__(self, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
@@ -37,9 +22,20 @@ class KilledCartPole(CartPoleEnv):
 
     def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
         self.steps += 1
-        if self.steps == 50:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if self.steps == FAILING_STEP:
+            self.fail()
         return super().step(action)
 
+    def fail(self) -> None:
+        raise RuntimeError("the simulator exploded")
 
+
+class KilledCartPole(FailingCartPole):
+    """Its process is killed (SIGKILL, as by the OOM killer) instead."""
+
+    def fail(self) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+gym.register("Exploding-v0", entry_point=FailingCartPole, max_episode_steps=500)
 gym.register("Killed-v0", entry_point=KilledCartPole, max_episode_steps=500)
