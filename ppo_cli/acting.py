@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ppo_cli.agent import ActorCritic
+from ppo_cli.distributions import Categorical, DiagonalGaussian
 
 
 class JointForward:
@@ -120,6 +121,7 @@ class NumpyActing(Acting):
         self.activation = NUMPY_ACTIVATIONS[agent.actor.activation_name]
         self.obs, self.outputs, self.actions, self.noise = (x.numpy() for x in buffers)
         self.bounds = (agent.action_low.numpy(), agent.action_high.numpy()) if agent.continuous else None
+        self.start = agent.action_start
 
     def __call__(self, t: int, obs: torch.Tensor) -> np.ndarray:
         x = self.obs[t]
@@ -135,14 +137,15 @@ class NumpyActing(Acting):
         actions = self.actions[t]
         if self.bounds is None:  # Gumbel-max, as Categorical.sample
             np.argmax(outputs[:, :-1] + self.noise[t], axis=-1, out=actions)
-            return actions
+            return actions if self.start is None else actions + self.start
         np.add(outputs[:, :-1], self.noise[t], out=actions)  # mean + std * eps
         return np.clip(actions, *self.bounds)
 
 
 def make_acting(agent: ActorCritic, buffers: ActingBuffers) -> Acting:
     """Numpy acting for storage on the CPU (when actor and critic have the same depth, so that
-    they run as one MLP), torch acting otherwise."""
-    if buffers.obs.device.type == "cpu" and JointForward.joinable(agent):
+    they run as one MLP, and the actions are one Categorical or a Gaussian), torch acting otherwise."""
+    numpy_draws = isinstance(agent.dist, Categorical | DiagonalGaussian)
+    if buffers.obs.device.type == "cpu" and JointForward.joinable(agent) and numpy_draws:
         return NumpyActing(agent, buffers)
     return TorchActing(agent, buffers)

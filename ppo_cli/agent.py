@@ -5,8 +5,9 @@ studied by Andrychowicz et al. 2021 ("What Matters in On-Policy RL", sec. 3): or
 with gain sqrt(2) on hidden layers, 0.01 on the policy head (so the initial policy is close to
 uniform / zero-mean) and 1 on the value head, zero biases.
 
-Discrete actions use a Categorical over logits. Box actions use a diagonal Gaussian whose log-std is
-a learned vector independent of the state (formulas in ``distributions.py``). The sampled (raw)
+Discrete actions use a Categorical over logits, MultiDiscrete ones an independent Categorical per
+component. Box actions use a diagonal Gaussian whose log-std is a learned vector independent of the
+state (formulas in ``distributions.py``). The sampled (raw)
 action is what the agent stores and learns from; only the copy sent to the environment is clipped
 to the action bounds, so the log-probabilities in the update refer to the action actually sampled.
 """
@@ -25,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ppo_cli.config import AgentConfig
-from ppo_cli.distributions import ActionDistribution, Categorical, DiagonalGaussian
+from ppo_cli.distributions import ActionDistribution, Categorical, DiagonalGaussian, MultiCategorical
 from ppo_cli.normalization import ObservationNormalizer
 from ppo_cli.packing import PackedParameters
 
@@ -85,7 +86,8 @@ class Evaluation(NamedTuple):
 
 
 class ActorCritic(nn.Module):
-    """Policy pi(a|s) and value V(s) for one Box observation space and a Discrete or Box action space."""
+    """Policy pi(a|s) and value V(s) for one Box observation space and a Discrete, MultiDiscrete or
+    Box action space."""
 
     action_low: torch.Tensor
     action_high: torch.Tensor
@@ -114,9 +116,11 @@ class ActorCritic(nn.Module):
             self.register_buffer("action_low", torch.as_tensor(action_space.low, dtype=torch.float32))
             self.register_buffer("action_high", torch.as_tensor(action_space.high, dtype=torch.float32))
         else:
-            assert isinstance(action_space, gym.spaces.Discrete)
-            self.dist = Categorical(int(action_space.n))
-            self.actor = mlp(obs_dim, list(cfg.actor_hidden), int(action_space.n), cfg.activation, 0.01)
+            self.dist = discrete_distribution(action_space)
+            self.actor = mlp(obs_dim, list(cfg.actor_hidden), self.dist.param_dim, cfg.activation, 0.01)
+        # The env numbers a discrete space's actions from its ``start``; the agent from 0.
+        start = getattr(action_space, "start", 0)
+        self.action_start = np.asarray(start, dtype=np.int64) if np.any(start) else None
         self.actor_out_dim = self.actor.linear_layers[-1].out_features
         self.packs: list[PackedParameters] = []
 
@@ -178,7 +182,10 @@ class ActorCritic(nn.Module):
         ``dist.sample`` on the full parameters, from the actor's raw output (a test checks it)."""
         if self.continuous:
             return torch.add(actor_out, noise, out=out)
-        return torch.argmax(actor_out + noise, dim=-1, out=out)
+        if isinstance(self.dist, Categorical):
+            return torch.argmax(actor_out + noise, dim=-1, out=out)
+        action = self.dist.sample(actor_out, noise)
+        return action if out is None else out.copy_(action)
 
     def evaluate(self, obs: torch.Tensor, action: torch.Tensor) -> Evaluation:
         """log pi(a|s), entropy and V(s) with gradients, for the update."""
@@ -187,7 +194,18 @@ class ActorCritic(nn.Module):
         return Evaluation(log_prob, entropy, self.value(obs), params)
 
     def env_action(self, action: torch.Tensor) -> np.ndarray:
-        """The action as the environment takes it: clipped to the bounds for Box spaces."""
+        """The action as the environment takes it: clipped to the bounds for Box spaces, shifted
+        by the space's ``start`` for discrete ones."""
         if self.continuous:
             action = torch.clamp(action, self.action_low, self.action_high)
-        return action.cpu().numpy()
+            return action.cpu().numpy()
+        actions = action.cpu().numpy()
+        return actions if self.action_start is None else actions + self.action_start
+
+
+def discrete_distribution(action_space: gym.spaces.Space) -> Categorical | MultiCategorical:
+    """The distribution of a Discrete or a (1-D) MultiDiscrete action space."""
+    if isinstance(action_space, gym.spaces.MultiDiscrete):
+        return MultiCategorical([int(n) for n in action_space.nvec])
+    assert isinstance(action_space, gym.spaces.Discrete), action_space
+    return Categorical(int(action_space.n))

@@ -151,6 +151,11 @@ def describe_spaces(observation_space: gym.spaces.Space, action_space: gym.space
     action: dict[str, Any]
     if isinstance(action_space, gym.spaces.Discrete):
         action = {"type": "discrete", "n": int(action_space.n)}
+        if action_space.start:  # (absent from checkpoints of versions that ignored it)
+            action["start"] = int(action_space.start)
+    elif isinstance(action_space, gym.spaces.MultiDiscrete):
+        nvec, start = action_space.nvec.tolist(), action_space.start.tolist()
+        action = {"type": "multidiscrete", "nvec": nvec, "start": start}
     else:
         assert isinstance(action_space, gym.spaces.Box)
         action = {
@@ -166,6 +171,8 @@ def rebuild_spaces(described: dict[str, Any]) -> tuple[gym.spaces.Box, gym.space
     obs = gym.spaces.Box(-np.inf, np.inf, shape=tuple(described["observation_shape"]), dtype=np.float32)
     action = described["action"]
     if action["type"] == "discrete":
-        return obs, gym.spaces.Discrete(action["n"])
+        return obs, gym.spaces.Discrete(action["n"], start=action.get("start", 0))
+    if action["type"] == "multidiscrete":
+        return obs, gym.spaces.MultiDiscrete(action["nvec"], start=action["start"])
     low = np.asarray(action["low"], dtype=np.float32)
     return obs, gym.spaces.Box(low, np.asarray(action["high"], dtype=np.float32), dtype=np.float32)

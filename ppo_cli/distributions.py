@@ -1,9 +1,10 @@
-"""The two action distributions, as closed-form functions of their parameter tensors.
+"""The action distributions, as closed-form functions of their parameter tensors.
 
 A policy's distribution pi(.|s) is represented by one tensor of parameters per sample (see
-``ActorCritic.policy_params``): the logits of a Categorical, or [mean, log_std] of a diagonal
-Gaussian. Everything PPO needs (sampling, log-probabilities, entropy, the exact KL between an old
-and a new policy) is a short formula of those tensors, written out here instead of going through
+``ActorCritic.policy_params``): the logits of a Categorical, the concatenated logits of several
+independent Categoricals (MultiDiscrete actions), or [mean, log_std] of a diagonal Gaussian.
+Everything PPO needs (sampling, log-probabilities, entropy, the exact KL between an old and a new
+policy) is a short formula of those tensors, written out here instead of going through
 ``torch.distributions``: building a distribution object costs several tensor operations of its
 own (normalising logits, broadcasting), and these functions run at every env step and in every
 minibatch, where such overheads are most of the time. ``tests/test_distributions.py`` checks
@@ -21,6 +22,7 @@ from abc import ABC, abstractmethod
 import torch
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+PAD_LOGIT = -1e8  # a logit whose probability is exactly 0 in float32, next to logits of order 1
 
 
 class ActionDistribution(ABC):
@@ -100,6 +102,73 @@ class Categorical(ActionDistribution):
         """sum_a p_old(a) (log p_old(a) - log p_new(a))."""
         old_log_p = old_params.log_softmax(-1)
         return (old_log_p.exp() * (old_log_p - new_params.log_softmax(-1))).sum(-1)
+
+
+class MultiCategorical(ActionDistribution):
+    """Independent Categoricals, one per action component (gymnasium's MultiDiscrete):
+    pi(a) = prod_k softmax(logits_k)_{a_k}, where ``params`` concatenates the components' logits.
+
+    The components are laid out as rows of a (K, max n) table, the rows of smaller components
+    padded with PAD_LOGIT: a logit so low that its probability is exactly 0 in float32 (unlike
+    -inf, it keeps p * log p at 0 instead of NaN), so every formula is one operation on the table.
+    """
+
+    action_dtype = torch.long
+
+    def __init__(self, nvec: list[int]) -> None:
+        self.nvec = list(nvec)
+        self.param_dim = sum(self.nvec)
+        self.action_shape = (len(self.nvec),)
+        width = max(self.nvec)
+        self.uniform = all(n == width for n in self.nvec)
+        # Where each cell of the table comes from in [params, PAD_LOGIT]: a logit, or the pad.
+        index, offset = [], 0
+        for n in self.nvec:
+            index.append([offset + i if i < n else self.param_dim for i in range(width)])
+            offset += n
+        self.index = torch.tensor(index)
+        self.table_shape = (len(self.nvec), width)
+
+    def table(self, params: torch.Tensor) -> torch.Tensor:
+        """The logits as a (..., K, max n) table (a view when all components have the same size)."""
+        if self.uniform:
+            return params.unflatten(-1, self.table_shape)
+        padded = torch.cat([params, params.new_full((*params.shape[:-1], 1), PAD_LOGIT)], dim=-1)
+        return padded[..., self.index.to(params.device)]
+
+    def draw_noise(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """Gumbel(0, 1) noise for every cell of the table."""
+        return torch.rand((*shape, *self.table_shape), device=device).log_().neg_().log_().neg_()
+
+    def sample(self, params: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Gumbel-max per component (see :meth:`Categorical.sample`); pads never win."""
+        return torch.argmax(self.table(params) + noise, dim=-1)
+
+    def mode(self, params: torch.Tensor) -> torch.Tensor:
+        return torch.argmax(self.table(params), dim=-1)
+
+    def log_prob(self, params: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """sum_k log softmax(logits_k)_{a_k}."""
+        log_p = self.table(params).log_softmax(-1)
+        return log_p.gather(-1, action.unsqueeze(-1)).squeeze(-1).sum(-1)
+
+    def log_prob_entropy(
+        self, params: torch.Tensor, action: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both from one log-softmax of the table; the entropy of independent components adds up."""
+        log_p = self.table(params).log_softmax(-1)
+        log_prob = log_p.gather(-1, action.unsqueeze(-1)).squeeze(-1).sum(-1)
+        return log_prob, -(log_p.exp() * log_p).sum((-2, -1))
+
+    def entropy(self, params: torch.Tensor) -> torch.Tensor:
+        log_p = self.table(params).log_softmax(-1)
+        return -(log_p.exp() * log_p).sum((-2, -1))
+
+    def kl(self, old_params: torch.Tensor, new_params: torch.Tensor) -> torch.Tensor:
+        """The sum of the components' KLs (independent components)."""
+        old_log_p = self.table(old_params).log_softmax(-1)
+        new_log_p = self.table(new_params).log_softmax(-1)
+        return (old_log_p.exp() * (old_log_p - new_log_p)).sum((-2, -1))
 
 
 class DiagonalGaussian(ActionDistribution):

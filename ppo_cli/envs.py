@@ -25,7 +25,7 @@ from ppo_cli.config import EnvConfig
 from ppo_cli.errors import UserError
 from ppo_cli.signals import STOP_SIGNALS
 
-SUPPORTED_SPACES = "Box (continuous, 1-D actions) or Discrete actions; Box observations"
+SUPPORTED_SPACES = "Box (continuous, 1-D), Discrete or MultiDiscrete (1-D) actions; Box observations"
 
 
 def _resolve_spec(env_id: str) -> gym.envs.registration.EnvSpec:
@@ -121,8 +121,8 @@ def check_spaces(envs: VectorEnv, env_id: str) -> None:
             f"env.id: {env_id} has a {type(obs_space).__name__} observation space; "
             f"supported: {SUPPORTED_SPACES}"
         )
-    ok_box = isinstance(act_space, gym.spaces.Box) and len(act_space.shape) == 1
-    if not (ok_box or isinstance(act_space, gym.spaces.Discrete)):
+    one_dim = isinstance(act_space, gym.spaces.Box | gym.spaces.MultiDiscrete) and len(act_space.shape) == 1
+    if not (one_dim or isinstance(act_space, gym.spaces.Discrete)):
         raise UserError(f"env.id: {env_id} has a {act_space} action space; supported: {SUPPORTED_SPACES}")
 
 

@@ -150,10 +150,15 @@ def test_failed_save_keeps_previous_last(tmp_path: Path, monkeypatch: pytest.Mon
     assert ckpt.load_checkpoint(tmp_path)["global_step"] == 1
 
 
+VECTOR = gym.spaces.Box(-1.0, 1.0, shape=(4,), dtype=np.float32)
+
+
 @pytest.mark.parametrize(
     ("obs_space", "act_space"),
     [
-        (gym.spaces.Box(-1.0, 1.0, shape=(4,), dtype=np.float32), gym.spaces.Discrete(5)),
+        (VECTOR, gym.spaces.Discrete(5)),
+        (VECTOR, gym.spaces.Discrete(5, start=-2)),
+        (VECTOR, gym.spaces.MultiDiscrete([3, 2], start=[1, 0])),
         (
             gym.spaces.Box(0.0, 1.0, shape=(2, 3), dtype=np.float32),
             gym.spaces.Box(
@@ -172,7 +177,10 @@ def test_describe_rebuild_spaces_round_trip(obs_space, act_space) -> None:
     assert obs.shape == obs_space.shape
     assert type(act) is type(act_space)
     if isinstance(act_space, gym.spaces.Discrete):
-        assert act.n == act_space.n
+        assert (act.n, act.start) == (act_space.n, act_space.start)
+    elif isinstance(act_space, gym.spaces.MultiDiscrete):
+        np.testing.assert_array_equal(act.nvec, act_space.nvec)
+        np.testing.assert_array_equal(act.start, act_space.start)
     else:
         assert act.shape == act_space.shape
         np.testing.assert_array_equal(act.low, act_space.low)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import distributions as td
 
-from ppo_cli.distributions import Categorical, DiagonalGaussian
+from ppo_cli.distributions import Categorical, DiagonalGaussian, MultiCategorical
 
 CPU = torch.device("cpu")
 
@@ -41,6 +41,34 @@ def test_categorical_matches_torch() -> None:
     torch.testing.assert_close(dist.kl(old, new), td.kl_divergence(reference_old, reference_new))
     assert dist.kl(old, old).abs().max() < 1e-6
     assert torch.equal(dist.mode(old), old.argmax(-1))
+
+
+@pytest.mark.parametrize("nvec", [[3, 5, 2], [4, 4]])
+def test_multi_categorical_matches_independent_torch_categoricals(nvec: list[int]) -> None:
+    """Unequal components (padded table) and equal ones (a view) alike."""
+    dist = MultiCategorical(nvec)
+    g = torch.Generator().manual_seed(2)
+    old = torch.randn(64, sum(nvec), generator=g) * 2
+    new = old + torch.randn(64, sum(nvec), generator=g)
+    references = [
+        (td.Categorical(logits=o), td.Categorical(logits=n))
+        for o, n in zip(old.split(nvec, -1), new.split(nvec, -1), strict=True)
+    ]
+    action = torch.stack([ref_old.sample() for ref_old, _ in references], dim=-1)
+    log_prob = sum(ref_old.log_prob(action[:, k]) for k, (ref_old, _) in enumerate(references))
+    entropy = sum(ref_old.entropy() for ref_old, _ in references)
+    kl = sum(td.kl_divergence(ref_old, ref_new) for ref_old, ref_new in references)
+    torch.testing.assert_close(dist.log_prob(old, action), log_prob)
+    torch.testing.assert_close(dist.entropy(old), entropy)
+    torch.testing.assert_close(dist.log_prob_entropy(old, action), (log_prob, entropy))
+    torch.testing.assert_close(dist.kl(old, new), kl)
+    assert dist.kl(old, old).abs().max() < 1e-6
+    modes = torch.stack([part.argmax(-1) for part in old.split(nvec, -1)], dim=-1)
+    assert torch.equal(dist.mode(old), modes)
+    # Sampling never picks a pad: every component stays inside its own range.
+    samples = dist.sample(old, dist.draw_noise((64,), CPU))
+    assert samples.shape == (64, len(nvec))
+    assert (samples < torch.tensor(nvec)).all() and (samples >= 0).all()
 
 
 def test_gaussian_matches_torch() -> None:

@@ -1,0 +1,41 @@
+"""Small envs whose right behaviour is known, importable as ``env.id=synthetic_envs:<Id>`` (the
+tests directory is on sys.path under pytest)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+
+class MatchDigits(gym.Env[np.ndarray, np.ndarray]):
+    """Each step shows K digits (one-hot); the action is K digits; the reward is the fraction of
+    them matched. A MultiDiscrete policy that copies its input scores 1 per step, a random one
+    1 / n; 8 steps per episode."""
+
+    def __init__(self, nvec: tuple[int, ...] = (3, 5, 2)) -> None:
+        self.nvec = np.asarray(nvec)
+        self.action_space = gym.spaces.MultiDiscrete(self.nvec, start=np.ones_like(self.nvec))
+        self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(int(self.nvec.sum()),), dtype=np.float32)
+        self.digits = np.zeros(len(self.nvec), dtype=np.int64)
+
+    def _observe(self) -> np.ndarray:
+        self.digits = self.np_random.integers(0, self.nvec)
+        obs = np.zeros(int(self.nvec.sum()), dtype=np.float32)
+        obs[np.concatenate([[0], np.cumsum(self.nvec)[:-1]]) + self.digits] = 1.0
+        return obs
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        return self._observe(), {}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        assert self.action_space.contains(np.asarray(action)), action  # numbered from start = 1
+        reward = float(np.mean(np.asarray(action) - 1 == self.digits))
+        return self._observe(), reward, False, False, {}
+
+
+gym.register("MatchDigits-v0", entry_point=MatchDigits, max_episode_steps=8)
