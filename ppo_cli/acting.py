@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ppo_cli.agent import ActorCritic
-from ppo_cli.distributions import Categorical, DiagonalGaussian
+from ppo_cli.distributions import PAD_LOGIT, Categorical, DiagonalGaussian
 
 
 class JointForward:
@@ -78,6 +78,7 @@ class ActingBuffers(NamedTuple):
     outputs: torch.Tensor  # (T, N, actor_out_dim + 1): [actor output, V(s)]
     actions: torch.Tensor  # (T, N, *action_shape)
     noise: torch.Tensor  # (T, N, ...)
+    masks: torch.Tensor | None = None  # (T, N, actor_out_dim): allowed discrete actions, if reported
 
 
 class Acting(ABC):
@@ -98,10 +99,13 @@ class TorchActing(Acting):
         # Per-step views made once: indexing the tensors at every step would cost an operation each.
         self.obs, self.outputs, self.actions = (x.unbind(0) for x in buffers[:3])
         self.actor_out, self.noise = buffers.outputs[..., :-1].unbind(0), buffers.noise.unbind(0)
+        self.masks = None if buffers.masks is None else buffers.masks.unbind(0)
 
     def __call__(self, t: int, obs: torch.Tensor) -> np.ndarray:
         self.obs[t].copy_(obs)
         self.forward(self.obs[t], self.outputs[t])
+        if self.masks is not None:  # stored masked: log pi_old is then the masked policy's
+            self.actor_out[t].masked_fill_(~self.masks[t], PAD_LOGIT)
         self.agent.noisy_action(self.actor_out[t], self.noise[t], out=self.actions[t])
         return self.agent.env_action(self.actions[t])
 
@@ -119,7 +123,8 @@ class NumpyActing(Acting):
     def __init__(self, agent: ActorCritic, buffers: ActingBuffers) -> None:
         self.layers = [(weight_t.numpy(), bias.numpy()) for weight_t, bias in JointForward(agent).layers]
         self.activation = NUMPY_ACTIVATIONS[agent.actor.activation_name]
-        self.obs, self.outputs, self.actions, self.noise = (x.numpy() for x in buffers)
+        self.obs, self.outputs, self.actions, self.noise = (x.numpy() for x in buffers[:4])
+        self.masks = None if buffers.masks is None else buffers.masks.numpy()
         self.bounds = (agent.action_low.numpy(), agent.action_high.numpy()) if agent.continuous else None
         self.start = agent.action_start
 
@@ -135,6 +140,8 @@ class NumpyActing(Acting):
         np.matmul(x, weight_t, out=outputs)
         outputs += bias
         actions = self.actions[t]
+        if self.masks is not None:
+            np.copyto(outputs[:, :-1], PAD_LOGIT, where=~self.masks[t])
         if self.bounds is None:  # Gumbel-max, as Categorical.sample
             np.argmax(outputs[:, :-1] + self.noise[t], axis=-1, out=actions)
             return actions if self.start is None else actions + self.start

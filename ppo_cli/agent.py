@@ -26,7 +26,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from ppo_cli.config import AgentConfig
-from ppo_cli.distributions import ActionDistribution, Categorical, DiagonalGaussian, MultiCategorical
+from ppo_cli.distributions import (
+    PAD_LOGIT,
+    ActionDistribution,
+    Categorical,
+    DiagonalGaussian,
+    MultiCategorical,
+)
 from ppo_cli.normalization import ObservationNormalizer
 from ppo_cli.packing import PackedParameters
 
@@ -141,12 +147,15 @@ class ActorCritic(nn.Module):
         extra = [self.log_std] if self.continuous else []
         return [*self.actor.parameters(), *extra]
 
-    def policy_params(self, obs: torch.Tensor) -> torch.Tensor:
+    def policy_params(self, obs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """pi(.|s) as one tensor per sample: logits, or [mean, log_std] for the Gaussian.
 
         Stored with each transition so that the exact KL(pi_old || pi) can be computed later.
+        ``mask`` (discrete actions; True = allowed) removes the disallowed actions from the
+        distribution: their logits become PAD_LOGIT, probability exactly 0.
         """
-        return self.params_from_actor_output(self.actor(obs))
+        params = self.params_from_actor_output(self.actor(obs))
+        return params if mask is None else params.masked_fill(~mask, PAD_LOGIT)
 
     def params_from_actor_output(self, out: torch.Tensor) -> torch.Tensor:
         """The policy parameters given the actor MLP's output (the Gaussian adds its log-std)."""
@@ -159,9 +168,12 @@ class ActorCritic(nn.Module):
         return self.critic(obs).squeeze(-1)
 
     @torch.no_grad()
-    def act(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
-        """Actions for a batch of normalised observations: sampled, or the most likely ones."""
-        params = self.policy_params(obs)
+    def act(
+        self, obs: torch.Tensor, deterministic: bool = False, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Actions for a batch of normalised observations: sampled, or the most likely ones
+        (among the allowed ones, with a ``mask``)."""
+        params = self.policy_params(obs, mask)
         if deterministic:
             return self.dist.mode(params)
         return self.dist.sample(params, self.dist.draw_noise(params.shape[:-1], params.device))
@@ -187,9 +199,12 @@ class ActorCritic(nn.Module):
         action = self.dist.sample(actor_out, noise)
         return action if out is None else out.copy_(action)
 
-    def evaluate(self, obs: torch.Tensor, action: torch.Tensor) -> Evaluation:
-        """log pi(a|s), entropy and V(s) with gradients, for the update."""
-        params = self.policy_params(obs)
+    def evaluate(
+        self, obs: torch.Tensor, action: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> Evaluation:
+        """log pi(a|s), entropy and V(s) with gradients, for the update (under the action masks
+        the actions were sampled with, if any)."""
+        params = self.policy_params(obs, mask)
         log_prob, entropy = self.dist.log_prob_entropy(params, action)
         return Evaluation(log_prob, entropy, self.value(obs), params)
 

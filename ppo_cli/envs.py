@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import gymnasium as gym
+import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
 
 from ppo_cli.config import EnvConfig
@@ -124,6 +125,25 @@ def check_spaces(envs: VectorEnv, env_id: str) -> None:
     one_dim = isinstance(act_space, gym.spaces.Box | gym.spaces.MultiDiscrete) and len(act_space.shape) == 1
     if not (one_dim or isinstance(act_space, gym.spaces.Discrete)):
         raise UserError(f"env.id: {env_id} has a {act_space} action space; supported: {SUPPORTED_SPACES}")
+
+
+def action_masks(info: dict[str, Any], num_envs: int, size: int) -> np.ndarray | None:
+    """The allowed actions the envs report in ``info["action_mask"]`` (the gymnasium convention,
+    e.g. Taxi), as a (num_envs, size) bool array for the current observations; None when the envs
+    report none. An env that reports none this step allows every action. ``size`` is the number
+    of actions (Discrete) or their total over components (MultiDiscrete, whose per-component
+    masks are concatenated).
+    """
+    if "action_mask" not in info:
+        return None
+    reported = info["action_mask"]
+    if isinstance(reported, tuple):  # MultiDiscrete: one mask per component
+        reported = np.concatenate([np.asarray(part).reshape(num_envs, -1) for part in reported], axis=1)
+    masks = np.asarray(reported).reshape(num_envs, -1).astype(bool)
+    if masks.shape[1] != size:
+        raise UserError(f"env.id: info['action_mask'] has {masks.shape[1]} entries, for {size} actions")
+    masks[~info.get("_action_mask", np.ones(num_envs, dtype=bool))] = True
+    return masks
 
 
 def uses_next_step_autoreset(envs: VectorEnv) -> bool:

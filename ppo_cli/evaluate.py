@@ -19,7 +19,7 @@ from gymnasium.wrappers.vector import RecordEpisodeStatistics
 from ppo_cli.agent import ActorCritic
 from ppo_cli.checkpoint import resolve_checkpoint
 from ppo_cli.config import EnvConfig
-from ppo_cli.envs import make_vector_env
+from ppo_cli.envs import action_masks, make_vector_env
 from ppo_cli.errors import UserError
 from ppo_cli.logger import write_json
 from ppo_cli.policy import load_agent
@@ -62,10 +62,12 @@ def evaluate(
     counted = np.zeros(num_envs, dtype=int)
     envs = RecordEpisodeStatistics(_eval_envs(env_cfg, num_envs, episodes, video_dir))
     try:
-        obs, _ = envs.reset(seed=seed)
+        obs, info = envs.reset(seed=seed)
         while (counted < quota).any():
             obs_t = agent.normalize(torch.as_tensor(obs, dtype=torch.float32, device=device))
-            action = agent.act(obs_t, deterministic=deterministic)
+            masks = None if agent.continuous else action_masks(info, num_envs, agent.actor_out_dim)
+            mask = None if masks is None else torch.as_tensor(masks, device=device)
+            action = agent.act(obs_t, deterministic=deterministic, mask=mask)
             obs, _, _, _, info = envs.step(agent.env_action(action))
             for env_index, episode_return, length in zip(*finished_episodes(info), strict=True):
                 if counted[env_index] < quota[env_index]:

@@ -40,10 +40,17 @@ class TrainedAgent:
         return self.network.normalize(tensor), single
 
     @torch.no_grad()
-    def act(self, obs: np.ndarray, deterministic: bool = True) -> np.ndarray:
-        """The action to send to the environment (clipped to its bounds for Box actions)."""
+    def act(
+        self, obs: np.ndarray, deterministic: bool = True, action_mask: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The action to send to the environment (clipped to its bounds for Box actions), chosen
+        among the allowed ones if an ``action_mask`` is given (as the env reports it in its info)."""
         tensor, single = self._prepare(obs)
-        action = self.network.env_action(self.network.act(tensor, deterministic))
+        mask = None
+        if action_mask is not None:
+            mask = torch.as_tensor(np.asarray(action_mask, dtype=bool), device=self._device)
+            mask = mask.reshape(len(tensor), -1)
+        action = self.network.env_action(self.network.act(tensor, deterministic, mask))
         return action[0] if single else action
 
     @torch.no_grad()

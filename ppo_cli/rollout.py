@@ -26,7 +26,7 @@ from gymnasium.vector import VectorEnv
 from ppo_cli import env_state
 from ppo_cli.acting import Acting, ActingBuffers, make_acting
 from ppo_cli.agent import ActorCritic
-from ppo_cli.envs import uses_next_step_autoreset
+from ppo_cli.envs import action_masks, uses_next_step_autoreset
 from ppo_cli.errors import NonFiniteError
 from ppo_cli.normalization import RewardScaler
 
@@ -58,7 +58,13 @@ class RolloutStorage:
         self.host_terminated = np.zeros(shape, dtype=bool)
         self.host_truncated = np.zeros(shape, dtype=bool)
         self.host_valid = np.ones(shape, dtype=bool)
+        self.action_masks: torch.Tensor | None = None  # (T, N, actions) once track_action_masks
         self.num_steps = num_steps
+
+    def track_action_masks(self) -> None:
+        """Also store, at every step, which discrete actions the envs allowed (True = allowed)."""
+        shape = (*self.log_probs.shape, self.outputs.shape[-1] - 1)
+        self.action_masks = torch.ones(shape, dtype=torch.bool, device=self.obs.device)
 
     @property
     def values(self) -> torch.Tensor:
@@ -152,8 +158,12 @@ class Collector:
         self.bootstrap_truncated = bootstrap_truncated
         self.device = device
         self.next_step_autoreset = uses_next_step_autoreset(envs)
-        obs, _ = envs.reset(seed=seed)
+        obs, info = envs.reset(seed=seed)
         self.obs = self._observe(obs)
+        # Discrete actions the envs allow for the current observations, if they say (envs.py).
+        self.mask = None if agent.continuous else action_masks(info, envs.num_envs, agent.actor_out_dim)
+        if self.mask is not None:
+            storage.track_action_masks()
         self.prev_done = np.zeros(envs.num_envs, dtype=bool)
         self.episodes = EpisodeCounter(envs.num_envs)
 
@@ -167,11 +177,23 @@ class Collector:
             obs = normalizer.normalize_array(obs)
         return torch.as_tensor(obs, dtype=torch.float32, device=self.device)
 
+    def _observe_masks(self, info: dict[str, Any]) -> None:
+        """Take the action masks that came with fresh observations (all allowed if none did)."""
+        if self.mask is not None:
+            reported = action_masks(info, self.envs.num_envs, self.agent.actor_out_dim)
+            self.mask = np.ones_like(self.mask) if reported is None else reported
+
+    def _record_masks(self, t: int) -> None:
+        """Store the current action masks as step ``t``'s, where acting reads them."""
+        if self.mask is not None and self.storage.action_masks is not None:
+            self.storage.action_masks[t].copy_(torch.from_numpy(self.mask))
+
     def _acting(self) -> Acting:
         """How the agent acts in this rollout (a snapshot of its weights; see acting.py)."""
         s = self.storage
         noise = self.agent.exploration_noise((s.num_steps, self.envs.num_envs))
-        return make_acting(self.agent, ActingBuffers(s.obs, s.outputs, s.actions, noise))
+        buffers = ActingBuffers(s.obs, s.outputs, s.actions, noise, s.action_masks)
+        return make_acting(self.agent, buffers)
 
     def _finish(self) -> None:
         """After the last step: upload what the envs returned, then record the parameters of
@@ -192,6 +214,7 @@ class Collector:
             valid = s.host_valid[t]
             if self.next_step_autoreset:  # the step after an episode's end is the fake one
                 np.logical_not(self.prev_done, out=valid)
+            self._record_masks(t)
             obs, reward, terminated, truncated, info = self.envs.step(act(t, self.obs))
             check_finite("reward", reward)
             s.host_rewards[t], s.host_terminated[t], s.host_truncated[t] = reward, terminated, truncated
@@ -200,6 +223,7 @@ class Collector:
             if truncated.any() and "final_obs" in info and self.bootstrap_truncated:
                 truncation_values.append(self._final_values(t, truncated, info["final_obs"]))
             self.obs = self._observe(obs)
+            self._observe_masks(info)
         if self.reward_scaler is not None:
             dones = s.host_terminated | s.host_truncated
             s.host_rewards[:] = self.reward_scaler(s.host_rewards, dones, s.host_valid)
@@ -227,6 +251,7 @@ class Collector:
         return {
             "obs": self.obs.cpu(),  # on the host: rank 0 gathers the other ranks' (distributed.py)
             "prev_done": torch.from_numpy(self.prev_done.copy()),
+            "action_mask": None if self.mask is None else torch.from_numpy(self.mask.copy()),
             "episodes": self.episodes.state_dict(),
             "envs": env_state.capture(self.envs),
         }
@@ -242,14 +267,17 @@ class Collector:
             self.obs = state["obs"].to(self.device)
             self.prev_done = state["prev_done"].numpy().copy()
             self.episodes.load_state_dict(state["episodes"])
+            if self.mask is not None and state.get("action_mask") is not None:
+                self.mask = state["action_mask"].numpy().copy()
             return True
         self.restart(reset_seed)
         return False
 
     def restart(self, reset_seed: int) -> None:
         """Reset every env with ``reset_seed``, forgetting the episodes in flight."""
-        obs, _ = self.envs.reset(seed=reset_seed)
+        obs, info = self.envs.reset(seed=reset_seed)
         self.obs = self._observe(obs)
+        self._observe_masks(info)
         self.prev_done[:] = False
         self.episodes.reset()
         if self.reward_scaler is not None:
@@ -282,21 +310,24 @@ class GroupCollector(Collector):
     def collect(self) -> RolloutStats:
         s, stats = self.storage, RolloutStats()
         # Sync and async vector envs take one seed per env (the annotation says int).
-        obs, _ = self.envs.reset(seed=self.group_seeds())  # type: ignore[arg-type]
+        obs, info = self.envs.reset(seed=self.group_seeds())  # type: ignore[arg-type]
         self.iteration += 1
         self.obs = self._observe(obs)
+        self._observe_masks(info)
         act = self._acting()
         running = np.ones(self.envs.num_envs, dtype=bool)
         s.host_valid[:] = False
         s.host_rewards[:] = 0.0
         for t in range(s.num_steps):
             s.host_valid[t] = running
-            obs, reward, terminated, truncated, _ = self.envs.step(act(t, self.obs))
+            self._record_masks(t)
+            obs, reward, terminated, truncated, info = self.envs.step(act(t, self.obs))
             check_finite("reward", reward)
             s.host_rewards[t] = reward * running
             s.host_terminated[t], s.host_truncated[t] = terminated, truncated
             running = running & ~(terminated | truncated)
             self.obs = self._observe(obs)
+            self._observe_masks(info)
             if not running.any():
                 break
         self._finish()

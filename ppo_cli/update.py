@@ -45,6 +45,7 @@ class Batch:
     values: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
+    action_masks: torch.Tensor | None = None  # allowed actions, when the envs report them
 
     @classmethod
     def from_storage(cls, storage: RolloutStorage, advantages: torch.Tensor, returns: torch.Tensor) -> Batch:
@@ -64,14 +65,17 @@ class Batch:
             flat(storage.values),
             flat(advantages),
             flat(returns),
+            None if storage.action_masks is None else flat(storage.action_masks),
         )
 
     def __len__(self) -> int:
         return self.obs.shape[0]
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
-        """The batch with ``fn`` applied to every field."""
-        return Batch(**{f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)})
+        """The batch with ``fn`` applied to every field (that holds a tensor)."""
+        values = (getattr(self, f.name) for f in dataclasses.fields(self))
+        mapped: list[Any] = [None if x is None else fn(x) for x in values]
+        return Batch(*mapped)
 
     def shuffled_minibatches(self, num_minibatches: int) -> Iterator[Batch]:
         """The batch in a fresh random order, cut into ``num_minibatches`` consecutive parts
@@ -185,7 +189,7 @@ class SurrogateUpdater(Updater):
         stopped_early = False
         for _ in range(cfg.update_epochs):
             for mb in batch.shuffled_minibatches(cfg.num_minibatches):
-                out = self.agent.evaluate(mb.obs, mb.actions)
+                out = self.agent.evaluate(mb.obs, mb.actions, mb.action_masks)
                 if cfg.target_kl is not None:
                     k3 = losses.kl_estimates(out.log_prob.detach(), mb.log_probs).k3
                     if self.parallel.average(k3).item() > cfg.target_kl:
@@ -249,7 +253,10 @@ def measure_kl(agent: ActorCritic, batch: Batch) -> dict[str, float]:
     """Every KL estimate between pi_old and the current policy over the whole batch, as logged:
     under ``kl_*``, plus CleanRL's names for k1 and k3 so curves overlay."""
     kl = KLTerms.measure(
-        agent.dist, agent.evaluate(batch.obs, batch.actions), batch.log_probs, batch.policy_params
+        agent.dist,
+        agent.evaluate(batch.obs, batch.actions, batch.action_masks),
+        batch.log_probs,
+        batch.policy_params,
     )
     values = {f"kl_{name}": float(value) for name, value in kl._asdict().items()}
     return {**values, "old_approx_kl": values["kl_k1"], "approx_kl": values["kl_k3"]}
@@ -332,7 +339,8 @@ class GRPOUpdater(SurrogateUpdater):
 
     def minibatch_loss(self, out: Evaluation, mb: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with torch.no_grad():
-            ref_log_prob = self.reference.dist.log_prob(self.reference.policy_params(mb.obs), mb.actions)
+            ref_params = self.reference.policy_params(mb.obs, mb.action_masks)
+            ref_log_prob = self.reference.dist.log_prob(ref_params, mb.actions)
         log_ratio = ref_log_prob - out.log_prob
         ref_kl = (torch.expm1(log_ratio) - log_ratio).mean()
         eps = self.cfg.clip_eps
@@ -367,7 +375,7 @@ class A2CUpdater(Updater):
     cfg: ActorCriticConfig
 
     def _policy_terms(self, batch: Batch) -> tuple[Evaluation, dict[str, torch.Tensor]]:
-        out = self.agent.evaluate(batch.obs, batch.actions)
+        out = self.agent.evaluate(batch.obs, batch.actions, batch.action_masks)
         advantages = losses.normalize_advantages(batch.advantages) if self.cfg.norm_adv else batch.advantages
         terms = {
             "policy_loss": losses.policy_gradient_loss(out.log_prob, advantages),
@@ -431,14 +439,15 @@ class TRPOUpdater(A2CUpdater):
         advantages = losses.normalize_advantages(batch.advantages) if cfg.norm_adv else batch.advantages
 
         def surrogate() -> torch.Tensor:
-            params = self.agent.policy_params(batch.obs)
+            params = self.agent.policy_params(batch.obs, batch.action_masks)
             log_prob, entropy = self.agent.dist.log_prob_entropy(params, batch.actions)
             return (
                 -losses.surrogate_loss(log_prob, batch.log_probs, advantages) + cfg.ent_coef * entropy.mean()
             )
 
         def mean_kl() -> torch.Tensor:
-            return self.agent.dist.kl(batch.policy_params, self.agent.policy_params(batch.obs)).mean()
+            new_params = self.agent.policy_params(batch.obs, batch.action_masks)
+            return self.agent.dist.kl(batch.policy_params, new_params).mean()
 
         result = trust_region_step(
             self.agent.actor_parameters(),

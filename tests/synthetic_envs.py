@@ -39,3 +39,36 @@ class MatchDigits(gym.Env[np.ndarray, np.ndarray]):
 
 
 gym.register("MatchDigits-v0", entry_point=MatchDigits, max_episode_steps=8)
+
+
+class PickAllowed(gym.Env[np.ndarray, int]):
+    """Each step allows a random subset of the 6 actions, shown as the observation and reported
+    in ``info["action_mask"]`` (gymnasium's convention); picking the highest allowed action
+    scores 1, another allowed one 0, and a disallowed one raises: a run that completes never
+    sampled one. 8 steps per episode."""
+
+    def __init__(self) -> None:
+        self.action_space = gym.spaces.Discrete(6)
+        self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(6,), dtype=np.float32)
+        self.allowed = np.ones(6, dtype=np.int8)
+
+    def _observe(self) -> tuple[np.ndarray, dict[str, Any]]:
+        self.allowed = (self.np_random.random(6) < 0.5).astype(np.int8)
+        self.allowed[self.np_random.integers(6)] = 1  # at least one
+        return self.allowed.astype(np.float32), {"action_mask": self.allowed.copy()}
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        return self._observe()
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
+        if not self.allowed[action]:
+            raise ValueError(f"action {action} is not allowed here: {self.allowed}")
+        reward = float(action == np.flatnonzero(self.allowed).max())
+        obs, info = self._observe()
+        return obs, reward, False, False, info
+
+
+gym.register("PickAllowed-v0", entry_point=PickAllowed, max_episode_steps=8)

@@ -69,7 +69,7 @@ def test_numpy_acting_writes_and_samples_what_torch_acting_does(
         with torch.no_grad():
             agent.log_std.copy_(torch.tensor([0.5, -1.0]))
     torch_tensors = buffers(agent, steps=3, envs=64)
-    numpy_tensors = ActingBuffers(*(tensor.clone() for tensor in torch_tensors))  # the same noise
+    numpy_tensors = ActingBuffers(*(tensor.clone() for tensor in torch_tensors[:4]))  # the same noise
     by_torch = TorchActing(agent, torch_tensors)
     by_numpy = make_acting(agent, numpy_tensors)
     assert isinstance(by_numpy, NumpyActing if JointForward.joinable(agent) else TorchActing)
@@ -80,7 +80,7 @@ def test_numpy_acting_writes_and_samples_what_torch_acting_does(
             np.testing.assert_allclose(*env_actions, rtol=1e-5, atol=1e-5)
     for torch_tensor, numpy_tensor in zip(torch_tensors[:3], numpy_tensors[:3], strict=True):
         torch.testing.assert_close(numpy_tensor, torch_tensor)
-    obs, outputs, actions, noise = numpy_tensors
+    obs, outputs, actions, noise, _ = numpy_tensors
     # What was stored is the network's output and the distribution's draw from it.
     with torch.no_grad():
         torch.testing.assert_close(outputs[..., -1], agent.value(obs))
@@ -93,3 +93,25 @@ def test_numpy_acting_writes_and_samples_what_torch_acting_does(
         assert (actions.numpy() < BOX.low).any() or (actions.numpy() > BOX.high).any()  # stored raw
     else:
         assert len(np.unique(actions.numpy())) == 3
+
+
+def test_masked_acting_samples_only_allowed_actions_alike_in_numpy_and_torch() -> None:
+    """Random masks (at least one action allowed): both ways store the masked logits and draw
+    the same actions, every one of them allowed, though the unmasked policy prefers others."""
+    agent = make_agent(DISCRETE, [8, 8], [8, 8], "tanh")
+    masks = torch.rand(20, 64, 3) < 0.5
+    masks[..., 0] |= ~masks.any(-1)
+    torch_tensors = buffers(agent, steps=20, envs=64)._replace(masks=masks)
+    numpy_tensors = ActingBuffers(*(tensor.clone() for tensor in torch_tensors))
+    by_torch, by_numpy = TorchActing(agent, torch_tensors), make_acting(agent, numpy_tensors)
+    assert isinstance(by_numpy, NumpyActing)
+    with torch.inference_mode():
+        for t in range(20):
+            obs = torch.randn(64, 5)
+            np.testing.assert_array_equal(by_torch(t, obs), by_numpy(t, obs))
+    torch.testing.assert_close(numpy_tensors.outputs, torch_tensors.outputs)
+    actions = numpy_tensors.actions
+    assert bool(masks.gather(-1, actions.unsqueeze(-1)).all())
+    with torch.no_grad():
+        unmasked = agent.dist.sample(agent.policy_params(numpy_tensors.obs), numpy_tensors.noise)
+    assert not bool(masks.gather(-1, unmasked.unsqueeze(-1)).all())
