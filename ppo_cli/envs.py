@@ -26,7 +26,10 @@ from ppo_cli.config import EnvConfig
 from ppo_cli.errors import UserError
 from ppo_cli.signals import STOP_SIGNALS
 
-SUPPORTED_SPACES = "Box (continuous, 1-D), Discrete or MultiDiscrete (1-D) actions; Box observations"
+SUPPORTED_SPACES = (
+    "Box (continuous, 1-D), Discrete or MultiDiscrete (1-D) actions; Box observations, "
+    "or a Dict of a Box 'observation' and an 'action_mask'"
+)
 
 
 def _resolve_spec(env_id: str) -> gym.envs.registration.EnvSpec:
@@ -80,23 +83,55 @@ def make_vector_env(
     if cfg.max_episode_steps is not None:
         kwargs["max_episode_steps"] = cfg.max_episode_steps
     vector_kwargs = None if mode == "vector_entry_point" else {"autoreset_mode": AutoresetMode.SAME_STEP}
-    try:
+
+    def build(sub_env_wrappers: list[Callable[[gym.Env], gym.Wrapper]]) -> VectorEnv:
         # Async workers start with SIGINT and SIGTERM ignored (a disposition they inherit, however
         # they are started): Ctrl-C in a terminal, or a scheduler, signals the whole process group,
         # and only the trainer should react; it closes the workers itself.
         with _stop_signals_ignored(mode == "async"):
-            envs = gym.make_vec(
+            return gym.make_vec(
                 spec,
                 num_envs=num_envs or cfg.num_envs,
                 vectorization_mode=mode,
                 vector_kwargs=vector_kwargs,
-                wrappers=list(wrappers) or None,
+                wrappers=sub_env_wrappers or None,
                 **kwargs,
             )
+
+    try:
+        envs = build(list(wrappers))
+        if mode != "vector_entry_point" and ActionMaskInInfo.applies(envs.single_observation_space):
+            envs.close()  # known only now: build it again, each env moving its mask into its info
+            envs = build([ActionMaskInInfo, *wrappers])
     except gym.error.DependencyNotInstalled as exc:
         raise UserError(f"env.id: {spec.id} needs an optional dependency: {exc}") from None
     check_spaces(envs, spec.id)
     return envs
+
+
+class ActionMaskInInfo(gym.Wrapper):
+    """For envs whose observation is a Dict of ``observation`` and ``action_mask`` (as in
+    PettingZoo-style and many board-game envs): the observation alone, with the mask moved to
+    ``info["action_mask"]``, where the rollout reads masks (see :func:`action_masks`)."""
+
+    KEYS = frozenset({"observation", "action_mask"})
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        assert isinstance(env.observation_space, gym.spaces.Dict)
+        self.observation_space = env.observation_space["observation"]
+
+    @classmethod
+    def applies(cls, space: gym.spaces.Space) -> bool:
+        return isinstance(space, gym.spaces.Dict) and set(space.spaces) == cls.KEYS
+
+    def reset(self, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+        obs, info = self.env.reset(**kwargs)
+        return obs["observation"], {**info, "action_mask": obs["action_mask"]}
+
+    def step(self, action: Any) -> tuple[Any, Any, bool, bool, dict[str, Any]]:
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        return obs["observation"], reward, terminated, truncated, {**info, "action_mask": obs["action_mask"]}
 
 
 @contextmanager

@@ -72,3 +72,20 @@ class PickAllowed(gym.Env[np.ndarray, int]):
 
 
 gym.register("PickAllowed-v0", entry_point=PickAllowed, max_episode_steps=8)
+
+
+class PickAllowedInObservation(PickAllowed):
+    """PickAllowed with the mask inside a Dict observation instead of the info."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        box = self.observation_space
+        mask = gym.spaces.Box(0, 1, shape=(6,), dtype=np.int8)
+        self.observation_space = gym.spaces.Dict({"observation": box, "action_mask": mask})  # type: ignore[assignment]
+
+    def _observe(self) -> tuple[np.ndarray, dict[str, Any]]:
+        obs, info = super()._observe()
+        return {"observation": obs, "action_mask": info["action_mask"]}, {}  # type: ignore[return-value]
+
+
+gym.register("PickAllowedInObservation-v0", entry_point=PickAllowedInObservation, max_episode_steps=8)

@@ -52,18 +52,25 @@ def test_multidiscrete_policy_learns_to_match_digits(tmp_path: Path) -> None:
     assert reward == 1.0
 
 
-@pytest.mark.parametrize("algo", ["clip", "trpo"])
-def test_masked_actions_are_never_sampled_and_the_policy_learns(algo: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("algo", "env_id"),
+    [("clip", "PickAllowed-v0"), ("trpo", "PickAllowed-v0"), ("clip", "PickAllowedInObservation-v0")],
+)
+def test_masked_actions_are_never_sampled_and_the_policy_learns(
+    algo: str, env_id: str, tmp_path: Path
+) -> None:
     """PickAllowed raises on a disallowed action, in training and evaluation alike; the highest
     allowed action scores 1 per step (8 per episode), a uniform pick among the allowed ones about
-    half that."""
+    half that. The mask comes in the info, or in a Dict observation."""
     cfg = compose_config(
-        f"algo={algo}", "env.id=synthetic_envs:PickAllowed-v0", "env.num_envs=8", "env.num_steps=32",
+        f"algo={algo}", f"env.id=synthetic_envs:{env_id}", "env.num_envs=8", "env.num_steps=32",
         "~tuned", "algo.learning_rate=0.003", "total_timesteps=16384", "eval.episodes=10",
         *(["algo.update_epochs=4", "algo.num_minibatches=4", "algo.ent_coef=0.0"] if algo == "clip" else []),
     )  # fmt: skip
     summary = train(cfg, tmp_path)
     assert summary["eval_mean"] >= 7.5, summary
+    if env_id != "PickAllowed-v0":
+        return
     agent = load_agent(tmp_path)
     env = gym.make("synthetic_envs:PickAllowed-v0")
     obs, info = env.reset(seed=3)
