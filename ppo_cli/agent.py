@@ -194,9 +194,7 @@ class ActorCritic(nn.Module):
         ``dist.sample`` on the full parameters, from the actor's raw output (a test checks it)."""
         if self.continuous:
             return torch.add(actor_out, noise, out=out)
-        if isinstance(self.dist, Categorical):
-            return torch.argmax(actor_out + noise, dim=-1, out=out)
-        action = self.dist.sample(actor_out, noise)
+        action = self.dist.sample(actor_out, noise)  # the logits are the whole parameters
         return action if out is None else out.copy_(action)
 
     def evaluate(

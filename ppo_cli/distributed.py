@@ -115,6 +115,16 @@ class DataParallel:
         for tensor, mean in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
             tensor.copy_(mean.view_as(tensor))
 
+    def average_gradients(self, params: Sequence[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
+        """Replace the gradients of ``params`` (those that have one) by their mean over the ranks,
+        with ``loss`` riding along in the same all-reduce; returns the ranks' mean loss (``loss``
+        itself, detached, in a single process), non-finite if any rank's loss was."""
+        if not self.active:
+            return loss.detach()
+        mean_loss = loss.detach().reshape(1).clone()
+        self.average_([*(p.grad for p in params if p.grad is not None), mean_loss])
+        return mean_loss
+
     def average(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor``'s mean over the ranks (``tensor`` itself in a single process)."""
         if not self.active:

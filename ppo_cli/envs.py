@@ -177,7 +177,8 @@ def action_masks(info: dict[str, Any], num_envs: int, size: int) -> np.ndarray |
     masks = np.asarray(reported).reshape(num_envs, -1).astype(bool)
     if masks.shape[1] != size:
         raise UserError(f"env.id: info['action_mask'] has {masks.shape[1]} entries, for {size} actions")
-    masks[~info.get("_action_mask", np.ones(num_envs, dtype=bool))] = True
+    if "_action_mask" in info:
+        masks[~info["_action_mask"]] = True
     return masks
 
 

@@ -185,7 +185,8 @@ class Collector:
 
     def _record_masks(self, t: int) -> None:
         """Store the current action masks as step ``t``'s, where acting reads them."""
-        if self.mask is not None and self.storage.action_masks is not None:
+        if self.mask is not None:
+            assert self.storage.action_masks is not None  # tracked since the first reset
             self.storage.action_masks[t].copy_(torch.from_numpy(self.mask))
 
     def _acting(self) -> Acting:

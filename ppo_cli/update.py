@@ -135,8 +135,7 @@ class Updater(ABC):
         loss.backward()
         for pack in self.agent.packs:
             pack.gather_grad()
-        mean_loss = loss.detach().reshape(1).clone()
-        self.parallel.average_([*(p.grad for p in self.stepped if p.grad is not None), mean_loss])
+        mean_loss = self.parallel.average_gradients(self.stepped, loss)
         grad_norm = nn.utils.clip_grad_norm_(self.stepped, self.cfg.max_grad_norm)
         if not bool(torch.isfinite(mean_loss) & torch.isfinite(grad_norm)):  # one device sync per step
             raise NonFiniteError(self._non_finite_report(loss, terms))
