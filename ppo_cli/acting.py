@@ -79,6 +79,8 @@ class ActingBuffers(NamedTuple):
     actions: torch.Tensor  # (T, N, *action_shape)
     noise: torch.Tensor  # (T, N, ...)
     masks: torch.Tensor | None = None  # (T, N, actor_out_dim): allowed discrete actions, if reported
+    state: torch.Tensor | None = None  # (N, state_dim): a recurrent agent's state, updated in place
+    starts: torch.Tensor | None = None  # (T, N): where the state is zeroed first (episode starts)
 
 
 class Acting(ABC):
@@ -91,7 +93,8 @@ class Acting(ABC):
 
 
 class TorchActing(Acting):
-    """Acting with torch operations, wherever the storage lives."""
+    """Acting with torch operations, wherever the storage lives; the only one for agents with a
+    trunk (``trunk.py``), whose output the actor and critic MLPs read instead of the observations."""
 
     def __init__(self, agent: ActorCritic, buffers: ActingBuffers) -> None:
         self.agent = agent
@@ -100,10 +103,18 @@ class TorchActing(Acting):
         self.obs, self.outputs, self.actions = (x.unbind(0) for x in buffers[:3])
         self.actor_out, self.noise = buffers.outputs[..., :-1].unbind(0), buffers.noise.unbind(0)
         self.masks = None if buffers.masks is None else buffers.masks.unbind(0)
+        self.state = buffers.state
+        self.starts = None if buffers.starts is None else buffers.starts.unsqueeze(-1).unbind(0)
 
     def __call__(self, t: int, obs: torch.Tensor) -> np.ndarray:
         self.obs[t].copy_(obs)
-        self.forward(self.obs[t], self.outputs[t])
+        features = self.obs[t]
+        if self.agent.has_trunk:
+            if self.starts is not None:
+                assert self.state is not None
+                self.state.masked_fill_(self.starts[t], 0.0)
+            features = self.agent.step_features(features, self.state)
+        self.forward(features, self.outputs[t])
         if self.masks is not None:  # stored masked: log pi_old is then the masked policy's
             self.actor_out[t].masked_fill_(~self.masks[t], PAD_LOGIT)
         self.agent.noisy_action(self.actor_out[t], self.noise[t], out=self.actions[t])
@@ -151,8 +162,10 @@ class NumpyActing(Acting):
 
 def make_acting(agent: ActorCritic, buffers: ActingBuffers) -> Acting:
     """Numpy acting for storage on the CPU (when actor and critic have the same depth, so that
-    they run as one MLP, and the actions are one Categorical or a Gaussian), torch acting otherwise."""
+    they run as one MLP on the observations, and the actions are one Categorical or a Gaussian),
+    torch acting otherwise."""
     numpy_draws = isinstance(agent.dist, Categorical | DiagonalGaussian)
-    if buffers.obs.device.type == "cpu" and JointForward.joinable(agent) and numpy_draws:
+    on_cpu = buffers.obs.device.type == "cpu"
+    if on_cpu and not agent.has_trunk and JointForward.joinable(agent) and numpy_draws:
         return NumpyActing(agent, buffers)
     return TorchActing(agent, buffers)

@@ -1,9 +1,12 @@
 """Actor-critic networks and the action distributions they parameterise.
 
-Actor and critic are separate MLPs (no shared trunk), initialised as in the PPO implementations
-studied by Andrychowicz et al. 2021 ("What Matters in On-Policy RL", sec. 3): orthogonal weights
-with gain sqrt(2) on hidden layers, 0.01 on the policy head (so the initial policy is close to
-uniform / zero-mean) and 1 on the value head, zero biases.
+Actor and critic are MLP heads, initialised as in the PPO implementations studied by
+Andrychowicz et al. 2021 ("What Matters in On-Policy RL", sec. 3): orthogonal weights with gain
+sqrt(2) on hidden layers, 0.01 on the policy head (so the initial policy is close to uniform /
+zero-mean) and 1 on the value head, zero biases. On vector observations they read the observation
+itself, as two separate networks. Optionally a *trunk* shared by both comes first (see
+``trunk.py``): the Nature CNN for image observations (``agent.encoder``) and/or an LSTM or GRU
+(``agent.recurrent``), whose hidden state carries what earlier observations showed.
 
 Discrete actions use a Categorical over logits, MultiDiscrete ones an independent Categorical per
 component. Box actions use a diagonal Gaussian whose log-std is a learned vector independent of the
@@ -35,6 +38,7 @@ from ppo_cli.distributions import (
 )
 from ppo_cli.normalization import ObservationNormalizer
 from ppo_cli.packing import PackedParameters
+from ppo_cli.trunk import Memory, NatureCNN, RecurrentCore
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
 ACTIVATION_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -110,32 +114,86 @@ class ActorCritic(nn.Module):
         # Observations of any Box shape are flattened to one vector per sample.
         obs_dim = self.obs_dim = int(np.prod(observation_space.shape))
         self.obs_normalizer = ObservationNormalizer((obs_dim,), clip_obs) if normalize_obs else None
-        self.critic = mlp(obs_dim, list(cfg.critic_hidden), 1, cfg.activation, out_gain=1.0)
+        # The shared trunk, if any (trunk.py): pixels are stored as they come, 1 byte each.
+        self.encoder = NatureCNN(tuple(observation_space.shape)) if cfg.encoder == "nature_cnn" else None
+        self.obs_dtype = torch.uint8 if self.encoder is not None else torch.float32
+        feature_dim = obs_dim if self.encoder is None else self.encoder.out_dim
+        self.core = None
+        if cfg.recurrent != "none":
+            self.core = RecurrentCore(cfg.recurrent, feature_dim, cfg.recurrent_size)
+            feature_dim = cfg.recurrent_size
+        self.critic = mlp(feature_dim, list(cfg.critic_hidden), 1, cfg.activation, out_gain=1.0)
         self.continuous = isinstance(action_space, gym.spaces.Box)
         self.dist: ActionDistribution
         if self.continuous:
             assert isinstance(action_space, gym.spaces.Box)
             act_dim = int(action_space.shape[0])
             self.dist = DiagonalGaussian(act_dim)
-            self.actor = mlp(obs_dim, list(cfg.actor_hidden), act_dim, cfg.activation, out_gain=0.01)
+            self.actor = mlp(feature_dim, list(cfg.actor_hidden), act_dim, cfg.activation, out_gain=0.01)
             self.log_std = nn.Parameter(torch.full((act_dim,), float(cfg.log_std_init)))
             self.register_buffer("action_low", torch.as_tensor(action_space.low, dtype=torch.float32))
             self.register_buffer("action_high", torch.as_tensor(action_space.high, dtype=torch.float32))
         else:
             self.dist = discrete_distribution(action_space)
-            self.actor = mlp(obs_dim, list(cfg.actor_hidden), self.dist.param_dim, cfg.activation, 0.01)
+            self.actor = mlp(feature_dim, list(cfg.actor_hidden), self.dist.param_dim, cfg.activation, 0.01)
         # The env numbers a discrete space's actions from its ``start``; the agent from 0.
         start = getattr(action_space, "start", 0)
         self.action_start = np.asarray(start, dtype=np.int64) if np.any(start) else None
         self.actor_out_dim = self.actor.linear_layers[-1].out_features
         self.packs: list[PackedParameters] = []
 
+    @property
+    def has_trunk(self) -> bool:
+        """Whether observations pass through shared layers before the actor and critic MLPs."""
+        return self.encoder is not None or self.core is not None
+
+    @property
+    def state_dim(self) -> int:
+        """The size of the recurrent state of one env (0 without a recurrent core)."""
+        return 0 if self.core is None else self.core.state_dim
+
+    def initial_state(self, num_envs: int) -> torch.Tensor:
+        """The recurrent state of ``num_envs`` envs at the start of their episodes: zeros."""
+        return torch.zeros(num_envs, self.state_dim, device=self.critic.linear_layers[0].weight.device)
+
+    def encode(self, obs: torch.Tensor) -> torch.Tensor:
+        """The observations as the first layer after the encoder sees them (no recurrence)."""
+        return obs if self.encoder is None else self.encoder(obs)
+
+    def step_features(self, obs: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
+        """The features of one step's observations (B, ...); a recurrent agent steps its core
+        from ``state`` (B, state_dim), which is updated in place."""
+        features = self.encode(obs)
+        if self.core is None:
+            return features
+        if state is None:
+            raise ValueError("a recurrent agent acts from a state: start from initial_state(num_envs)")
+        state.copy_(self.core.step(features, state))
+        return state[:, : self.core.size]
+
+    def features(self, obs: torch.Tensor, memory: Memory | None = None) -> torch.Tensor:
+        """What the actor and critic MLPs read: the (normalised) observations themselves, or the
+        trunk's output. A recurrent agent takes (T, B, ...) sequences and their ``memory``."""
+        features = self.encode(obs)
+        if self.core is None:
+            return features
+        if memory is None:
+            raise ValueError("a recurrent agent needs the memory (state, episode starts) of its sequences")
+        return self.core(features, memory)[0]
+
     def pack_parameters(self) -> list[nn.Parameter]:
-        """Pack the actor's and the critic's parameters into one tensor each (see ``packing.py``);
-        returns the two packed tensors, which are what the optimizer should step. Call once, after
-        moving the agent to its device."""
+        """Pack the actor's, the critic's and the trunk's parameters into one tensor each (see
+        ``packing.py``); returns the packed tensors, which are what the optimizer should step.
+        Call once, after moving the agent to its device."""
         self.packs = [PackedParameters(self.actor_parameters()), PackedParameters(self.critic.parameters())]
+        trunk = [*self.trunk_parameters()]
+        if trunk:
+            self.packs.append(PackedParameters(trunk))
         return [pack.flat for pack in self.packs]
+
+    def trunk_parameters(self) -> list[nn.Parameter]:
+        """The parameters actor and critic share (none without a trunk)."""
+        return [p for module in (self.encoder, self.core) if module is not None for p in module.parameters()]
 
     def normalize(self, obs: torch.Tensor) -> torch.Tensor:
         """Apply the observation statistics (frozen: updating them is the rollout's job)."""
@@ -147,14 +205,19 @@ class ActorCritic(nn.Module):
         extra = [self.log_std] if self.continuous else []
         return [*self.actor.parameters(), *extra]
 
-    def policy_params(self, obs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def policy_params(
+        self, obs: torch.Tensor, mask: torch.Tensor | None = None, memory: Memory | None = None
+    ) -> torch.Tensor:
         """pi(.|s) as one tensor per sample: logits, or [mean, log_std] for the Gaussian.
 
         Stored with each transition so that the exact KL(pi_old || pi) can be computed later.
         ``mask`` (discrete actions; True = allowed) removes the disallowed actions from the
         distribution: their logits become PAD_LOGIT, probability exactly 0.
         """
-        params = self.params_from_actor_output(self.actor(obs))
+        return self._policy_params(self.features(obs, memory), mask)
+
+    def _policy_params(self, features: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        params = self.params_from_actor_output(self.actor(features))
         return params if mask is None else params.masked_fill(~mask, PAD_LOGIT)
 
     def params_from_actor_output(self, out: torch.Tensor) -> torch.Tensor:
@@ -163,17 +226,22 @@ class ActorCritic(nn.Module):
             return torch.cat([out, self.log_std.expand_as(out)], dim=-1)
         return out
 
-    def value(self, obs: torch.Tensor) -> torch.Tensor:
-        """V(s) for a batch of normalised observations, shape (batch,)."""
-        return self.critic(obs).squeeze(-1)
+    def value(self, obs: torch.Tensor, memory: Memory | None = None) -> torch.Tensor:
+        """V(s) for a batch of normalised observations, shape (batch,) (or (T, B) sequences)."""
+        return self.critic(self.features(obs, memory)).squeeze(-1)
 
     @torch.no_grad()
     def act(
-        self, obs: torch.Tensor, deterministic: bool = False, mask: torch.Tensor | None = None
+        self,
+        obs: torch.Tensor,
+        deterministic: bool = False,
+        mask: torch.Tensor | None = None,
+        state: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Actions for a batch of normalised observations: sampled, or the most likely ones
-        (among the allowed ones, with a ``mask``)."""
-        params = self.policy_params(obs, mask)
+        (among the allowed ones, with a ``mask``). A recurrent agent also takes the envs'
+        ``state`` (:meth:`initial_state` at episode starts), which this step updates in place."""
+        params = self._policy_params(self.step_features(obs, state), mask)
         if deterministic:
             return self.dist.mode(params)
         return self.dist.sample(params, self.dist.draw_noise(params.shape[:-1], params.device))
@@ -198,13 +266,18 @@ class ActorCritic(nn.Module):
         return action if out is None else out.copy_(action)
 
     def evaluate(
-        self, obs: torch.Tensor, action: torch.Tensor, mask: torch.Tensor | None = None
+        self,
+        obs: torch.Tensor,
+        action: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        memory: Memory | None = None,
     ) -> Evaluation:
         """log pi(a|s), entropy and V(s) with gradients, for the update (under the action masks
-        the actions were sampled with, if any)."""
-        params = self.policy_params(obs, mask)
+        the actions were sampled with, if any; recurrent agents replay sequences from ``memory``)."""
+        features = self.features(obs, memory)
+        params = self._policy_params(features, mask)
         log_prob, entropy = self.dist.log_prob_entropy(params, action)
-        return Evaluation(log_prob, entropy, self.value(obs), params)
+        return Evaluation(log_prob, entropy, self.critic(features).squeeze(-1), params)
 
     def env_action(self, action: torch.Tensor) -> np.ndarray:
         """The action as the environment takes it: clipped to the bounds for Box spaces, shifted

@@ -228,9 +228,15 @@ def _eval_parser() -> argparse.ArgumentParser:
         "path", type=Path, help="a run directory (its checkpoints/last.pt) or a checkpoint file"
     )
     parser.add_argument("--episodes", type=int, default=10, help="complete episodes to play (default 10)")
-    parser.add_argument(
-        "--stochastic", action="store_true", help="sample actions instead of taking the mode (argmax / mean)"
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--stochastic",
+        dest="deterministic",
+        action="store_false",
+        default=None,
+        help="sample actions instead of taking the mode (default: as the run's eval.deterministic)",
     )
+    mode.add_argument("--deterministic", action="store_true", help="take the mode (argmax / mean)")
     parser.add_argument("--video", action="store_true", help="record every episode to <run dir>/videos/*.mp4")
     parser.add_argument("--seed", type=int, default=None, help="env seed (default: the run's seed + 10000)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -248,9 +254,9 @@ def _eval_parser() -> argparse.ArgumentParser:
 def _eval_task() -> None:
     args = _eval_parser().parse_args()
     report = evaluate_checkpoint(
-        args.path, args.episodes, not args.stochastic, args.seed, args.video, args.device, tuple(args.modules)
+        args.path, args.episodes, args.deterministic, args.seed, args.video, args.device, tuple(args.modules)
     )
-    mode = "stochastic" if args.stochastic else "deterministic"
+    mode = "deterministic" if report["deterministic"] else "stochastic"
     print(f"{report['env_id']} at step {report['global_step']} ({report['checkpoint']})")
     print(
         f"{report['episodes']} {mode} episodes: mean {report['mean']:.2f}  std {report['std']:.2f}  "

@@ -21,6 +21,10 @@ from ppo_cli.errors import ConfigError
 DEVICES = ("auto", "cpu", "cuda")
 VECTORIZATIONS = ("auto", "sync", "async", "vector_entry_point")
 ACTIVATIONS = ("tanh", "relu")
+ENCODERS = ("flat", "nature_cnn")
+RECURRENT_CORES = ("none", "lstm", "gru")
+SHARED_TRUNK_ALGOS = ("clip", "penalty", "a2c", "grpo")  # no separate policy step (pg, trpo)
+RECURRENT_ALGOS = ("clip", "penalty", "a2c")  # whole sequences: no GRPO's masked steps
 
 
 def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
@@ -41,6 +45,24 @@ def _require_epoch_keys(update_epochs: int, num_minibatches: int, target_kl: flo
 
 
 @dataclass
+class AtariConfig:
+    """The Atari preprocessing (``atari.py``), off for other environments."""
+
+    enabled: bool = False
+    noop_max: int = 30
+    frame_skip: int = 4
+    screen_size: int = 84
+    frame_stack: int = 4
+    episodic_life: bool = True
+    clip_rewards: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.noop_max >= 0, "env.atari.noop_max", "an integer >= 0", self.noop_max)
+        for key in ("frame_skip", "screen_size", "frame_stack"):
+            _require(getattr(self, key) >= 1, f"env.atari.{key}", "an integer >= 1", getattr(self, key))
+
+
+@dataclass
 class EnvConfig:
     """Which environment, how many copies, and how observations and rewards are normalised."""
 
@@ -54,6 +76,7 @@ class EnvConfig:
     clip_obs: float = 10.0
     clip_reward: float = 10.0
     kwargs: dict[str, Any] = field(default_factory=dict)
+    atari: AtariConfig = field(default_factory=AtariConfig)
 
     def __post_init__(self) -> None:
         _require(bool(self.id), "env.id", "a registered gymnasium id", self.id)
@@ -290,28 +313,34 @@ ALGO_SCHEMAS: dict[str, type[AlgoConfig]] = {
 
 @dataclass
 class AgentConfig:
-    """Network shapes: separate actor and critic MLPs."""
+    """Network shapes: actor and critic MLPs, after an optional shared trunk (encoder, recurrent core)."""
 
     actor_hidden: list[int] = field(default_factory=lambda: [64, 64])
     critic_hidden: list[int] = field(default_factory=lambda: [64, 64])
     activation: str = "tanh"
     log_std_init: float = 0.0
+    encoder: str = "flat"
+    recurrent: str = "none"
+    recurrent_size: int = 128
 
     def __post_init__(self) -> None:
         for key in ("actor_hidden", "critic_hidden"):
             sizes = getattr(self, key)
-            _require(
-                len(sizes) >= 1 and all(s >= 1 for s in sizes),
-                f"agent.{key}",
-                "a non-empty list of integers >= 1",
-                list(sizes),
-            )
+            _require(all(s >= 1 for s in sizes), f"agent.{key}", "a list of integers >= 1", list(sizes))
         _require(
             self.activation in ACTIVATIONS,
             "agent.activation",
             "|".join(ACTIVATIONS),
             self.activation,
         )
+        _require(self.encoder in ENCODERS, "agent.encoder", "|".join(ENCODERS), self.encoder)
+        cores = "|".join(RECURRENT_CORES)
+        _require(self.recurrent in RECURRENT_CORES, "agent.recurrent", cores, self.recurrent)
+        _require(self.recurrent_size >= 1, "agent.recurrent_size", "an integer >= 1", self.recurrent_size)
+
+    @property
+    def shared_trunk(self) -> bool:
+        return self.encoder != "flat" or self.recurrent != "none"
 
 
 @dataclass
@@ -377,11 +406,62 @@ class TrainConfig:
             self.total_timesteps,
         )
         self.algo.check_env(self.env)
+        self._check_agent()
+
+    def _check_agent(self) -> None:
+        """The agent's trunk against the algorithm and the envs."""
+        agent, name = self.agent, self.algo.name
+        if agent.shared_trunk:
+            _require(
+                name in SHARED_TRUNK_ALGOS,
+                "algo",
+                f"{'|'.join(SHARED_TRUNK_ALGOS)} with a shared trunk (agent.encoder={agent.encoder}, "
+                f"agent.recurrent={agent.recurrent}): {name} steps the policy apart from the critic",
+                name,
+            )
+        if agent.encoder == "nature_cnn":
+            _require(
+                not self.env.normalize_obs,
+                "env.normalize_obs",
+                "false with agent.encoder=nature_cnn (it scales pixels to [0, 1] itself)",
+                True,
+            )
+        if agent.recurrent == "none":
+            return
+        _require(name in RECURRENT_ALGOS, "algo", f"{'|'.join(RECURRENT_ALGOS)} with agent.recurrent", name)
+        _require(
+            self.env.vectorization != "vector_entry_point",
+            "env.vectorization",
+            "auto|sync|async with agent.recurrent (its sequences need same-step autoreset)",
+            self.env.vectorization,
+        )
+        _require(
+            self.env.num_steps % self.sequence_chunks == 0,
+            "algo.num_minibatches",
+            f"with agent.recurrent, a number M whose ceil(M / env.num_envs) divides env.num_steps = "
+            f"{self.env.num_steps} (each env's rollout is cut into that many sequences)",
+            getattr(self.algo, "num_minibatches", 1),
+        )
+
+    @property
+    def sequence_chunks(self) -> int:
+        """Into how many sequences a recurrent agent's rollout of each env is cut: one, or as many
+        as it takes for every minibatch to get at least one (see ``update.SequenceBatch``)."""
+        minibatches = getattr(self.algo, "num_minibatches", 1)
+        return -(-minibatches // self.env.num_envs)
 
     @property
     def batch_size(self) -> int:
         """Transitions per iteration: every env steps ``num_steps`` times."""
         return self.env.num_envs * self.env.num_steps
+
+
+def env_config_of(saved: dict[str, Any]) -> EnvConfig:
+    """The EnvConfig of a run's saved (plain) config; keys added since it was saved take their
+    defaults."""
+    env_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EnvConfig), saved))
+    assert isinstance(env_cfg, EnvConfig)
+    return env_cfg
 
 
 def register_schemas() -> None:

@@ -16,12 +16,14 @@ import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
 
+from ppo_cli.atari import is_atari, wrap_atari
 from ppo_cli.config import EnvConfig
 from ppo_cli.errors import UserError
 from ppo_cli.signals import STOP_SIGNALS
@@ -33,7 +35,8 @@ SUPPORTED_SPACES = (
 
 
 def _resolve_spec(env_id: str) -> gym.envs.registration.EnvSpec:
-    """Find the registered spec, importing ``package.module`` for ids of the form ``module:Env-v0``."""
+    """Find the registered spec, importing ``package.module`` for ids of the form ``module:Env-v0``
+    (and ale-py, which registers the Atari games, when the id is not known yet)."""
     if ":" in env_id:
         module, _, _ = env_id.partition(":")
         try:
@@ -41,6 +44,8 @@ def _resolve_spec(env_id: str) -> gym.envs.registration.EnvSpec:
         except ImportError as exc:
             raise UserError(f"env.id: cannot import module {module!r} ({exc})") from None
         env_id = env_id.split(":", 1)[1]
+    if env_id not in gym.registry:
+        _register_atari(env_id)
     try:
         return gym.spec(env_id)
     except gym.error.Error:
@@ -49,14 +54,27 @@ def _resolve_spec(env_id: str) -> gym.envs.registration.EnvSpec:
         raise UserError(f"env.id: {env_id!r} is not a registered gymnasium environment{hint}") from None
 
 
+def _register_atari(env_id: str) -> None:
+    """Register ale-py's games (if it is installed; an Atari id without it is a one-line error)."""
+    try:
+        import ale_py
+    except ImportError:
+        if env_id.startswith("ALE/") or "NoFrameskip" in env_id:
+            raise UserError(f"env.id: {env_id} needs ale-py: pip install 'ppo-cli[atari]'") from None
+        return
+    gym.register_envs(ale_py)
+
+
 def resolve_vectorization(
-    cfg: EnvConfig, spec: gym.envs.registration.EnvSpec, per_env_seeds: bool = False
+    cfg: EnvConfig, spec: gym.envs.registration.EnvSpec, per_env_seeds: bool = False, sequences: bool = False
 ) -> str:
-    """``auto`` picks gymnasium's numpy-vectorised implementation when the env has one (and the
-    caller does not need to seed each env separately: those share one random generator)."""
+    """``auto`` picks gymnasium's numpy-vectorised implementation when the env has one, and the
+    caller does not need to seed each env separately (those share one random generator) nor
+    whole sequences without fake steps (a recurrent agent's; see ``rollout.py``)."""
     if cfg.vectorization != "auto":
         return cfg.vectorization
-    plain = not cfg.kwargs and cfg.max_episode_steps is None and not per_env_seeds
+    plain = not cfg.kwargs and cfg.max_episode_steps is None and not cfg.atari.enabled
+    plain = plain and not (per_env_seeds or sequences)
     return "vector_entry_point" if spec.vector_entry_point is not None and plain else "sync"
 
 
@@ -66,13 +84,16 @@ def make_vector_env(
     render_mode: str | None = None,
     per_env_seeds: bool = False,
     wrappers: Sequence[Callable[[gym.Env], gym.Wrapper]] = (),
+    training: bool = False,
+    sequences: bool = False,
 ) -> VectorEnv:
     """The vector env described by ``cfg``.
 
     ``wrappers`` wrap each sub-env (e.g. video recording); they need ``sync`` vectorisation.
+    ``training`` envs get the training-only parts of the Atari preprocessing (``atari.py``).
     """
     spec = _resolve_spec(cfg.id)
-    mode = "sync" if wrappers else resolve_vectorization(cfg, spec, per_env_seeds)
+    mode = "sync" if wrappers else resolve_vectorization(cfg, spec, per_env_seeds, sequences)
     if mode == "vector_entry_point" and spec.vector_entry_point is None:
         raise UserError(
             f"env.vectorization: {spec.id} has no numpy-vectorised implementation; allowed: auto|sync|async"
@@ -82,6 +103,11 @@ def make_vector_env(
         kwargs["render_mode"] = render_mode
     if cfg.max_episode_steps is not None:
         kwargs["max_episode_steps"] = cfg.max_episode_steps
+    if cfg.atari.enabled:
+        if not is_atari(spec):
+            raise UserError(f"env.atari.enabled: {spec.id} is not an Atari game of ale-py; allowed: false")
+        kwargs["frameskip"] = 1  # frames are skipped (and max-pooled) by the preprocessing
+        wrappers = [partial(wrap_atari, cfg=cfg.atari, training=training), *wrappers]
     vector_kwargs = None if mode == "vector_entry_point" else {"autoreset_mode": AutoresetMode.SAME_STEP}
 
     def build(sub_env_wrappers: list[Callable[[gym.Env], gym.Wrapper]]) -> VectorEnv:
@@ -180,6 +206,15 @@ def action_masks(info: dict[str, Any], num_envs: int, size: int) -> np.ndarray |
     if "_action_mask" in info:
         masks[~info["_action_mask"]] = True
     return masks
+
+
+def finished_episodes(info: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(env indices, returns, lengths) of the episodes that ended in this step (raw rewards), as
+    ``RecordEpisodeStatistics`` reports them in ``info``."""
+    if "episode" not in info:
+        return np.empty(0, dtype=int), np.empty(0), np.empty(0, dtype=int)
+    done = info["_episode"]
+    return np.flatnonzero(done), info["episode"]["r"][done], info["episode"]["l"][done]
 
 
 def uses_next_step_autoreset(envs: VectorEnv) -> bool:

@@ -18,8 +18,8 @@ from gymnasium.wrappers.vector import RecordEpisodeStatistics
 
 from ppo_cli.agent import ActorCritic
 from ppo_cli.checkpoint import resolve_checkpoint
-from ppo_cli.config import EnvConfig
-from ppo_cli.envs import action_masks, make_vector_env
+from ppo_cli.config import EnvConfig, env_config_of
+from ppo_cli.envs import action_masks, finished_episodes, make_vector_env
 from ppo_cli.errors import UserError
 from ppo_cli.logger import write_json
 from ppo_cli.policy import load_agent
@@ -60,15 +60,17 @@ def evaluate(
     returns: list[float] = []
     lengths: list[int] = []
     counted = np.zeros(num_envs, dtype=int)
-    envs = RecordEpisodeStatistics(_eval_envs(env_cfg, num_envs, episodes, video_dir))
+    envs = RecordEpisodeStatistics(_eval_envs(env_cfg, num_envs, episodes, video_dir, agent.core is not None))
+    state = agent.initial_state(num_envs)  # a recurrent agent's; zeroed where an episode ends
     try:
         obs, info = envs.reset(seed=seed)
         while (counted < quota).any():
             obs_t = agent.normalize(torch.as_tensor(obs, dtype=torch.float32, device=device))
             masks = None if agent.continuous else action_masks(info, num_envs, agent.actor_out_dim)
             mask = None if masks is None else torch.as_tensor(masks, device=device)
-            action = agent.act(obs_t, deterministic=deterministic, mask=mask)
-            obs, _, _, _, info = envs.step(agent.env_action(action))
+            action = agent.act(obs_t, deterministic=deterministic, mask=mask, state=state)
+            obs, _, terminated, truncated, info = envs.step(agent.env_action(action))
+            state[torch.as_tensor(terminated | truncated, device=device)] = 0.0
             for env_index, episode_return, length in zip(*finished_episodes(info), strict=True):
                 if counted[env_index] < quota[env_index]:
                     counted[env_index] += 1
@@ -79,20 +81,11 @@ def evaluate(
     return Episodes(np.asarray(returns), np.asarray(lengths))
 
 
-def finished_episodes(info: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(env indices, returns, lengths) of the episodes that ended in this step (raw rewards), as
-    ``RecordEpisodeStatistics`` reports them in ``info``."""
-    if "episode" not in info:
-        return np.empty(0, dtype=int), np.empty(0), np.empty(0, dtype=int)
-    done = info["_episode"]
-    return np.flatnonzero(done), info["episode"]["r"][done], info["episode"]["l"][done]
-
-
 def _eval_envs(
-    env_cfg: EnvConfig, num_envs: int, episodes: int, video_dir: Path | None
+    env_cfg: EnvConfig, num_envs: int, episodes: int, video_dir: Path | None, sequences: bool
 ) -> gym.vector.VectorEnv:
     if video_dir is None:
-        return make_vector_env(env_cfg, num_envs=num_envs)
+        return make_vector_env(env_cfg, num_envs=num_envs, sequences=sequences)
     if not os.environ.get("DISPLAY"):
         # MuJoCo renders through an X display by default; headless machines need EGL (read when
         # mujoco is first imported, i.e. when the first MuJoCo env is made, which is below).
@@ -113,14 +106,15 @@ def _eval_envs(
 def evaluate_checkpoint(
     target: Path,
     episodes: int,
-    deterministic: bool,
+    deterministic: bool | None,
     seed: int | None = None,
     video: bool = False,
     device: str = "cpu",
     trusted_modules: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Evaluate a run directory's (or a checkpoint file's) agent; the report is also written to
-    ``eval.json`` in the run directory, videos to its ``videos/``.
+    ``eval.json`` in the run directory, videos to its ``videos/``. ``deterministic`` None acts
+    as the run's own evaluation did (its ``eval.deterministic``).
 
     Nothing read from the run is executed: the checkpoint loads as weights only, and an env id of
     the form ``module:Env`` is refused unless the user names that module in ``trusted_modules``.
@@ -130,7 +124,7 @@ def evaluate_checkpoint(
     checkpoint = resolve_checkpoint(target)
     run_dir = run_dir_of(checkpoint) if checkpoint.parent.name == "checkpoints" else checkpoint.parent
     trained = load_agent(checkpoint, device=device)
-    env_cfg = EnvConfig(**trained.config["env"])
+    env_cfg = env_config_of(trained.config["env"])
     module = env_cfg.id.partition(":")[0] if ":" in env_cfg.id else None
     if module is not None and module not in trusted_modules:
         raise UserError(
@@ -143,6 +137,8 @@ def evaluate_checkpoint(
         except ImportError as exc:
             raise UserError(f"--import: cannot import {name!r} ({exc})") from None
     seed = trained.config["seed"] + EVAL_SEED_OFFSET if seed is None else seed
+    if deterministic is None:  # as the run evaluated itself (Atari presets sample)
+        deterministic = bool(trained.config["eval"]["deterministic"])
     video_dir = run_dir / "videos" / time.strftime("eval-%Y%m%d-%H%M%S") if video else None
     try:
         result = evaluate(

@@ -3,6 +3,10 @@
 from ppo_cli import load_agent
 agent = load_agent("runs/CartPole-v1__clip__s0__20260101-120000")
 action = agent.act(obs, deterministic=True)
+
+A recurrent agent (agent=lstm|gru) acts from a state that each call updates:
+state = agent.initial_state()        # at the start of every episode
+action = agent.act(obs, state=state)
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 from ppo_cli.agent import ActorCritic
 from ppo_cli.checkpoint import load_checkpoint, load_matching, rebuild_spaces, resolve_checkpoint
 from ppo_cli.config import AgentConfig
+from ppo_cli.trunk import Memory
 
 
 class TrainedAgent:
@@ -39,26 +44,53 @@ class TrainedAgent:
             tensor = tensor.unsqueeze(0)
         return self.network.normalize(tensor), single
 
+    def initial_state(self, num_envs: int | None = None) -> torch.Tensor:
+        """A recurrent agent's state at the start of an episode, for one env (``None``) or a
+        batch of ``num_envs``: pass it to :meth:`act`, which updates it in place, and start from
+        a fresh one (or zero its row) when an episode ends. Empty for feed-forward agents."""
+        state = self.network.initial_state(1 if num_envs is None else num_envs)
+        return state[0] if num_envs is None else state
+
+    def _state(self, state: torch.Tensor | None, single: bool) -> torch.Tensor | None:
+        if self.network.core is None:
+            return None
+        if state is None:
+            raise ValueError("a recurrent agent acts from a state: pass state=agent.initial_state()")
+        return state.unsqueeze(0) if single else state  # a view: updates reach the caller's tensor
+
     @torch.no_grad()
     def act(
-        self, obs: np.ndarray, deterministic: bool = True, action_mask: np.ndarray | None = None
+        self,
+        obs: np.ndarray,
+        deterministic: bool = True,
+        action_mask: np.ndarray | None = None,
+        state: torch.Tensor | None = None,
     ) -> np.ndarray:
         """The action to send to the environment (clipped to its bounds for Box actions), chosen
-        among the allowed ones if an ``action_mask`` is given (as the env reports it in its info)."""
+        among the allowed ones if an ``action_mask`` is given (as the env reports it in its info).
+        A recurrent agent needs its ``state`` (:meth:`initial_state`), which this updates."""
         tensor, single = self._prepare(obs)
         mask = None
         if action_mask is not None:
             mask = torch.as_tensor(np.asarray(action_mask, dtype=bool), device=self._device)
             mask = mask.reshape(len(tensor), -1)
-        action = self.network.env_action(self.network.act(tensor, deterministic, mask))
+        raw = self.network.act(tensor, deterministic, mask, self._state(state, single))
+        action = self.network.env_action(raw)
         return action[0] if single else action
 
     @torch.no_grad()
-    def value(self, obs: np.ndarray) -> np.ndarray | float:
-        """V(s) as estimated by the critic (in units of the scaled reward if reward scaling was on)."""
+    def value(self, obs: np.ndarray, state: torch.Tensor | None = None) -> np.ndarray | float:
+        """V(s) as estimated by the critic (in units of the scaled reward if reward scaling was on);
+        a recurrent agent's from its ``state`` before ``obs`` (left unchanged)."""
         tensor, single = self._prepare(obs)
-        values = self.network.value(tensor).cpu().numpy()
-        return float(values[0]) if single else values
+        recurrent = self._state(state, single)
+        if recurrent is None:
+            values = self.network.value(tensor)
+        else:
+            starts = torch.zeros(1, len(tensor), dtype=torch.bool, device=self._device)
+            values = self.network.value(tensor.unsqueeze(0), Memory(recurrent, starts))[0]
+        values_np = values.cpu().numpy()
+        return float(values_np[0]) if single else values_np
 
 
 def load_agent(path: str | Path, device: str = "cpu") -> TrainedAgent:

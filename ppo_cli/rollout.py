@@ -26,9 +26,10 @@ from gymnasium.vector import VectorEnv
 from ppo_cli import env_state
 from ppo_cli.acting import Acting, ActingBuffers, make_acting
 from ppo_cli.agent import ActorCritic
-from ppo_cli.envs import action_masks, uses_next_step_autoreset
+from ppo_cli.envs import action_masks, finished_episodes, uses_next_step_autoreset
 from ppo_cli.errors import NonFiniteError
 from ppo_cli.normalization import RewardScaler
+from ppo_cli.trunk import Memory
 
 
 class RolloutStorage:
@@ -43,7 +44,7 @@ class RolloutStorage:
     def __init__(self, num_steps: int, num_envs: int, agent: ActorCritic, device: torch.device) -> None:
         shape = (num_steps, num_envs)
         dist = agent.dist
-        self.obs = torch.zeros((*shape, agent.obs_dim), device=device)
+        self.obs = torch.zeros((*shape, agent.obs_dim), dtype=agent.obs_dtype, device=device)
         self.actions = torch.zeros((*shape, *dist.action_shape), dtype=dist.action_dtype, device=device)
         # [actor output, V(s)] per step, as acting.py writes them.
         self.outputs = torch.zeros((*shape, agent.actor_out_dim + 1), device=device)
@@ -59,6 +60,11 @@ class RolloutStorage:
         self.host_truncated = np.zeros(shape, dtype=bool)
         self.host_valid = np.ones(shape, dtype=bool)
         self.action_masks: torch.Tensor | None = None  # (T, N, actions) once track_action_masks
+        # A recurrent agent's sequences (trunk.py): its state before each step, and the steps
+        # where an episode starts (the state is zeroed there first).
+        recurrent = agent.core is not None
+        self.states = torch.zeros((*shape, agent.state_dim), device=device) if recurrent else None
+        self.starts = torch.zeros(shape, dtype=torch.bool, device=device) if recurrent else None
         self.num_steps = num_steps
 
     def track_action_masks(self) -> None:
@@ -150,7 +156,10 @@ class Collector:
         bootstrap_truncated: bool,
         device: torch.device,
         seed: int,
+        games_in_info: bool = False,
     ) -> None:
+        """``games_in_info``: the envs report whole games in their info (Atari, whose training
+        episodes end at each lost life: see ``atari.py``); those are the episodes reported."""
         self.envs = envs
         self.agent = agent
         self.storage = storage
@@ -166,6 +175,9 @@ class Collector:
             storage.track_action_masks()
         self.prev_done = np.zeros(envs.num_envs, dtype=bool)
         self.episodes = EpisodeCounter(envs.num_envs)
+        self.games_in_info = games_in_info
+        # A recurrent agent's state for the current observations (before any reset they need).
+        self.state = agent.initial_state(envs.num_envs) if agent.core is not None else None
 
     def _observe(self, obs: np.ndarray) -> torch.Tensor:
         """Fold fresh observations into the statistics, then normalise them."""
@@ -175,7 +187,7 @@ class Collector:
         if normalizer is not None:
             normalizer.stats.update(obs)
             obs = normalizer.normalize_array(obs)
-        return torch.as_tensor(obs, dtype=torch.float32, device=self.device)
+        return torch.as_tensor(obs, dtype=self.agent.obs_dtype, device=self.device)
 
     def _observe_masks(self, info: dict[str, Any]) -> None:
         """Take the action masks that came with fresh observations (all allowed if none did)."""
@@ -193,8 +205,16 @@ class Collector:
         """How the agent acts in this rollout (a snapshot of its weights; see acting.py)."""
         s = self.storage
         noise = self.agent.exploration_noise((s.num_steps, self.envs.num_envs))
-        buffers = ActingBuffers(s.obs, s.outputs, s.actions, noise, s.action_masks)
+        buffers = ActingBuffers(s.obs, s.outputs, s.actions, noise, s.action_masks, self.state, s.starts)
         return make_acting(self.agent, buffers)
+
+    def _value(self, obs: torch.Tensor, state: torch.Tensor | None, starts: np.ndarray) -> torch.Tensor:
+        """V(obs) for a batch of (normalised) observations; a recurrent agent's from ``state``,
+        zeroed where ``starts``."""
+        if state is None:
+            return self.agent.value(obs)
+        memory = Memory(state, torch.as_tensor(starts, device=self.device).unsqueeze(0))
+        return self.agent.value(obs.unsqueeze(0), memory).squeeze(0)
 
     def _finish(self) -> None:
         """After the last step: upload what the envs returned, then record the parameters of
@@ -216,11 +236,20 @@ class Collector:
             if self.next_step_autoreset:  # the step after an episode's end is the fake one
                 np.logical_not(self.prev_done, out=valid)
             self._record_masks(t)
+            if s.states is not None:  # acting zeroes the recurrent state where an episode starts
+                assert self.state is not None and s.starts is not None
+                s.states[t].copy_(self.state)
+                s.starts[t].copy_(torch.from_numpy(self.prev_done))
             obs, reward, terminated, truncated, info = self.envs.step(act(t, self.obs))
             check_finite("reward", reward)
             s.host_rewards[t], s.host_terminated[t], s.host_truncated[t] = reward, terminated, truncated
             self.prev_done = terminated | truncated
-            self.episodes.step(reward, valid, self.prev_done, stats)
+            if self.games_in_info:
+                _, returns, lengths = finished_episodes(info.get("final_info", {}))
+                stats.episode_returns += returns.tolist()
+                stats.episode_lengths += lengths.tolist()
+            else:
+                self.episodes.step(reward, valid, self.prev_done, stats)
             if truncated.any() and "final_obs" in info and self.bootstrap_truncated:
                 truncation_values.append(self._final_values(t, truncated, info["final_obs"]))
             self.obs = self._observe(obs)
@@ -230,7 +259,7 @@ class Collector:
             s.host_rewards[:] = self.reward_scaler(s.host_rewards, dones, s.host_valid)
         self._finish()
         s.next_values[:-1] = s.values[1:]
-        s.next_values[-1] = self.agent.value(self.obs)
+        s.next_values[-1] = self._value(self.obs, self.state, self.prev_done)
         for t, idx, values in truncation_values:
             s.next_values[t, idx] = values
         stats.env_steps = s.num_steps * self.envs.num_envs
@@ -243,8 +272,9 @@ class Collector:
         idx = np.flatnonzero(truncated)
         final = np.stack(list(final_obs[idx]))
         check_finite("final observation", final)
-        obs = self.agent.normalize(torch.as_tensor(final, dtype=torch.float32, device=self.device))
-        return t, torch.as_tensor(idx, device=self.device), self.agent.value(obs)
+        obs = self.agent.normalize(torch.as_tensor(final, dtype=self.agent.obs_dtype, device=self.device))
+        state = None if self.state is None else self.state[idx]  # before the reset: same episode
+        return t, torch.as_tensor(idx, device=self.device), self._value(obs, state, np.zeros(len(idx), bool))
 
     def state_dict(self) -> dict[str, Any]:
         """What the next collection depends on: the envs' own state (None where it cannot be
@@ -253,6 +283,7 @@ class Collector:
             "obs": self.obs.cpu(),  # on the host: rank 0 gathers the other ranks' (distributed.py)
             "prev_done": torch.from_numpy(self.prev_done.copy()),
             "action_mask": None if self.mask is None else torch.from_numpy(self.mask.copy()),
+            "recurrent_state": None if self.state is None else self.state.cpu(),
             "episodes": self.episodes.state_dict(),
             "envs": env_state.capture(self.envs),
         }
@@ -270,6 +301,8 @@ class Collector:
             self.episodes.load_state_dict(state["episodes"])
             if self.mask is not None and state.get("action_mask") is not None:
                 self.mask = state["action_mask"].numpy().copy()
+            if self.state is not None:
+                self.state.copy_(state["recurrent_state"])
             return True
         self.restart(reset_seed)
         return False
@@ -281,6 +314,8 @@ class Collector:
         self._observe_masks(info)
         self.prev_done[:] = False
         self.episodes.reset()
+        if self.state is not None:
+            self.state.zero_()
         if self.reward_scaler is not None:
             self.reward_scaler.returns.zero_()  # the discounted returns belonged to lost episodes
 

@@ -211,7 +211,10 @@ def build_state(
         collector = GroupCollector(envs, agent, storage, algo.group_size, device, env_seed)
     else:
         assert isinstance(algo, ActorCriticConfig), type(algo)
-        collector = Collector(envs, agent, storage, reward_scaler, algo.bootstrap_truncated, device, env_seed)
+        games_in_info = cfg.env.atari.enabled  # episodes end at lost lives: report whole games
+        collector = Collector(
+            envs, agent, storage, reward_scaler, algo.bootstrap_truncated, device, env_seed, games_in_info
+        )
     return TrainingState(agent, optimizer, reward_scaler, updater, collector, parallel, statistics)
 
 
@@ -239,11 +242,10 @@ def train(cfg: TrainConfig, run_dir: Path, label: str = "") -> dict[str, Any]:
             torch.set_num_threads(cfg.torch_threads)
         device = pick_device(cfg.device)
         per_env_seeds = isinstance(cfg.algo, GRPOConfig)
+        sequences = cfg.agent.recurrent != "none"
+        envs_made = make_vector_env(cfg.env, per_env_seeds=per_env_seeds, training=True, sequences=sequences)
         echo_window = FORWARDED_SIGNAL_WINDOW_S if parallel.active else 0.0  # see signals.py
-        with (
-            GracefulStop(echo_window) as stop,
-            closing(make_vector_env(cfg.env, per_env_seeds=per_env_seeds)) as envs,
-        ):
+        with GracefulStop(echo_window) as stop, closing(envs_made) as envs:
             state = build_state(cfg, envs, device, parallel)
             if parallel.rank:  # the agent is built; from here on each rank draws its own numbers
                 seed_everything(parallel.rank_seed(cfg.seed))
@@ -380,7 +382,7 @@ def _run(
 
                 # --- advantages ----------------------------------------------------------------
                 advantages, returns = estimate_advantages(algo, collector.storage)
-                batch = Batch.from_storage(collector.storage, advantages, returns)
+                batch = Batch.from_storage(collector.storage, advantages, returns, cfg.sequence_chunks)
 
                 # --- update --------------------------------------------------------------------
                 metrics = state.updater.update(batch)

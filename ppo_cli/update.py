@@ -32,11 +32,18 @@ from ppo_cli.distributions import ActionDistribution
 from ppo_cli.errors import NonFiniteError
 from ppo_cli.rollout import RolloutStorage
 from ppo_cli.trpo import trust_region_step
+from ppo_cli.trunk import Memory
 
 
 @dataclass
 class Batch:
-    """The valid transitions of one rollout, flattened to (B, ...), with their advantage targets."""
+    """The valid transitions of one rollout, flattened to (B, ...), with their advantage targets.
+
+    Minibatches are drawn along :attr:`SAMPLE_AXIS`: single transitions here, whole env
+    sequences in :class:`SequenceBatch`.
+    """
+
+    SAMPLE_AXIS = 0
 
     obs: torch.Tensor
     actions: torch.Tensor
@@ -48,8 +55,14 @@ class Batch:
     action_masks: torch.Tensor | None = None  # allowed actions, when the envs report them
 
     @classmethod
-    def from_storage(cls, storage: RolloutStorage, advantages: torch.Tensor, returns: torch.Tensor) -> Batch:
-        """Flatten time and env dimensions and drop the fake steps of NEXT_STEP autoreset."""
+    def from_storage(
+        cls, storage: RolloutStorage, advantages: torch.Tensor, returns: torch.Tensor, chunks: int = 1
+    ) -> Batch:
+        """Flatten time and env dimensions and drop the fake steps of NEXT_STEP autoreset (a
+        recurrent agent's storage gives a :class:`SequenceBatch` of ``chunks`` sequences per env
+        instead)."""
+        if storage.states is not None:
+            return SequenceBatch.of_sequences(storage, advantages, returns, chunks)
         valid = storage.valid.flatten()
         keep = None if bool(valid.all()) else valid.nonzero().squeeze(-1)
 
@@ -68,14 +81,19 @@ class Batch:
             None if storage.action_masks is None else flat(storage.action_masks),
         )
 
+    @property
+    def memory(self) -> Memory | None:
+        """What a recurrent agent replays its sequences from (none here: no sequences)."""
+        return None
+
     def __len__(self) -> int:
-        return self.obs.shape[0]
+        return self.obs.shape[self.SAMPLE_AXIS]
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
         """The batch with ``fn`` applied to every field (that holds a tensor)."""
         values = (getattr(self, f.name) for f in dataclasses.fields(self))
         mapped: list[Any] = [None if x is None else fn(x) for x in values]
-        return Batch(*mapped)
+        return type(self)(*mapped)
 
     def shuffled_minibatches(self, num_minibatches: int) -> Iterator[Batch]:
         """The batch in a fresh random order, cut into ``num_minibatches`` consecutive parts
@@ -83,14 +101,63 @@ class Batch:
 
         Each field is gathered once per call; the minibatches are views of the gathered copy.
         """
+        axis = self.SAMPLE_AXIS
         order = torch.randperm(len(self), device=self.obs.device)
-        shuffled = self.map(lambda field: field[order])
+        shuffled = self.map(lambda field: field.index_select(axis, order))
         size, extra = divmod(len(self), num_minibatches)
         start = 0
         for i in range(num_minibatches):
-            end = start + size + (i < extra)
-            yield shuffled.map(lambda field: field[start:end])  # noqa: B023 (used at once)
-            start = end
+            length = size + (i < extra)
+            yield shuffled.map(lambda field: field.narrow(axis, start, length))  # noqa: B023 (used at once)
+            start += length
+
+
+@dataclass
+class SequenceBatch(Batch):
+    """A recurrent agent's rollout as env sequences: every field keeps its (steps, sequences, ...)
+    shape, so that minibatches are sets of sequences (axis 1), each replayed from the state the
+    agent held at its first step (trunk.py). The losses are elementwise: they take (L, n) as
+    they take (B,).
+
+    Each env's T steps are one sequence, or ``chunks`` consecutive ones of T / chunks steps
+    when more minibatches are asked for than there are envs (truncated backpropagation through
+    time, starting each chunk from the state stored while acting).
+    """
+
+    SAMPLE_AXIS = 1
+    initial_state: torch.Tensor | None = None  # (1, sequences, state_dim): axis 1 is the sequence
+    starts: torch.Tensor | None = None  # (L, sequences)
+
+    @classmethod
+    def of_sequences(
+        cls, storage: RolloutStorage, advantages: torch.Tensor, returns: torch.Tensor, chunks: int
+    ) -> SequenceBatch:
+        assert storage.states is not None and storage.starts is not None
+        assert bool(storage.valid.all())  # same-step autoreset: no fake steps inside a sequence
+        length = storage.num_steps // chunks
+
+        def cut(x: torch.Tensor) -> torch.Tensor:
+            """(T, N, ...) -> (T / chunks, chunks * N, ...): chunk c of env n is sequence c * N + n."""
+            pieces = x.reshape(chunks, length, *x.shape[1:]).transpose(0, 1)
+            return pieces.reshape(length, -1, *x.shape[2:])
+
+        return cls(
+            cut(storage.obs),
+            cut(storage.actions),
+            cut(storage.log_probs),
+            cut(storage.policy_params),
+            cut(storage.values),
+            cut(advantages),
+            cut(returns),
+            None if storage.action_masks is None else cut(storage.action_masks),
+            cut(storage.states)[:1],
+            cut(storage.starts),
+        )
+
+    @property
+    def memory(self) -> Memory:
+        assert self.initial_state is not None and self.starts is not None
+        return Memory(self.initial_state[0], self.starts)
 
 
 class Updater(ABC):
@@ -188,7 +255,7 @@ class SurrogateUpdater(Updater):
         stopped_early = False
         for _ in range(cfg.update_epochs):
             for mb in batch.shuffled_minibatches(cfg.num_minibatches):
-                out = self.agent.evaluate(mb.obs, mb.actions, mb.action_masks)
+                out = self.agent.evaluate(mb.obs, mb.actions, mb.action_masks, mb.memory)
                 if cfg.target_kl is not None:
                     k3 = losses.kl_estimates(out.log_prob.detach(), mb.log_probs).k3
                     if self.parallel.average(k3).item() > cfg.target_kl:
@@ -253,7 +320,7 @@ def measure_kl(agent: ActorCritic, batch: Batch) -> dict[str, float]:
     under ``kl_*``, plus CleanRL's names for k1 and k3 so curves overlay."""
     kl = KLTerms.measure(
         agent.dist,
-        agent.evaluate(batch.obs, batch.actions, batch.action_masks),
+        agent.evaluate(batch.obs, batch.actions, batch.action_masks, batch.memory),
         batch.log_probs,
         batch.policy_params,
     )
@@ -338,7 +405,7 @@ class GRPOUpdater(SurrogateUpdater):
 
     def minibatch_loss(self, out: Evaluation, mb: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with torch.no_grad():
-            ref_params = self.reference.policy_params(mb.obs, mb.action_masks)
+            ref_params = self.reference.policy_params(mb.obs, mb.action_masks, mb.memory)
             ref_log_prob = self.reference.dist.log_prob(ref_params, mb.actions)
         log_ratio = ref_log_prob - out.log_prob
         ref_kl = (torch.expm1(log_ratio) - log_ratio).mean()
@@ -374,7 +441,7 @@ class A2CUpdater(Updater):
     cfg: ActorCriticConfig
 
     def _policy_terms(self, batch: Batch) -> tuple[Evaluation, dict[str, torch.Tensor]]:
-        out = self.agent.evaluate(batch.obs, batch.actions, batch.action_masks)
+        out = self.agent.evaluate(batch.obs, batch.actions, batch.action_masks, batch.memory)
         advantages = losses.normalize_advantages(batch.advantages) if self.cfg.norm_adv else batch.advantages
         terms = {
             "policy_loss": losses.policy_gradient_loss(out.log_prob, advantages),
@@ -438,14 +505,14 @@ class TRPOUpdater(A2CUpdater):
         advantages = losses.normalize_advantages(batch.advantages) if cfg.norm_adv else batch.advantages
 
         def surrogate() -> torch.Tensor:
-            params = self.agent.policy_params(batch.obs, batch.action_masks)
+            params = self.agent.policy_params(batch.obs, batch.action_masks, batch.memory)
             log_prob, entropy = self.agent.dist.log_prob_entropy(params, batch.actions)
             return (
                 -losses.surrogate_loss(log_prob, batch.log_probs, advantages) + cfg.ent_coef * entropy.mean()
             )
 
         def mean_kl() -> torch.Tensor:
-            new_params = self.agent.policy_params(batch.obs, batch.action_masks)
+            new_params = self.agent.policy_params(batch.obs, batch.action_masks, batch.memory)
             return self.agent.dist.kl(batch.policy_params, new_params).mean()
 
         result = trust_region_step(

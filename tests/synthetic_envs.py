@@ -89,3 +89,71 @@ class PickAllowedInObservation(PickAllowed):
 
 
 gym.register("PickAllowedInObservation-v0", entry_point=PickAllowedInObservation, max_episode_steps=8)
+
+
+class BrightSide(gym.Env[np.ndarray, int]):
+    """A 1x36x36 grayscale image (the smallest the Nature CNN takes) with a bright square in its
+    left or right half; action 0 / 1 names the side, scoring 1 when right. A random policy scores
+    4 per 8-step episode, one that reads the image 8."""
+
+    SIZE = 36
+
+    def __init__(self) -> None:
+        self.action_space = gym.spaces.Discrete(2)
+        self.observation_space = gym.spaces.Box(0, 255, shape=(1, self.SIZE, self.SIZE), dtype=np.uint8)
+        self.side = 0
+
+    def _observe(self) -> np.ndarray:
+        self.side = int(self.np_random.integers(2))
+        image = np.zeros((1, self.SIZE, self.SIZE), dtype=np.uint8)
+        top, left = self.np_random.integers(0, self.SIZE - 8), self.np_random.integers(0, self.SIZE // 2 - 8)
+        left += self.side * (self.SIZE // 2)
+        image[0, top : top + 8, left : left + 8] = 255
+        return image
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        return self._observe(), {}
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
+        reward = float(int(action) == self.side)
+        return self._observe(), reward, False, False, {}
+
+
+gym.register("BrightSide-v0", entry_point=BrightSide, max_episode_steps=8)
+
+
+class RememberCue(gym.Env[np.ndarray, int]):
+    """Partially observed: the first observation shows a cue (+1 or -1), the later ones only a
+    clock; at the last of the ``length`` steps, the action that matches the cue scores 1 (the
+    other actions count for nothing). The cue is gone when it matters: a feed-forward policy
+    guesses (0.5 per episode), one with memory scores 1."""
+
+    def __init__(self, length: int = 4) -> None:
+        self.length = length
+        self.action_space = gym.spaces.Discrete(2)
+        # [cue, fraction of the episode gone, 1 at the step that is scored]
+        self.observation_space = gym.spaces.Box(-1.0, 1.0, shape=(3,), dtype=np.float32)
+        self.cue, self.t = 0, 0
+
+    def _observe(self) -> np.ndarray:
+        cue = (2 * self.cue - 1) if self.t == 0 else 0
+        return np.array([cue, self.t / self.length, self.t == self.length - 1], dtype=np.float32)
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        self.cue, self.t = int(self.np_random.integers(2)), 0
+        return self._observe(), {}
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
+        scored = self.t == self.length - 1
+        reward = float(scored and int(action) == self.cue)
+        self.t += 1
+        return self._observe(), reward, scored, False, {}
+
+
+gym.register("RememberCue-v0", entry_point=RememberCue)

@@ -80,7 +80,7 @@ def test_numpy_acting_writes_and_samples_what_torch_acting_does(
             np.testing.assert_allclose(*env_actions, rtol=1e-5, atol=1e-5)
     for torch_tensor, numpy_tensor in zip(torch_tensors[:3], numpy_tensors[:3], strict=True):
         torch.testing.assert_close(numpy_tensor, torch_tensor)
-    obs, outputs, actions, noise, _ = numpy_tensors
+    obs, outputs, actions, noise = numpy_tensors[:4]
     # What was stored is the network's output and the distribution's draw from it.
     with torch.no_grad():
         torch.testing.assert_close(outputs[..., -1], agent.value(obs))
@@ -102,7 +102,7 @@ def test_masked_acting_samples_only_allowed_actions_alike_in_numpy_and_torch() -
     masks = torch.rand(20, 64, 3) < 0.5
     masks[..., 0] |= ~masks.any(-1)
     torch_tensors = buffers(agent, steps=20, envs=64)._replace(masks=masks)
-    numpy_tensors = ActingBuffers(*(tensor.clone() for tensor in torch_tensors))
+    numpy_tensors = ActingBuffers(*(tensor.clone() for tensor in torch_tensors[:5]))
     by_torch, by_numpy = TorchActing(agent, torch_tensors), make_acting(agent, numpy_tensors)
     assert isinstance(by_numpy, NumpyActing)
     with torch.inference_mode():

@@ -17,14 +17,15 @@ ENV_PRESETS = sorted(p.stem for p in (Path(CONFIG_DIR) / "env").glob("*.yaml"))
 
 @pytest.mark.parametrize("preset", ENV_PRESETS)
 def test_every_env_preset_composes_and_validates(preset: str) -> None:
-    cfg = compose_config(f"env={preset}")
-    assert cfg.env.id.endswith(("-v0", "-v1", "-v3", "-v5"))
+    game = ["env.id=SpaceInvadersNoFrameskip-v4"] if preset == "Atari" else []  # any game: name one
+    cfg = compose_config(f"env={preset}", *game)
+    assert cfg.env.id.endswith(("-v0", "-v1", "-v3", "-v4", "-v5"))
     assert cfg.batch_size % cfg.algo.num_minibatches == 0
 
 
 def test_required_presets_exist() -> None:
     required = {"CartPole", "Acrobot", "MountainCar", "LunarLander", "Pendulum", "BipedalWalker"}
-    required |= {"HalfCheetah", "Hopper", "Walker2d", "Ant", "Humanoid"}
+    required |= {"HalfCheetah", "Hopper", "Walker2d", "Ant", "Humanoid", "Breakout", "Pong", "BeamRider"}
     assert required <= set(ENV_PRESETS)
 
 
@@ -73,6 +74,23 @@ BAD_INPUTS = [
     ),
     (["env.id=nosuchmodule:Env-v0"], "env.id: cannot import module 'nosuchmodule'"),
     (["env.vectorization=gpu"], "env.vectorization: got 'gpu', allowed: auto|sync|async"),
+    (["agent=lstm", "algo=trpo"], "algo: got 'trpo', allowed: clip|penalty|a2c|grpo with a shared trunk"),
+    (["agent=gru", "algo=grpo"], "algo: got 'grpo', allowed: clip|penalty|a2c with agent.recurrent"),
+    (
+        ["agent=lstm", "env.num_steps=10", "algo.num_minibatches=40"],
+        "algo.num_minibatches: got 40, allowed: with agent.recurrent, a number M whose ceil(M / env",
+    ),
+    (
+        ["agent=lstm", "env.vectorization=vector_entry_point"],
+        "env.vectorization: got 'vector_entry_point', allowed: auto|sync|async with agent.recurrent",
+    ),
+    (["agent.recurrent=rnn"], "agent.recurrent: got 'rnn', allowed: none|lstm|gru"),
+    (["agent.encoder=resnet"], "agent.encoder: got 'resnet', allowed: flat|nature_cnn"),
+    (
+        ["env=Breakout", "env.normalize_obs=true"],
+        "env.normalize_obs: got True, allowed: false with agent.encoder=nature_cnn",
+    ),
+    (["env.atari.enabled=true"], "env.atari.enabled: CartPole-v1 is not an Atari game of ale-py"),
 ]
 
 

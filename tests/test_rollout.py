@@ -12,8 +12,7 @@ from support import algo_config
 from ppo_cli import load_agent
 from ppo_cli.agent import ActorCritic
 from ppo_cli.config import AgentConfig, EnvConfig, EvalConfig, TrainConfig
-from ppo_cli.envs import make_vector_env, uses_next_step_autoreset
-from ppo_cli.evaluate import finished_episodes
+from ppo_cli.envs import finished_episodes, make_vector_env, uses_next_step_autoreset
 from ppo_cli.rollout import Collector, GroupCollector, RolloutStorage
 from ppo_cli.train import train
 from ppo_cli.update import Batch

@@ -95,9 +95,9 @@ def test_minibatches_partition_the_batch_each_epoch(
     sizes: list[int] = []
     original = agent.evaluate
 
-    def counting_evaluate(obs: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor | None):  # type: ignore[no-untyped-def]
+    def counting_evaluate(obs: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor | None, memory: None):  # type: ignore[no-untyped-def]
         sizes.append(obs.shape[0])
-        return original(obs, actions, mask)
+        return original(obs, actions, mask, memory)
 
     monkeypatch.setattr(agent, "evaluate", counting_evaluate)
     ClipUpdater(agent, optimizer, algo(update_epochs=2, num_minibatches=4)).update(batch)
