@@ -56,6 +56,8 @@ KILL_AT = 5 * STEPS_PER_ITERATION  # between the first and the second checkpoint
 CASES = {
     # gymnasium's numpy-vectorised CartPole: NEXT_STEP autoreset, discrete actions
     "CartPole": ["env=CartPole", "env.num_envs=8"],
+    # sync vector env, an LSTM whose state the checkpoint carries
+    "CartPole-lstm": ["env=CartPole", "env.num_envs=8", "agent=lstm", "agent.recurrent_size=16"],
     # sync vector env, Gaussian policy, observation normalisation and reward scaling
     "Pendulum": [
         "env=Pendulum",
