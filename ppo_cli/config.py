@@ -456,6 +456,15 @@ class TrainConfig:
         return self.env.num_envs * self.env.num_steps
 
 
+def schema_defaults() -> dict[str, Any]:
+    """Every key of the root and env schemas that has a default, flattened (``algo.*`` has
+    none there: each variant has its own schema)."""
+    schema = OmegaConf.merge(OmegaConf.structured(TrainConfig), {"env": OmegaConf.structured(EnvConfig)})
+    defaults = OmegaConf.to_container(schema, throw_on_missing=False)
+    assert isinstance(defaults, dict)
+    return {key: value for key, value in flatten(defaults).items() if value != MISSING}
+
+
 def env_config_of(saved: dict[str, Any]) -> EnvConfig:
     """The EnvConfig of a run's saved (plain) config; keys added since it was saved take their
     defaults."""

@@ -24,7 +24,7 @@ from hydra._internal.utils import get_args_parser  # hydra-core is pinned to 1.3
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from ppo_cli.checkpoint import LAST, checkpoint_dir, load_checkpoint, newest_valid_checkpoint
-from ppo_cli.config import flatten
+from ppo_cli.config import flatten, schema_defaults
 from ppo_cli.errors import ConfigError, UserError
 
 AUTO = "auto"
@@ -93,8 +93,9 @@ def find_checkpoint(resume: str, run_dir: Path) -> tuple[Path, dict[str, Any]] |
 
 
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``key: old -> new`` for each key outside FREE_ON_RESUME whose value differs."""
-    old, new = flatten(saved), flatten(current)
+    """``key: old -> new`` for each key outside FREE_ON_RESUME whose value differs. A key that
+    did not exist when the run was saved (added by a later ppo-cli) had its default then."""
+    old, new = {**schema_defaults(), **flatten(saved)}, flatten(current)
     return [
         f"{key}: {old.get(key, '<unset>')} -> {new.get(key, '<unset>')}"
         for key in sorted(old.keys() | new.keys())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import logging
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from omegaconf import OmegaConf
 from support import compose_config, console_script, one_line_failure, ppo_train, run
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
@@ -24,7 +26,7 @@ from ppo_cli import checkpoint as ckpt
 from ppo_cli import cli
 from ppo_cli.errors import ConfigError, Interrupted, UserError
 from ppo_cli.logger import RunLogger
-from ppo_cli.resume import expand_resume_argv
+from ppo_cli.resume import config_changes, expand_resume_argv
 from ppo_cli.train import train
 
 # Runs itself as ppo-train, and SIGKILLs itself once it has logged step KILL_AT: no handler, no
@@ -407,3 +409,17 @@ def test_a_new_run_never_overwrites_an_old_one(finished_run: Path, tmp_path: Pat
     )
     assert (finished_run / "checkpoints" / "last.pt").read_bytes() == before
     assert (finished_run / "summary.json").read_text() == summary_before
+
+
+def test_keys_added_since_a_run_was_saved_count_as_their_defaults() -> None:
+    """A run saved before agent.recurrent and env.atari existed resumes under a newer ppo-cli
+    with their defaults, and only a real change is reported."""
+    current = OmegaConf.to_container(OmegaConf.structured(compose_config("env=CartPole")))
+    assert isinstance(current, dict)
+    saved = copy.deepcopy(current)
+    for key in ("encoder", "recurrent", "recurrent_size"):
+        del saved["agent"][key]
+    del saved["env"]["atari"]
+    assert config_changes(saved, current) == []
+    current["agent"]["recurrent"] = "lstm"
+    assert config_changes(saved, current) == ["agent.recurrent: none -> lstm"]
