@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -460,8 +460,7 @@ def schema_defaults() -> dict[str, Any]:
     """Every key of the root and env schemas that has a default, flattened (``algo.*`` has
     none there: each variant has its own schema)."""
     schema = OmegaConf.merge(OmegaConf.structured(TrainConfig), {"env": OmegaConf.structured(EnvConfig)})
-    defaults = OmegaConf.to_container(schema, throw_on_missing=False)
-    assert isinstance(defaults, dict)
+    defaults = cast(dict[str, Any], OmegaConf.to_container(schema, throw_on_missing=False))
     return {key: value for key, value in flatten(defaults).items() if value != MISSING}
 
 
