@@ -157,7 +157,8 @@ class ActorCritic(nn.Module):
         return torch.zeros(num_envs, self.state_dim, device=self.critic.linear_layers[0].weight.device)
 
     def encode(self, obs: torch.Tensor) -> torch.Tensor:
-        """The observations as the first layer after the encoder sees them (no recurrence)."""
+        """The encoder's features of (normalised) observations, or the observations themselves
+        without an encoder (the recurrent core, if any, comes after: see :meth:`features`)."""
         return obs if self.encoder is None else self.encoder(obs)
 
     def step_features(self, obs: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
@@ -186,7 +187,7 @@ class ActorCritic(nn.Module):
         ``packing.py``); returns the packed tensors, which are what the optimizer should step.
         Call once, after moving the agent to its device."""
         self.packs = [PackedParameters(self.actor_parameters()), PackedParameters(self.critic.parameters())]
-        trunk = [*self.trunk_parameters()]
+        trunk = self.trunk_parameters()
         if trunk:
             self.packs.append(PackedParameters(trunk))
         return [pack.flat for pack in self.packs]
