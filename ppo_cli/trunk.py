@@ -5,10 +5,11 @@ Recurrent state and sequences
 -----------------------------
 A recurrent core's state summarises the episode so far. It is carried from step to step through a
 rollout and zeroed where an episode starts. The update must see the same states the policy acted
-with, so it replays whole env sequences: the state stored at the start of the rollout, then the
-rollout's observations one step at a time, zeroing the state at the same steps
-(:class:`Memory`). Its gradients flow back through the whole rollout (truncated BPTT over
-``num_steps`` steps), as in the recurrent PPO of CleanRL and Stable-Baselines3-contrib.
+with, so the rollout stores the state before every step, and the update replays env sequences:
+from the state stored at a sequence's first step, the observations one step at a time, zeroing
+the state at the same steps (:class:`Memory`). Gradients flow back through each sequence
+(truncated BPTT: a whole rollout of ``num_steps`` steps, or a chunk of it; see
+``update.SequenceBatch``), as in the recurrent PPO of CleanRL and Stable-Baselines3-contrib.
 """
 
 from __future__ import annotations

@@ -159,4 +159,11 @@ def test_a_saved_recurrent_agent_carries_its_state(lstm_run: tuple[Path, dict]) 
                 obs, reward, done, _, _ = env.step(int(agent.act(obs, state=state)))
                 scores[mode] += float(reward) / 60
     assert scores["carried"] >= 0.9 and scores["reset every step"] <= 0.7
+    # The critic reads the state too, and leaves it as it was: the value of a cued start is
+    # the discounted reward of answering right (gamma 0.99, three steps away), about 0.97.
+    obs, _ = env.reset(seed=0)
+    state = agent.initial_state()
+    before = state.clone()
+    assert 0.8 <= agent.value(obs, state=state) <= 1.1
+    torch.testing.assert_close(state, before)
     assert evaluate_checkpoint(run_dir, 20, True, trusted_modules=("synthetic_envs",))["mean"] >= 0.9
