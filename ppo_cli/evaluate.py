@@ -61,6 +61,12 @@ def evaluate(
     lengths: list[int] = []
     counted = np.zeros(num_envs, dtype=int)
     envs = RecordEpisodeStatistics(_eval_envs(env_cfg, num_envs, episodes, video_dir, agent.core is not None))
+    shape = envs.single_observation_space.shape
+    if shape is None or int(np.prod(shape)) != agent.obs_dim:
+        envs.close()
+        raise UserError(
+            f"env.id: {env_cfg.id} observes shape {shape}; the agent takes {agent.obs_dim} values"
+        )
     state = agent.initial_state(num_envs)  # a recurrent agent's; zeroed where an episode ends
     try:
         obs, info = envs.reset(seed=seed)

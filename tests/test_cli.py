@@ -18,7 +18,9 @@ from support import console_script, one_line_failure, ppo_train, run
 
 from ppo_cli import checkpoint as ckpt
 from ppo_cli import cli, load_agent
-from ppo_cli.evaluate import evaluate_checkpoint
+from ppo_cli.config import EnvConfig
+from ppo_cli.errors import UserError
+from ppo_cli.evaluate import evaluate, evaluate_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -213,3 +215,14 @@ def test_ppo_eval_bad_input_is_one_line_and_runs_nothing(
     assert line.startswith("ppo-eval: error: ")
     assert expected.replace("DIR", str(tmp_path)) in line
     assert not sentinel.exists()
+
+
+def test_evaluating_on_an_env_the_agent_cannot_read_is_one_line(
+    cartpole_run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    trained = load_agent(cartpole_run[1])
+    acrobot = EnvConfig(id="Acrobot-v1", num_envs=1, num_steps=1)
+    with pytest.raises(
+        UserError, match=r"env.id: Acrobot-v1 observes shape \(6,\); the agent takes 4 values"
+    ):
+        evaluate(trained.network, acrobot, 1, True, 0, torch.device("cpu"))
