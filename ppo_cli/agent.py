@@ -231,6 +231,18 @@ class ActorCritic(nn.Module):
         """V(s) for a batch of normalised observations, shape (batch,) (or (T, B) sequences)."""
         return self.critic(self.features(obs, memory)).squeeze(-1)
 
+    def step_value(
+        self, obs: torch.Tensor, state: torch.Tensor | None, starts: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """V(s) of one step's observations (B, ...); a recurrent agent's from ``state`` (B,
+        state_dim; left unchanged), zeroed first where ``starts`` (B,) is True."""
+        if self.core is None:
+            return self.value(obs)
+        if state is None:
+            raise ValueError("a recurrent agent values from a state: start from initial_state(num_envs)")
+        starts = torch.zeros(len(obs), dtype=torch.bool, device=obs.device) if starts is None else starts
+        return self.value(obs.unsqueeze(0), Memory(state, starts.unsqueeze(0))).squeeze(0)
+
     @torch.no_grad()
     def act(
         self,

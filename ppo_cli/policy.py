@@ -19,7 +19,6 @@ import torch
 from ppo_cli.agent import ActorCritic
 from ppo_cli.checkpoint import load_checkpoint, load_matching, rebuild_spaces, resolve_checkpoint
 from ppo_cli.config import AgentConfig
-from ppo_cli.trunk import Memory
 
 
 class TrainedAgent:
@@ -83,14 +82,8 @@ class TrainedAgent:
         """V(s) as estimated by the critic (in units of the scaled reward if reward scaling was on);
         a recurrent agent's from its ``state`` before ``obs`` (left unchanged)."""
         tensor, single = self._prepare(obs)
-        recurrent = self._state(state, single)
-        if recurrent is None:
-            values = self.network.value(tensor)
-        else:
-            starts = torch.zeros(1, len(tensor), dtype=torch.bool, device=self._device)
-            values = self.network.value(tensor.unsqueeze(0), Memory(recurrent, starts))[0]
-        values_np = values.cpu().numpy()
-        return float(values_np[0]) if single else values_np
+        values = self.network.step_value(tensor, self._state(state, single)).cpu().numpy()
+        return float(values[0]) if single else values
 
 
 def load_agent(path: str | Path, device: str = "cpu") -> TrainedAgent:

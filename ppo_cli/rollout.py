@@ -29,7 +29,6 @@ from ppo_cli.agent import ActorCritic
 from ppo_cli.envs import action_masks, finished_episodes, uses_next_step_autoreset
 from ppo_cli.errors import NonFiniteError
 from ppo_cli.normalization import RewardScaler
-from ppo_cli.trunk import Memory
 
 
 class RolloutStorage:
@@ -208,14 +207,6 @@ class Collector:
         buffers = ActingBuffers(s.obs, s.outputs, s.actions, noise, s.action_masks, self.state, s.starts)
         return make_acting(self.agent, buffers)
 
-    def _value(self, obs: torch.Tensor, state: torch.Tensor | None, starts: np.ndarray) -> torch.Tensor:
-        """V(obs) for a batch of (normalised) observations; a recurrent agent's from ``state``,
-        zeroed where ``starts``."""
-        if state is None:
-            return self.agent.value(obs)
-        memory = Memory(state, torch.as_tensor(starts, device=self.device).unsqueeze(0))
-        return self.agent.value(obs.unsqueeze(0), memory).squeeze(0)
-
     def _finish(self) -> None:
         """After the last step: upload what the envs returned, then record the parameters of
         pi_old(.|s) and log pi_old(a|s) for every step, in one pass each."""
@@ -259,7 +250,8 @@ class Collector:
             s.host_rewards[:] = self.reward_scaler(s.host_rewards, dones, s.host_valid)
         self._finish()
         s.next_values[:-1] = s.values[1:]
-        s.next_values[-1] = self._value(self.obs, self.state, self.prev_done)
+        starts = torch.as_tensor(self.prev_done, device=self.device)
+        s.next_values[-1] = self.agent.step_value(self.obs, self.state, starts)
         for t, idx, values in truncation_values:
             s.next_values[t, idx] = values
         stats.env_steps = s.num_steps * self.envs.num_envs
@@ -274,7 +266,7 @@ class Collector:
         check_finite("final observation", final)
         obs = self.agent.normalize(torch.as_tensor(final, dtype=self.agent.obs_dtype, device=self.device))
         state = None if self.state is None else self.state[idx]  # before the reset: same episode
-        return t, torch.as_tensor(idx, device=self.device), self._value(obs, state, np.zeros(len(idx), bool))
+        return t, torch.as_tensor(idx, device=self.device), self.agent.step_value(obs, state)
 
     def state_dict(self) -> dict[str, Any]:
         """What the next collection depends on: the envs' own state (None where it cannot be

@@ -243,9 +243,13 @@ def train(cfg: TrainConfig, run_dir: Path, label: str = "") -> dict[str, Any]:
         device = pick_device(cfg.device)
         per_env_seeds = isinstance(cfg.algo, GRPOConfig)
         sequences = cfg.agent.recurrent != "none"
-        envs_made = make_vector_env(cfg.env, per_env_seeds=per_env_seeds, training=True, sequences=sequences)
         echo_window = FORWARDED_SIGNAL_WINDOW_S if parallel.active else 0.0  # see signals.py
-        with GracefulStop(echo_window) as stop, closing(envs_made) as envs:
+        with (
+            GracefulStop(echo_window) as stop,
+            closing(
+                make_vector_env(cfg.env, per_env_seeds=per_env_seeds, training=True, sequences=sequences)
+            ) as envs,
+        ):
             state = build_state(cfg, envs, device, parallel)
             if parallel.rank:  # the agent is built; from here on each rank draws its own numbers
                 seed_everything(parallel.rank_seed(cfg.seed))
