@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import logging
+import multiprocessing
+import os
 import signal
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
@@ -22,11 +26,17 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.async_vector_env import _async_worker
 
 from ppo_cli.atari import is_atari, wrap_atari
 from ppo_cli.config import EnvConfig
 from ppo_cli.errors import UserError
+from ppo_cli.processes import die_with_parent
 from ppo_cli.signals import STOP_SIGNALS
+
+log = logging.getLogger(__name__)
+
+CLOSE_GRACE_S = 5.0  # how long closing waits for env workers (a step in flight, env.close) to answer
 
 SUPPORTED_SPACES = (
     "Box (continuous, 1-D), Discrete or MultiDiscrete (1-D) actions; Box observations, "
@@ -108,7 +118,12 @@ def make_vector_env(
             raise UserError(f"env.atari.enabled: {spec.id} is not an Atari game of ale-py; allowed: false")
         kwargs["frameskip"] = 1  # frames are skipped (and max-pooled) by the preprocessing
         wrappers = [partial(wrap_atari, cfg=cfg.atari, training=training), *wrappers]
-    vector_kwargs = None if mode == "vector_entry_point" else {"autoreset_mode": AutoresetMode.SAME_STEP}
+    vector_kwargs: dict[str, Any] = {"autoreset_mode": AutoresetMode.SAME_STEP}
+    if mode == "async":
+        # gymnasium's worker loop, in a process that dies with the trainer (see processes.py). A
+        # forkserver, not the trainer, is the parent of workers it starts: their parent's pid is unknown.
+        parent = None if multiprocessing.get_start_method() == "forkserver" else os.getpid()
+        vector_kwargs["worker"] = partial(_env_worker, parent)
 
     def build(sub_env_wrappers: list[Callable[[gym.Env], gym.Wrapper]]) -> VectorEnv:
         # Async workers start with SIGINT and SIGTERM ignored (a disposition they inherit, however
@@ -119,7 +134,7 @@ def make_vector_env(
                 spec,
                 num_envs=num_envs or cfg.num_envs,
                 vectorization_mode=mode,
-                vector_kwargs=vector_kwargs,
+                vector_kwargs=None if mode == "vector_entry_point" else vector_kwargs,
                 wrappers=sub_env_wrappers or None,
                 **kwargs,
             )
@@ -133,6 +148,58 @@ def make_vector_env(
         raise UserError(f"env.id: {spec.id} needs an optional dependency: {exc}") from None
     check_spaces(envs, spec.id)
     return envs
+
+
+def _env_worker(parent_pid: int | None, *args: Any) -> None:
+    """An async env worker: gymnasium's own loop, once this process is tied to the trainer's life
+    (before the env is built, which may hang too)."""
+    die_with_parent(parent_pid)
+    _async_worker(*args)
+
+
+@contextmanager
+def closing_envs(envs: VectorEnv) -> Iterator[VectorEnv]:
+    """``contextlib.closing`` for a vector env, with a close that cannot hang (see :func:`close_envs`)."""
+    try:
+        yield envs
+    finally:
+        close_envs(envs)
+
+
+def close_envs(envs: VectorEnv, grace_s: float = CLOSE_GRACE_S) -> None:
+    """Close ``envs``; async env workers still alive ``grace_s`` seconds later are killed.
+
+    gymnasium's ``AsyncVectorEnv.close`` first waits for a step in flight (``timeout``), then for
+    every worker to close its env, without limit; when the wait times out it "terminates" the
+    workers with SIGTERM, which ours ignore (see :func:`make_vector_env`), and joins them. A worker
+    stuck in ``env.step`` would hold the trainer forever, even after a second Ctrl-C. So a timer
+    kills (SIGKILL) whatever worker is still alive after the grace period; the join then returns.
+    """
+    workers = list(getattr(envs.unwrapped, "processes", ()))
+    if not workers:
+        envs.close()
+        return
+    killer = threading.Timer(grace_s, _kill_stuck_workers, args=(workers, grace_s))
+    killer.daemon = True
+    killer.start()
+    try:
+        with warnings.catch_warnings():  # gymnasium's warning about the step in flight: the killer reports
+            warnings.simplefilter("ignore")
+            envs.close(timeout=grace_s)
+    except (EOFError, OSError):  # a worker died while answering (killed above, or crashed)
+        _kill_stuck_workers(workers, grace_s)
+        envs.close(terminate=True)  # joins the dead workers, closes the pipes
+    finally:
+        killer.cancel()
+
+
+def _kill_stuck_workers(workers: list[multiprocessing.process.BaseProcess], grace_s: float) -> None:
+    stuck = [worker for worker in workers if worker.is_alive()]
+    for worker in stuck:
+        worker.kill()
+    if stuck:
+        pids = ", ".join(str(worker.pid) for worker in stuck)
+        log.warning("env worker(s) %s did not answer within %.0f s of closing: killed", pids, grace_s)
 
 
 class ActionMaskInInfo(gym.Wrapper):

@@ -19,7 +19,7 @@ from gymnasium.wrappers.vector import RecordEpisodeStatistics
 from ppo_cli.agent import ActorCritic
 from ppo_cli.checkpoint import resolve_checkpoint
 from ppo_cli.config import EnvConfig, env_config_of
-from ppo_cli.envs import action_masks, finished_episodes, make_vector_env
+from ppo_cli.envs import action_masks, close_envs, finished_episodes, make_vector_env
 from ppo_cli.errors import UserError
 from ppo_cli.logger import write_json
 from ppo_cli.policy import load_agent
@@ -83,7 +83,7 @@ def evaluate(
                     returns.append(float(episode_return))
                     lengths.append(int(length))
     finally:
-        envs.close()
+        close_envs(envs)
     return Episodes(np.asarray(returns), np.asarray(lengths))
 
 

@@ -11,7 +11,6 @@ import random
 import signal
 import time
 from collections import deque
-from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -34,7 +33,7 @@ from ppo_cli.checkpoint import (
 )
 from ppo_cli.config import ActorCriticConfig, AlgoConfig, GRPOConfig, TrainConfig, flatten
 from ppo_cli.distributed import DataParallel, IterationReport, StatisticsExchange
-from ppo_cli.envs import episode_time_limit, make_vector_env
+from ppo_cli.envs import closing_envs, episode_time_limit, make_vector_env
 from ppo_cli.errors import ConfigError, Interrupted, NonFiniteError, UserError
 from ppo_cli.evaluate import EVAL_SEED_OFFSET, evaluate
 from ppo_cli.logger import RunLogger, read_summary, write_summary
@@ -246,7 +245,7 @@ def train(cfg: TrainConfig, run_dir: Path, label: str = "") -> dict[str, Any]:
         echo_window = FORWARDED_SIGNAL_WINDOW_S if parallel.active else 0.0  # see signals.py
         with (
             GracefulStop(echo_window) as stop,
-            closing(
+            closing_envs(
                 make_vector_env(cfg.env, per_env_seeds=per_env_seeds, training=True, sequences=sequences)
             ) as envs,
         ):

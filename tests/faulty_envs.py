@@ -1,10 +1,13 @@
 """Envs that fail mid-run, importable as ``env.id=faulty_envs:Exploding-v0`` (tests dir on
-PYTHONPATH): stand-ins for a simulator that raises, or that takes its process down, in a sweep."""
+PYTHONPATH): stand-ins for a simulator that raises, takes its process down, crashes in native
+code, or never returns."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
+import time
 
 import gymnasium as gym
 import numpy as np
@@ -37,5 +40,22 @@ class KilledCartPole(FailingCartPole):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+class HangingCartPole(FailingCartPole):
+    """Its step never returns (a simulator stuck in a deadlock or an endless loop)."""
+
+    def fail(self) -> None:
+        while True:
+            time.sleep(60)
+
+
+class SegfaultingCartPole(FailingCartPole):
+    """Its step reads address 0, as a buggy native simulator does: the process dies of SIGSEGV."""
+
+    def fail(self) -> None:
+        ctypes.string_at(0)
+
+
 gym.register("Exploding-v0", entry_point=FailingCartPole, max_episode_steps=500)
 gym.register("Killed-v0", entry_point=KilledCartPole, max_episode_steps=500)
+gym.register("Hanging-v0", entry_point=HangingCartPole, max_episode_steps=500)
+gym.register("Segfaulting-v0", entry_point=SegfaultingCartPole, max_episode_steps=500)

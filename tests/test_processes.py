@@ -1,0 +1,121 @@
+"""The process tree of a run, as a user meets it: an env that hangs or crashes, a signal while
+ppo-train starts, a reader that goes away. Each case ends in one line, the right exit code, and
+no process left behind."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support import console_script
+
+from ppo_cli import checkpoint as ckpt
+
+TESTS = Path(__file__).resolve().parent
+# 2 envs x 16 steps = 32 steps an iteration; the faulty envs fail at their 50th step, i.e. in the
+# 4th iteration, after the checkpoint of step 96.
+FAULTY = ["env=CartPole", "env.num_envs=2", "env.num_steps=16", "total_timesteps=100000", "eval.episodes=1"]
+LAST_GOOD_STEP = 96
+
+
+STARTED: list[int] = []  # process groups a test started, killed after it whatever its outcome
+
+
+@pytest.fixture(autouse=True)
+def _kill_leftovers() -> Iterator[None]:
+    yield
+    while STARTED:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(STARTED.pop(), signal.SIGKILL)
+
+
+def _start(args: list[str], cwd: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
+    process = subprocess.Popen(
+        [console_script("ppo-train"), *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a shell job has
+    )
+    STARTED.append(process.pid)
+    return process
+
+
+def _wait_for(path: Path, process: subprocess.Popen[str], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+
+
+def _descendants(pid: int) -> list[int]:
+    """The pids of ``pid``'s children and their children (pgrep: Linux and macOS)."""
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, timeout=10).stdout
+    children = [int(line) for line in found.split()]
+    return children + [grandchild for child in children for grandchild in _descendants(child)]
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie nobody reaped counts as gone)."""
+    state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True, timeout=10)
+    return bool(state.stdout.strip()) and not state.stdout.strip().startswith("Z")
+
+
+def _gone_within(pids: list[int], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while any(_alive(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _hung_run(tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
+    """A run whose async env workers hang in their step, right after the checkpoint of step 96."""
+    run_dir = tmp_path / "run"
+    args = [*FAULTY, "env.id=faulty_envs:Hanging-v0", "env.vectorization=async", "checkpoint.interval=1"]
+    process = _start([*args, f"hydra.run.dir={run_dir}"], tmp_path)
+    _wait_for(run_dir / "checkpoints" / f"step_{LAST_GOOD_STEP:010d}.pt", process)
+    time.sleep(1.0)  # the next iteration starts, and hangs in its second step
+    return process, run_dir
+
+
+def test_a_hung_env_stops_within_seconds_of_the_second_signal(tmp_path: Path) -> None:
+    process, run_dir = _hung_run(tmp_path)
+    workers = _descendants(process.pid)
+    assert workers, "the async env workers"
+    process.send_signal(signal.SIGTERM)
+    time.sleep(2.0)
+    assert process.poll() is None  # the iteration cannot end: the env hangs
+    sent = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=30)
+    assert time.monotonic() - sent < 10, stderr[-2000:]
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("ppo-train: stopped by SIGTERM"), stderr[-2000:]
+    assert "SIGTERM received: stopping after this iteration (send it again to stop at once)" in stdout
+    assert "did not answer within 5 s of closing: killed" in stdout
+    assert ckpt.load_checkpoint(run_dir)["global_step"] == LAST_GOOD_STEP  # intact, and readable
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
+    assert _gone_within(workers, 5)
+
+
+def test_env_workers_die_with_their_killed_trainer(tmp_path: Path) -> None:
+    process, _ = _hung_run(tmp_path)
+    workers = _descendants(process.pid)
+    assert workers, "the async env workers"
+    process.kill()
+    process.communicate(timeout=30)
+    assert _gone_within(workers, 5), "env workers outlived their trainer"
