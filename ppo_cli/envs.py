@@ -17,10 +17,12 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 import gymnasium as gym
@@ -186,20 +188,46 @@ def close_envs(envs: VectorEnv, grace_s: float = CLOSE_GRACE_S) -> None:
         with warnings.catch_warnings():  # gymnasium's warning about the step in flight: the killer reports
             warnings.simplefilter("ignore")
             envs.close(timeout=grace_s)
-    except (EOFError, OSError):  # a worker died while answering (killed above, or crashed)
-        _kill_stuck_workers(workers, grace_s)
-        envs.close(terminate=True)  # joins the dead workers, closes the pipes
+    except (EOFError, OSError):  # a worker died (crashed, or killed by the timer): end them all
+        killer.cancel()
+        async_env = envs.unwrapped
+        for worker in workers:
+            worker.kill()
+            worker.join()
+        for pipe in getattr(async_env, "parent_pipes", ()):
+            if pipe is not None:
+                pipe.close()
+        async_env.closed = True  # gymnasium's close would wait on the dead worker's pipe again
     finally:
         killer.cancel()
 
 
-def _kill_stuck_workers(workers: list[multiprocessing.process.BaseProcess], grace_s: float) -> None:
+def _kill_stuck_workers(workers: list[BaseProcess], grace_s: float) -> None:
     stuck = [worker for worker in workers if worker.is_alive()]
     for worker in stuck:
         worker.kill()
     if stuck:
         pids = ", ".join(str(worker.pid) for worker in stuck)
         log.warning("env worker(s) %s did not answer within %.0f s of closing: killed", pids, grace_s)
+
+
+def dead_env_workers(envs: VectorEnv, wait_s: float = 1.0) -> str | None:
+    """Which of an async env's workers died, and of what ("env worker 1 (pid 4242) died of
+    SIGSEGV"), waiting up to ``wait_s`` for the OS to report the death; None if none did (or the
+    env has no workers). Called when talking to the workers failed (``EOFError``)."""
+    workers = list(getattr(envs.unwrapped, "processes", ()))
+    deadline = time.monotonic() + wait_s
+    while not (dead := [(i, w) for i, w in enumerate(workers) if w.exitcode is not None]):
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.05)
+    return ", ".join(f"env worker {i} (pid {w.pid}) died of {_exit_cause(w.exitcode)}" for i, w in dead)
+
+
+def _exit_cause(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        return signal.Signals(-exitcode).name
+    return f"exit code {exitcode}"
 
 
 class ActionMaskInInfo(gym.Wrapper):

@@ -4,7 +4,8 @@ Anything raised as a :class:`UserError` (or a subclass) reaches the console as o
 and exits with its ``exit_code``, without a traceback. :class:`Interrupted` does the same for a
 signal. Every other exception is a bug and keeps its traceback.
 
-Exit codes: 2 bad input, 3 training diverged (non-finite numbers), 128 + N stopped by signal N
+Exit codes: 1 an env's worker process died, 2 bad input, 3 training diverged (non-finite numbers),
+128 + N stopped by signal N
 (130 for Ctrl-C, 143 for SIGTERM), as shells report a process killed by that signal.
 """
 
@@ -30,6 +31,13 @@ class NonFiniteError(UserError):
     optimizer step, so the weights and the last checkpoint stay as they were."""
 
     exit_code = 3
+
+
+class EnvCrashed(UserError):
+    """An async env's worker process died (a crash in the env's native code, the OOM killer):
+    the env's fault, reported in one line; the last checkpoint stays as it was."""
+
+    exit_code = 1
 
 
 class Interrupted(BaseException):

@@ -8,35 +8,58 @@ youngest generation while it imports (collections stay, just ~15x rarer: pausing
 altogether saves a little more time but keeps the import garbage, +9 MB of peak memory), then
 ``gc.freeze()`` moves everything imported into a generation the collector never visits again
 (the remedy CPython documents for long-lived objects), and restores the thresholds.
+
+Before that, ``ppo-train`` splits into a supervisor and the trainer (``supervisor.py``), and
+SIGINT / SIGTERM get a handler that stops the command at once, in one line (``signals.py``): from
+the first instant, also while the imports run; the training loop installs its own graceful one.
 """
 
 from __future__ import annotations
 
 import gc
 import importlib
+import signal
+import sys
 from collections.abc import Callable
+from contextlib import ExitStack
+
+from ppo_cli import supervisor
+from ppo_cli.errors import Interrupted
+from ppo_cli.signals import STOP_SIGNALS, SUPERVISOR_ECHO_S, GracefulStop
 
 IMPORT_THRESHOLD = 10_000  # allocations between collections of the youngest generation (default 700)
 
 
-def _entry_point(name: str, *modules: str) -> Callable[[], None]:
+def _entry_point(name: str, prog: str, *modules: str, supervised: bool = False) -> Callable[[], None]:
     def main() -> None:
-        thresholds = gc.get_threshold()
-        gc.set_threshold(IMPORT_THRESHOLD, *thresholds[1:])
-        try:
-            for module in modules:
-                importlib.import_module(module)
-            command = getattr(importlib.import_module("ppo_cli.cli"), name)
-        finally:
-            gc.freeze()
-            gc.set_threshold(*thresholds)
-        command()
+        with ExitStack() as stop_signals:
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # until handlers are in place
+            try:
+                if supervised:
+                    supervisor.supervise(prog)  # only the trainer returns
+                echo_window = SUPERVISOR_ECHO_S if supervisor.supervised() else 0.0
+                stop_signals.enter_context(GracefulStop(echo_window, graceful=False))
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            thresholds = gc.get_threshold()
+            gc.set_threshold(IMPORT_THRESHOLD, *thresholds[1:])
+            try:
+                for module in modules:
+                    importlib.import_module(module)
+                command = getattr(importlib.import_module("ppo_cli.cli"), name)
+            except Interrupted as exc:  # cli.py, which reports the others, is not imported yet
+                print(f"{prog}: {exc}", file=sys.stderr)
+                sys.exit(exc.exit_code)
+            finally:
+                gc.freeze()
+                gc.set_threshold(*thresholds)
+            command()
 
     main.__name__ = name
     return main
 
 
 # torch.optim imports torch._dynamo at the first optimizer step; ppo-train imports it up front.
-train_main = _entry_point("train_main", "torch._dynamo")
-eval_main = _entry_point("eval_main")
-compare_main = _entry_point("compare_main")
+train_main = _entry_point("train_main", "ppo-train", "torch._dynamo", supervised=True)
+eval_main = _entry_point("eval_main", "ppo-eval")
+compare_main = _entry_point("compare_main", "ppo-compare")

@@ -6,9 +6,10 @@ checkpoint is written (during evaluation), stops at once: nothing is lost that a
 Cluster schedulers send SIGTERM some time before SIGKILL; Ctrl-C sends SIGINT.
 
 Under torchrun each rank receives a terminal's Ctrl-C (or a scheduler's signal to the whole
-process group) twice: directly, and forwarded by torchrun's agent a moment later. So there, the
-same signal again within ``echo_window`` seconds of the first is taken for that echo, not for a
-second request.
+process group) twice: directly, and forwarded by torchrun's agent a moment later; so does a
+trainer from its supervisor (``supervisor.py``), within milliseconds. So there, the same signal
+again within ``echo_window`` seconds of the last one is taken for that echo, not for a second
+request: also after a signal that stopped the process, whose clean-up an echo must not interrupt.
 """
 
 from __future__ import annotations
@@ -25,19 +26,25 @@ from ppo_cli.errors import Interrupted
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+TORCHRUN_ECHO_S = 2.0  # how late torchrun's agent may forward a signal a rank already got
+SUPERVISOR_ECHO_S = 0.5  # the same for ppo-train's supervisor, which forwards at once
 
 
 class GracefulStop:
     """A context manager that turns SIGINT/SIGTERM into a request checked by the caller.
 
-    Outside the main thread (where Python cannot install handlers) it does nothing.
+    Outside the main thread (where Python cannot install handlers) it does nothing. With
+    ``graceful=False`` every signal stops at once (raises :class:`Interrupted`).
     """
 
-    def __init__(self, echo_window: float = 0.0) -> None:
+    # The last signal this process took, and when: signals are the process's, not one handler's,
+    # so an echo is recognised across nested handlers (the command's, then the training loop's).
+    _last: tuple[int, float] = (0, -float("inf"))
+
+    def __init__(self, echo_window: float = 0.0, graceful: bool = True) -> None:
         self.signum: int | None = None
-        self.graceful = True
+        self.graceful = graceful
         self.echo_window = echo_window
-        self._received_at = 0.0
         self._previous: dict[int, Any] = {}
 
     @property
@@ -46,12 +53,14 @@ class GracefulStop:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
-        if signum == self.signum and time.monotonic() - self._received_at < self.echo_window:
+        last_signum, last_at = GracefulStop._last
+        now = time.monotonic()
+        if signum == last_signum and now - last_at < self.echo_window:
             return
+        GracefulStop._last = (signum, now)
         if self.requested or not self.graceful:
             raise Interrupted(signum, f"stopped by {name}")
         self.signum = signum
-        self._received_at = time.monotonic()
         log.warning("%s received: stopping after this iteration (send it again to stop at once)", name)
 
     def __enter__(self) -> GracefulStop:

@@ -21,6 +21,7 @@ import torch
 from gymnasium.vector import VectorEnv
 from omegaconf import OmegaConf
 
+from ppo_cli import supervisor
 from ppo_cli.advantages import gae, group_relative
 from ppo_cli.agent import ActorCritic
 from ppo_cli.checkpoint import (
@@ -33,8 +34,8 @@ from ppo_cli.checkpoint import (
 )
 from ppo_cli.config import ActorCriticConfig, AlgoConfig, GRPOConfig, TrainConfig, flatten
 from ppo_cli.distributed import DataParallel, IterationReport, StatisticsExchange
-from ppo_cli.envs import closing_envs, episode_time_limit, make_vector_env
-from ppo_cli.errors import ConfigError, Interrupted, NonFiniteError, UserError
+from ppo_cli.envs import closing_envs, dead_env_workers, episode_time_limit, make_vector_env
+from ppo_cli.errors import ConfigError, EnvCrashed, Interrupted, NonFiniteError, UserError
 from ppo_cli.evaluate import EVAL_SEED_OFFSET, evaluate
 from ppo_cli.logger import RunLogger, read_summary, write_summary
 from ppo_cli.losses import explained_variance
@@ -42,7 +43,7 @@ from ppo_cli.normalization import RewardScaler
 from ppo_cli.packing import packed_optimizer_state
 from ppo_cli.resume import check_config_changes, find_checkpoint, rng_state, set_rng_state
 from ppo_cli.rollout import Collector, GroupCollector, RolloutStorage
-from ppo_cli.signals import GracefulStop
+from ppo_cli.signals import SUPERVISOR_ECHO_S, TORCHRUN_ECHO_S, GracefulStop
 from ppo_cli.update import Batch, Updater, make_updater
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,6 @@ OPERATIONAL_KEYS = ("progress", "torch_threads", "device", "resume", "checkpoint
 # The parts of the training state that differ between the ranks of a data-parallel run (their envs,
 # their random generators, their envs' discounted returns); everything else is the same on all.
 PER_RANK_KEYS = ("collector", "rng", "reward_scaler")
-FORWARDED_SIGNAL_WINDOW_S = 2.0  # how late torchrun's agent may forward a signal a rank already got
 
 
 def _hyperparameters(plain_config: dict[str, Any]) -> dict[str, Any]:
@@ -242,7 +242,10 @@ def train(cfg: TrainConfig, run_dir: Path, label: str = "") -> dict[str, Any]:
         device = pick_device(cfg.device)
         per_env_seeds = isinstance(cfg.algo, GRPOConfig)
         sequences = cfg.agent.recurrent != "none"
-        echo_window = FORWARDED_SIGNAL_WINDOW_S if parallel.active else 0.0  # see signals.py
+        # A signal may come twice, directly and forwarded (see signals.py).
+        echo_window = SUPERVISOR_ECHO_S if supervisor.supervised() else 0.0
+        if parallel.active:
+            echo_window = TORCHRUN_ECHO_S
         with (
             GracefulStop(echo_window) as stop,
             closing_envs(
@@ -256,6 +259,8 @@ def train(cfg: TrainConfig, run_dir: Path, label: str = "") -> dict[str, Any]:
             started = True
             if resumed is not None:
                 summary.update(resumed_from=resumed, global_step=state.global_step)
+            if parallel.is_main:
+                supervisor.run_started(run_dir, summary)
             if resumed is not None and _already_complete(cfg, state, previous_summary):
                 log.info("the run is already complete; raise total_timesteps to train it further")
                 kept = previous_summary.keys() - {"status", "config", "wall_time_s"}
@@ -275,6 +280,8 @@ def train(cfg: TrainConfig, run_dir: Path, label: str = "") -> dict[str, Any]:
         summary["wall_time_s"] = round(time.perf_counter() - start, 2)
         if parallel.is_main and (started or not previous_summary):
             write_summary(run_dir, summary)
+        if parallel.is_main and started:
+            supervisor.run_ended()
     return summary
 
 
@@ -367,6 +374,7 @@ def _run(
             if parallel.active:
                 payload["other_ranks"] = parts[1:]
             last_saved = save_checkpoint(payload, run_dir, cfg.checkpoint.keep, periodic)
+            supervisor.checkpoint_saved(last_saved, state.global_step)
 
     train_start = time.perf_counter()
     try:
@@ -392,6 +400,14 @@ def _run(
             except NonFiniteError as exc:
                 raise NonFiniteError(
                     f"iteration {state.iteration}: {exc}; training stopped before the optimizer step, "
+                    f"last good checkpoint: {last_saved or 'none written yet'}"
+                ) from None
+            except (EOFError, ConnectionError):  # the pipe to an async env worker broke
+                died = dead_env_workers(envs)
+                if died is None:
+                    raise
+                raise EnvCrashed(
+                    f"env.id: {cfg.env.id}: iteration {state.iteration}: {died}; "
                     f"last good checkpoint: {last_saved or 'none written yet'}"
                 ) from None
             report = parallel.combine(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -119,3 +120,52 @@ def test_env_workers_die_with_their_killed_trainer(tmp_path: Path) -> None:
     process.kill()
     process.communicate(timeout=30)
     assert _gone_within(workers, 5), "env workers outlived their trainer"
+
+
+def test_a_crash_of_the_trainer_is_one_line_and_recorded_in_the_run(tmp_path: Path) -> None:
+    """An env that segfaults in the trainer's own process (sync vectorisation): no Python runs after
+    that, so ppo-train's supervising parent reports it and records it in summary.json."""
+    run_dir = tmp_path / "run"
+    args = [*FAULTY, "env.id=faulty_envs:Segfaulting-v0", "env.vectorization=sync", "checkpoint.interval=1"]
+    process = _start([*args, f"hydra.run.dir={run_dir}"], tmp_path)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGSEGV, stderr[-2000:]
+    log = run_dir / "train.log"
+    assert stderr.strip().splitlines() == [
+        f"ppo-train: error: {run_dir}: the training process died of SIGSEGV (a crash in native code: "
+        f"an env, a simulator, torch); its stack trace is in {log}; last checkpoint: "
+        f"{run_dir / 'checkpoints' / 'last.pt'}; resume with: ppo-train resume={run_dir}"
+    ]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    assert summary["error"] == "the training process died of SIGSEGV"
+    assert summary["global_step"] == LAST_GOOD_STEP == ckpt.load_checkpoint(run_dir)["global_step"]
+    assert summary["config"]["env"]["id"] == "faulty_envs:Segfaulting-v0"
+    # faulthandler's trace, down to the env's faulty line, is in the run's log
+    assert "Fatal Python error: Segmentation fault" in log.read_text()
+    assert "faulty_envs.py" in log.read_text()
+
+
+def test_a_crash_of_an_async_env_worker_is_one_line(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    args = [*FAULTY, "env.id=faulty_envs:Segfaulting-v0", "env.vectorization=async", "checkpoint.interval=1"]
+    process = _start([*args, f"hydra.run.dir={run_dir}"], tmp_path)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1, stderr[-2000:]
+    (line,) = stderr.strip().splitlines()
+    worker = r"env worker \d \(pid \d+\) died of SIGSEGV"  # the first found dead, or both
+    expected = f"ppo-train: error: env.id: faulty_envs:Segfaulting-v0: iteration 4: {worker}(, {worker})?; "
+    assert re.fullmatch(expected + re.escape(f"last good checkpoint: {run_dir}/checkpoints/last.pt"), line)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and "died of SIGSEGV" in summary["error"]
+
+
+def test_a_signal_while_ppo_train_starts_is_one_line(tmp_path: Path) -> None:
+    """Ctrl-C (to the process group, as a terminal sends it) while torch is being imported."""
+    for delay in (0.5, 1.0, 2.0):  # all within the imports (several seconds here)
+        process = _start(["env=CartPole", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+        time.sleep(delay)
+        os.killpg(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+        assert (process.returncode, stderr) == (128 + signal.SIGINT, "ppo-train: stopped by SIGINT\n"), delay
+    assert not (tmp_path / "run").exists()
