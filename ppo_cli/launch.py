@@ -10,8 +10,10 @@ altogether saves a little more time but keeps the import garbage, +9 MB of peak 
 (the remedy CPython documents for long-lived objects), and restores the thresholds.
 
 Before that, ``ppo-train`` splits into a supervisor and the trainer (``supervisor.py``), and
-SIGINT / SIGTERM get a handler that stops the command at once, in one line (``signals.py``): from
-the first instant, also while the imports run; the training loop installs its own graceful one.
+SIGINT / SIGTERM get a handler (``signals.py``) from the first instant: one that stops the command
+in one line, after the imports if they are running, at once afterwards; the training loop installs
+its own graceful one.
+A closed stdout counts as SIGPIPE (``signals.StdoutReaderGone``).
 """
 
 from __future__ import annotations
@@ -21,42 +23,51 @@ import importlib
 import signal
 import sys
 from collections.abc import Callable
-from contextlib import ExitStack
 
 from ppo_cli import supervisor
 from ppo_cli.errors import Interrupted
-from ppo_cli.signals import STOP_SIGNALS, SUPERVISOR_ECHO_S, GracefulStop
+from ppo_cli.signals import STOP_SIGNALS, SUPERVISOR_ECHO_S, GracefulStop, StdoutReaderGone
 
 IMPORT_THRESHOLD = 10_000  # allocations between collections of the youngest generation (default 700)
 
 
 def _entry_point(name: str, prog: str, *modules: str, supervised: bool = False) -> Callable[[], None]:
     def main() -> None:
-        with ExitStack() as stop_signals:
-            mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # until handlers are in place
-            try:
-                if supervised:
-                    supervisor.supervise(prog)  # only the trainer returns
-                echo_window = SUPERVISOR_ECHO_S if supervisor.supervised() else 0.0
-                stop_signals.enter_context(GracefulStop(echo_window, graceful=False))
-            finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-            thresholds = gc.get_threshold()
-            gc.set_threshold(IMPORT_THRESHOLD, *thresholds[1:])
-            try:
-                for module in modules:
-                    importlib.import_module(module)
-                command = getattr(importlib.import_module("ppo_cli.cli"), name)
-            except Interrupted as exc:  # cli.py, which reports the others, is not imported yet
-                print(f"{prog}: {exc}", file=sys.stderr)
-                sys.exit(exc.exit_code)
-            finally:
-                gc.freeze()
-                gc.set_threshold(*thresholds)
-            command()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # until handlers are in place
+        try:
+            if supervised:
+                supervisor.supervise(prog)  # only the trainer returns
+            echo_window = SUPERVISOR_ECHO_S if supervisor.supervised() else 0.0
+            # A first signal while the modules are imported is acted on once they are: an import
+            # stopped halfway leaves half-made modules behind, which libraries trip over.
+            stop = GracefulStop(echo_window, announce=False).__enter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        if sys.stdout is not None:
+            sys.stdout = StdoutReaderGone(sys.stdout)
+        thresholds = gc.get_threshold()
+        gc.set_threshold(IMPORT_THRESHOLD, *thresholds[1:])
+        try:
+            for module in modules:
+                importlib.import_module(module)
+            command = getattr(importlib.import_module("ppo_cli.cli"), name)
+        except Interrupted as exc:  # a second signal (cli.py, which reports the others, is not imported)
+            _exit(prog, exc)
+        finally:
+            gc.freeze()
+            gc.set_threshold(*thresholds)
+        if stop.signum is not None:
+            _exit(prog, Interrupted(stop.signum, f"stopped by {signal.Signals(stop.signum).name}"))
+        stop.graceful = False  # from here on a signal stops at once, in one line (see cli.py)
+        command()
 
     main.__name__ = name
     return main
+
+
+def _exit(prog: str, interrupted: Interrupted) -> None:
+    print(f"{prog}: {interrupted}", file=sys.stderr)
+    sys.exit(interrupted.exit_code)
 
 
 # torch.optim imports torch._dynamo at the first optimizer step; ppo-train imports it up front.

@@ -169,3 +169,24 @@ def test_a_signal_while_ppo_train_starts_is_one_line(tmp_path: Path) -> None:
         _, stderr = process.communicate(timeout=60)
         assert (process.returncode, stderr) == (128 + signal.SIGINT, "ppo-train: stopped by SIGINT\n"), delay
     assert not (tmp_path / "run").exists()
+
+
+def test_a_reader_that_goes_away_stops_the_run_as_sigpipe(tmp_path: Path) -> None:
+    """``ppo-train ... | head -1``: the run stops at the end of the iteration with a checkpoint."""
+    run_dir = tmp_path / "run"
+    process = _start(["env=CartPole", "total_timesteps=1000000", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert process.stdout is not None
+    assert "step" in process.stdout.readline()  # the first progress line; then the reader leaves
+    process.stdout.close()
+    process.wait(timeout=60)
+    assert process.stderr is not None
+    stderr = process.stderr.read()
+    assert process.returncode == 128 + signal.SIGPIPE, stderr[-2000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    step = summary["global_step"]
+    assert ckpt.load_checkpoint(run_dir)["global_step"] == step
+    assert stderr.splitlines() == [
+        f"ppo-train: stopped by SIGPIPE at step {step}; checkpoint: {run_dir / 'checkpoints' / 'last.pt'}; "
+        f"resume with: ppo-train resume={run_dir}"
+    ]
