@@ -190,3 +190,22 @@ def test_a_reader_that_goes_away_stops_the_run_as_sigpipe(tmp_path: Path) -> Non
         f"ppo-train: stopped by SIGPIPE at step {step}; checkpoint: {run_dir / 'checkpoints' / 'last.pt'}; "
         f"resume with: ppo-train resume={run_dir}"
     ]
+
+
+def test_a_crash_in_a_sweep_is_recorded_in_the_job_that_was_running(tmp_path: Path) -> None:
+    """The basic launcher runs the jobs one after the other in the trainer's process."""
+    sweep_dir = tmp_path / "sweep"
+    args = ["-m", "env.id=CartPole-v1,faulty_envs:Segfaulting-v0", "env.vectorization=sync"]
+    args += [*FAULTY[:3], "total_timesteps=200", "checkpoint.interval=1", f"hydra.sweep.dir={sweep_dir}"]
+    process = _start(args, tmp_path)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGSEGV, stderr[-2000:]
+    (line,) = stderr.strip().splitlines()
+    summaries = {
+        json.loads(path.read_text())["config"]["env"]["id"]: json.loads(path.read_text())
+        for path in sweep_dir.glob("*/summary.json")
+    }
+    assert summaries["CartPole-v1"]["status"] == "completed"
+    crashed = summaries["faulty_envs:Segfaulting-v0"]
+    assert (crashed["status"], crashed["global_step"]) == ("failed", LAST_GOOD_STEP)
+    assert "Segfaulting-v0" in line and "died of SIGSEGV" in line
