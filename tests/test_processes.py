@@ -209,3 +209,22 @@ def test_a_crash_in_a_sweep_is_recorded_in_the_job_that_was_running(tmp_path: Pa
     crashed = summaries["faulty_envs:Segfaulting-v0"]
     assert (crashed["status"], crashed["global_step"]) == ("failed", LAST_GOOD_STEP)
     assert "Segfaulting-v0" in line and "died of SIGSEGV" in line
+
+
+def test_the_trainer_killed_from_outside_is_one_line_and_recorded(tmp_path: Path) -> None:
+    """The out-of-memory killer picks the biggest process, the trainer, and sends it SIGKILL."""
+    run_dir = tmp_path / "run"
+    process = _start(["env=CartPole", "total_timesteps=1000000", f"hydra.run.dir={run_dir}"], tmp_path)
+    _wait_for(run_dir / "checkpoints" / "last.pt", process)
+    trainer = (_descendants(process.pid) or [process.pid])[0]  # ppo-train's child, the trainer
+    os.kill(trainer, signal.SIGKILL)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGKILL, stderr[-2000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["status"], summary["error"]) == ("failed", "the training process died of SIGKILL")
+    assert summary["global_step"] == ckpt.load_checkpoint(run_dir)["global_step"]
+    assert stderr.splitlines() == [
+        f"ppo-train: error: {run_dir}: the training process died of SIGKILL (killed from outside: the "
+        f"out-of-memory killer, or kill -9); last checkpoint: {run_dir / 'checkpoints' / 'last.pt'}; "
+        f"resume with: ppo-train resume={run_dir}"
+    ]

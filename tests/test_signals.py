@@ -12,6 +12,13 @@ from ppo_cli.errors import Interrupted
 from ppo_cli.signals import GracefulStop
 
 
+@pytest.fixture(autouse=True)
+def _fresh_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts as a new process would: no signal taken yet (else the last test's last
+    signal, a moment ago, would make this test's first one look like its echo)."""
+    monkeypatch.setattr(GracefulStop, "_last", (0, -float("inf")))
+
+
 def test_a_second_signal_stops_at_once() -> None:
     with GracefulStop() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
@@ -34,3 +41,16 @@ def test_the_same_signal_within_the_echo_window_is_one_request() -> None:
         time.sleep(0.6)
         with pytest.raises(Interrupted):
             os.kill(os.getpid(), signal.SIGINT)  # too late to be an echo
+
+
+def test_the_echo_of_a_signal_that_stopped_the_process_is_ignored() -> None:
+    """A forwarded copy must not interrupt the clean-up (closing envs, writing summary.json) of a
+    stop at once, nor the handler of the command around the training loop."""
+    with GracefulStop(echo_window=0.5, graceful=False):
+        with GracefulStop(echo_window=0.5) as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.signum == signal.SIGINT
+            with pytest.raises(Interrupted):
+                os.kill(os.getpid(), signal.SIGTERM)  # a second request: at once
+            os.kill(os.getpid(), signal.SIGTERM)  # its echo
+        os.kill(os.getpid(), signal.SIGTERM)  # another echo, reaching the outer handler
