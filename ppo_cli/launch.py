@@ -11,9 +11,8 @@ altogether saves a little more time but keeps the import garbage, +9 MB of peak 
 
 Before that, ``ppo-train`` splits into a supervisor and the trainer (``supervisor.py``), and
 SIGINT / SIGTERM get a handler (``signals.py``) from the first instant: one that stops the command
-in one line, after the imports if they are running, at once afterwards; the training loop installs
-its own graceful one.
-A closed stdout counts as SIGPIPE (``signals.StdoutReaderGone``).
+in one line, after the imports if they are running, at once afterwards (the training loop installs
+its own, graceful one). A closed stdout counts as SIGPIPE (``signals.StdoutReaderGone``).
 """
 
 from __future__ import annotations
@@ -40,7 +39,7 @@ def _entry_point(name: str, prog: str, *modules: str, supervised: bool = False) 
             echo_window = SUPERVISOR_ECHO_S if supervisor.supervised() else 0.0
             # A first signal while the modules are imported is acted on once they are: an import
             # stopped halfway leaves half-made modules behind, which libraries trip over.
-            stop = GracefulStop(echo_window, announce=False).__enter__()
+            stop = GracefulStop(echo_window, announce=False).__enter__()  # for the process's life
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         if sys.stdout is not None:

@@ -128,6 +128,17 @@ class StdoutReaderGone(io.TextIOBase):
     def isatty(self) -> bool:
         return self.stream.isatty()
 
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return self.stream.encoding
+
+    @property
+    def errors(self) -> str | None:  # type: ignore[override]
+        return self.stream.errors
+
+    def __getattr__(self, name: str) -> Any:  # buffer, errors, ...: the real stream's
+        return getattr(self.stream, name)
+
     def _reader_gone(self) -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, self.stream.fileno())  # what is still buffered goes there too

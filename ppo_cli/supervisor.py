@@ -3,8 +3,8 @@
 A crash in native code (SIGSEGV in a simulator, torch or a driver) or the out-of-memory killer's
 SIGKILL ends a process without running any more of its Python: no ``summary.json``, no one-line
 report, and the shell's "Segmentation fault". So ``ppo-train`` forks first thing, before torch,
-CUDA, torch.distributed or any thread exists: the child trains; the parent (standard library only,
-a few MB) waits for it. The child tells the parent, over a pipe, which run it is in and each
+CUDA, torch.distributed or any thread exists: the child trains; the parent (a bare interpreter:
+standard library only) waits for it. The child tells the parent, over a pipe, which run it is in and each
 checkpoint it writes (a few bytes per checkpoint, nothing per step). When the child dies of a
 signal, the parent records that in the run's ``summary.json`` (:func:`crash_summary`), prints one
 line and exits 128 + the signal; otherwise it exits as the child did, and stays invisible.
@@ -30,14 +30,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ppo_cli.errors import UserError
 from ppo_cli.processes import die_with_parent
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM)
+NATIVE_CRASH = "a crash in native code: an env, a simulator, torch"
 CRASH_HINTS: dict[int, str] = {
-    signal.SIGSEGV: "a crash in native code: an env, a simulator, torch",
-    signal.SIGBUS: "a crash in native code: an env, a simulator, torch",
-    signal.SIGILL: "a crash in native code: an env, a simulator, torch",
-    signal.SIGFPE: "a crash in native code: an env, a simulator, torch",
+    **dict.fromkeys((signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE), NATIVE_CRASH),
     signal.SIGABRT: "aborted by native code: an env, a simulator, torch",
     signal.SIGKILL: "killed from outside: the out-of-memory killer, or kill -9",
 }
@@ -80,9 +79,11 @@ def run_started(run_dir: Path, summary: dict[str, Any]) -> None:
     if _channel is None:
         return
     log_file = next((h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)), None)
+    log = None
     if log_file is not None and log_file.stream is not None:
         faulthandler.enable(file=log_file.stream, all_threads=True)
-    _report(run_dir=str(run_dir), summary=summary, log=log_file and log_file.baseFilename)
+        log = log_file.baseFilename
+    _report(run_dir=str(run_dir), summary=summary, log=log)
 
 
 def checkpoint_saved(path: Path, global_step: int) -> None:
@@ -92,7 +93,7 @@ def checkpoint_saved(path: Path, global_step: int) -> None:
 
 def run_ended() -> None:
     """Tell the supervisor (if any) that ``summary.json`` holds the run's outcome; the log file may
-    close now, so fatal errors go back to stderr."""
+    close now, so faulthandler stops writing to it."""
     if _channel is None:
         return
     faulthandler.disable()
@@ -183,7 +184,10 @@ class _Supervisor:
         if not active:
             return line
         run_dir = Path(run["run_dir"])
-        write_crash_summary(run_dir, crash_summary(run, signum, forwarded))
+        try:
+            write_crash_summary(run_dir, crash_summary(run, signum, forwarded))
+        except UserError as exc:  # e.g. a full disk: say so, and still tell where the checkpoint is
+            line += f"; {exc}"
         checkpoint = last_checkpoint(run)
         if checkpoint is None:
             return f"{line}; no checkpoint was written"
