@@ -16,6 +16,8 @@ import re
 import signal
 import sys
 from collections.abc import Callable
+from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -26,12 +28,12 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from ppo_cli import sweep
+from ppo_cli import rundir, sweep
 from ppo_cli.config import register_schemas, to_train_config, unknown_key_error
 from ppo_cli.distributed import DataParallel, process_group
 from ppo_cli.errors import ConfigError, Interrupted, UserError
 from ppo_cli.evaluate import evaluate_checkpoint
-from ppo_cli.logger import read_summary, write_summary
+from ppo_cli.logger import write_summary
 from ppo_cli.resume import expand_resume_argv
 from ppo_cli.train import train
 
@@ -58,38 +60,35 @@ OmegaConf.register_new_resolver("slug", slug, replace=True)
 
 @hydra.main(version_base="1.3", config_path=find_config_dir(), config_name="train")
 def _train_task(cfg: DictConfig) -> float | None:
-    """One Hydra job: validate, train, return the final evaluation mean (the sweepers' objective).
+    """One Hydra job: hold the run directory, validate, train, return the final evaluation mean
+    (the sweepers' objective).
 
     In a multirun a failing job does not stop the others: its error goes to its summary.json and
     its traceback to its log, and it returns NaN (a failed trial, for Optuna).
 
     Under torchrun every rank runs this; rank 0's Hydra chose the run directory, the others' made
-    none (see ``distributed.py``), and only rank 0 reports.
+    none (see ``distributed.py``), and only rank 0 holds it and reports.
     """
     hydra_cfg = HydraConfig.get()
     parallel = DataParallel.current()
     run_dir = parallel.main_run_dir(Path(hydra_cfg.runtime.output_dir))
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
-        try:
-            train_cfg = to_train_config(cfg)
-            if parallel.active and train_cfg.seeds_per_job > 1:
-                raise ConfigError("seeds_per_job", "must be 1 under torchrun, whose ranks train one run")
-        except Exception as exc:
-            if parallel.is_main and not read_summary(run_dir):  # never overwrite an earlier run's record
-                write_summary(run_dir, {"status": "failed", "global_step": 0, "error": one_line_error(exc)})
-            raise
-        label = sweep.configure_job(train_cfg, cast(DictConfig, hydra_cfg)) if multirun else ""
-        if train_cfg.seeds_per_job > 1:
-            summary = sweep.train_seeds(train_cfg, run_dir, label)
-        else:
-            summary = train(train_cfg, run_dir, label)
+        with ExitStack() as stack:
+            directory = stack.enter_context(rundir.hold(run_dir, lock=parallel.is_main))
+            if parallel.is_main:
+                stack.enter_context(rundir.deferred_log(run_dir, directory))
+                directory.when_accepted(partial(_record_command, run_dir, cfg))
+            try:
+                summary = _train_job(cfg, run_dir, directory, parallel, multirun)
+            except Exception as exc:
+                if multirun and expected_outcome(exc) is None:  # a bug: its traceback goes to the log
+                    log.exception("job %s failed", hydra_cfg.job.num)
+                elif multirun:
+                    log.error("job %s failed: %s", hydra_cfg.job.num, one_line_error(exc))
+                raise
     except Exception as exc:
         if multirun:
-            if expected_outcome(exc) is None:  # a bug: its traceback goes to the job's log
-                log.exception("job %s failed", hydra_cfg.job.num)
-            else:
-                log.error("job %s failed: %s", hydra_cfg.job.num, one_line_error(exc))
             return math.nan
         # In a single run, report here: past this function Hydra prints its own banner first.
         _exit_if_expected(exc, "ppo-train")
@@ -102,6 +101,39 @@ def _train_task(cfg: DictConfig) -> float | None:
     elif "eval_mean" in summary:
         print(f"evaluation: {summary['eval_mean']:.2f} (mean over seeds {', '.join(summary['seeds'])})")
     return summary.get("eval_mean", summary.get("recent_episodic_return"))
+
+
+def _train_job(
+    cfg: DictConfig, run_dir: Path, directory: rundir.RunDirectory, parallel: DataParallel, multirun: bool
+) -> dict[str, Any]:
+    """Check the config, then train one seed (``train`` accepts the run once its checks pass) or
+    several (each in a directory of its own). A config that is refused is recorded as a failed run
+    only where no run was before."""
+    try:
+        train_cfg = to_train_config(cfg)
+        if parallel.active and train_cfg.seeds_per_job > 1:
+            raise ConfigError("seeds_per_job", "must be 1 under torchrun, whose ranks train one run")
+    except Exception as exc:
+        if parallel.is_main and not rundir.holds_run(run_dir):
+            directory.accept()
+            write_summary(run_dir, {"status": "failed", "global_step": 0, "error": one_line_error(exc)})
+        raise
+    label = sweep.configure_job(train_cfg, cast(DictConfig, HydraConfig.get())) if multirun else ""
+    if train_cfg.seeds_per_job > 1:
+        directory.accept()
+        return sweep.train_seeds(train_cfg, run_dir, label)
+    return train(train_cfg, run_dir, label)
+
+
+def _record_command(run_dir: Path, cfg: DictConfig) -> None:
+    """``<run dir>/.hydra/``: the composed config, Hydra's own, and the overrides typed (which
+    ``resume=`` reads back), as Hydra would write them, but only once the run is accepted."""
+    out = run_dir / ".hydra"
+    out.mkdir(exist_ok=True)
+    rundir.write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg))
+    hydra_yaml = OmegaConf.to_yaml(cast(DictConfig, HydraConfig.instance().cfg))
+    rundir.write_text_atomic(out / "hydra.yaml", hydra_yaml)
+    rundir.write_text_atomic(out / "overrides.yaml", OmegaConf.to_yaml(HydraConfig.get().overrides.task))
 
 
 def expected_outcome(exc: BaseException) -> tuple[str, int] | None:

@@ -456,6 +456,12 @@ class TrainConfig:
         return self.env.num_envs * self.env.num_steps
 
 
+# The keys at the top of the training config, and its groups (which select presets; ``tuned`` and
+# ``hparams_search`` only load them).
+TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+CONFIG_GROUPS = ("algo", "agent", "env", "tuned", "hparams_search")
+
+
 def schema_defaults() -> dict[str, Any]:
     """Every key of the root and env schemas that has a default, flattened (``algo.*`` has
     none there: each variant has its own schema)."""
