@@ -32,8 +32,11 @@ LOCK_FILE = ".lock"
 LOG_FILE = "train.log"
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's, as on the console
 
-# struct flock, as F_GETLK fills it in: BSDs and macOS put the offsets first, Linux the type.
-_FLOCK_LAYOUT = "qqihh" if sys.platform == "darwin" or "bsd" in sys.platform else "hhqqi4x"
+# struct flock for F_GETLK: its layout, a query for a write lock on the whole file, where l_pid is.
+if sys.platform == "darwin" or "bsd" in sys.platform:  # start, len, pid, type, whence
+    _FLOCK = ("qqihh", (0, 0, 0, fcntl.F_WRLCK, os.SEEK_SET), 2)
+else:  # Linux: type, whence, start, len, pid (and padding)
+    _FLOCK = ("hhqqi4x", (fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0), 4)
 
 
 class RunDirectory:
@@ -116,18 +119,12 @@ def _lock(run_dir: Path) -> RunDirectory:
 
 def _holder(fd: int) -> int | None:
     """The pid of the process that holds the lock on ``fd``'s file (None if it cannot be told)."""
-    fields = [0, 0, 0, 0, 0]  # type, whence, start, length (0: to the end), pid, in _FLOCK_LAYOUT's order
-    if _FLOCK_LAYOUT.startswith("hh"):
-        fields[0] = fcntl.F_WRLCK
-    else:
-        fields[3] = fcntl.F_WRLCK
+    layout, query, pid_field = _FLOCK
     try:
-        answer = fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack(_FLOCK_LAYOUT, *fields))
+        answer = fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack(layout, *query))
     except OSError:
         return None
-    unpacked = struct.unpack(_FLOCK_LAYOUT, answer)
-    pid = unpacked[4] if _FLOCK_LAYOUT.startswith("hh") else unpacked[2]
-    return int(pid) or None
+    return int(struct.unpack(layout, answer)[pid_field]) or None
 
 
 def holds_run(run_dir: Path) -> bool:
