@@ -10,7 +10,8 @@ overrides can choose code: a ``hydra.callbacks`` entry or any ``_target_`` is in
 preset name such as ``env=../../elsewhere/x`` loads a YAML file from outside the config tree, which
 may set ``hydra.*`` itself. So the saved overrides are data: each must set a key of the training
 schema or pick a preset by plain name, with no interpolation and no ``_target_``; anything else is
-refused, naming the entry (:func:`saved_overrides`). The resumed config must then match the
+refused, naming the entry (:func:`saved_overrides`); so is an env id of the form ``module:Env``,
+which imports the module. The resumed config must then match the
 checkpoint's own (weights-only) config, key for key (:func:`check_config_changes`).
 
 A resumed run must be indistinguishable from one that never stopped, so everything that shapes
@@ -180,6 +181,8 @@ def _untrusted(override: Override) -> str | None:
     if override.is_sweep_override():
         return "a sweep, not one run's value"
     value = override.value()
+    if key == "env.id" and ":" in str(value):  # module:Env imports the module (as ppo-eval refuses too)
+        return f"it imports the module {str(value).partition(':')[0]!r} (type env.id={value} yourself)"
     if key in CONFIG_GROUPS and not (value is None or PRESET_NAME.fullmatch(str(value))):
         return "a preset is named, not given as a path (which can load a file from outside ppo-cli's configs)"
     return _untrusted_value(value)

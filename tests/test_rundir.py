@@ -84,6 +84,7 @@ PLANTED = {
     "_target_ in a schema key": ["+env.kwargs._target_=torch.load", "+env.kwargs.f=NOTES"],
     "interpolation": ["+env.kwargs.f=${oc.env:PPO_CLI_TEST_SECRET}"],
     "preset by path": ["env=EVIL"],
+    "module import": ["env.id=planted_module:Planted-v0"],
 }
 
 
@@ -104,6 +105,8 @@ def test_a_planted_run_never_executes_code(
     overrides.write_text(yaml.safe_dump(yaml.safe_load(overrides.read_text()) + entries))
     before = snapshot(received_run)
     monkeypatch.setenv("PPO_CLI_TEST_SECRET", str(notes))
+    (tmp_path / "planted_module.py").write_text(f"open({str(marker)!r}, 'w')\n")  # a module on the path
+    monkeypatch.syspath_prepend(str(tmp_path))
     argv = ["ppo-train", f"resume={received_run}", "total_timesteps=512"]
     code, line = one_line_failure(cli.train_main, argv, monkeypatch, capsys)
     assert not marker.exists()
