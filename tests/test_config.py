@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,16 @@ BAD_INPUTS = [
         "env.normalize_obs: got True, allowed: false with agent.encoder=nature_cnn",
     ),
     (["env.atari.enabled=true"], "env.atari.enabled: CartPole-v1 is not an Atari game of ale-py"),
+    (
+        ["+env.kwargs.foo=1"],
+        "env.kwargs.foo: CartPoleEnv (CartPole-v1) takes no parameter 'foo'; "
+        "its parameters: sutton_barto_reward, render_mode",
+    ),
+    (
+        ["env.id=FrozenLake-v1", "+env.kwargs.is_slippery=false", "+env.kwargs.success_rate=high"],
+        "env.kwargs.success_rate: FrozenLakeEnv (FrozenLake-v1) fails with success_rate='high' (str): "
+        "unsupported operand type(s) for -: 'float' and 'str'",
+    ),
 ]
 
 
@@ -158,3 +169,15 @@ def test_every_search_preset_searches_keys_that_exist(preset: str) -> None:
     for key in cfg.hydra.sweeper.params:
         assert OmegaConf.select(cfg, key) is not None, key
     assert compose_config(f"env={env_preset}").env.id == train_cfg.env.id
+
+
+def test_a_constructor_that_fails_whatever_it_is_given_keeps_its_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A TypeError that the env's constructor raises without the user's kwargs too is a bug of
+    the env, not a bad kwarg: it is not reported as one."""
+    env = ["env.id=faulty_envs:BuggyConstructor-v0", "+env.kwargs.size=3"]
+    argv = ["ppo-train", *env, f"hydra.run.dir={tmp_path}"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(TypeError, match="object of type 'int' has no len"):
+        cli.train_main()
