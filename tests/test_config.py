@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -92,6 +93,7 @@ BAD_INPUTS = [
         "env.normalize_obs: got True, allowed: false with agent.encoder=nature_cnn",
     ),
     (["env.atari.enabled=true"], "env.atari.enabled: CartPole-v1 is not an Atari game of ale-py"),
+    (["env.num_envs=2.5"], "env.num_envs: Value '2.5' of type 'float' could not be converted to Integer"),
     (
         ["+env.kwargs.foo=1"],
         "env.kwargs.foo: CartPoleEnv (CartPole-v1) takes no parameter 'foo'; "
@@ -181,3 +183,32 @@ def test_a_constructor_that_fails_whatever_it_is_given_keeps_its_traceback(
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(TypeError, match="object of type 'int' has no len"):
         cli.train_main()
+
+
+def test_integer_keys_take_integral_floats() -> None:
+    cfg = compose_config("total_timesteps=1e6", "env.num_envs=4.0", "checkpoint.interval=2e1")
+    values = (cfg.total_timesteps, cfg.env.num_envs, cfg.checkpoint.interval)
+    assert values == (1000000, 4, 20)
+    assert all(type(value) is int for value in values)
+
+
+def test_integral_floats_in_a_preset_and_a_sweep(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    presets = tmp_path / "configs" / "env"
+    presets.mkdir(parents=True)
+    (presets / "Tiny.yaml").write_text(
+        "# @package _global_\nenv:\n  id: CartPole-v1\n  num_envs: 2.0\n  num_steps: 16\n"
+        "total_timesteps: 3.2e1\nalgo:\n  num_minibatches: 2\n"
+    )
+    sweep_dir = tmp_path / "sweep"
+    argv = [
+        "ppo-train", "-m", "--config-dir", str(tmp_path / "configs"), "env=Tiny", "total_timesteps=32,6.4e1",
+        "eval.episodes=0", "progress=false", f"hydra.sweep.dir={sweep_dir}",
+    ]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    cli.train_main()
+    summaries = [json.loads(p.read_text()) for p in sweep_dir.glob("*/summary.json")]
+    assert sorted(s["global_step"] for s in summaries) == [32, 64]
+    assert {s["config"]["env"]["num_envs"] for s in summaries} == {2}
+    assert "error" not in capsys.readouterr().err
