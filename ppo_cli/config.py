@@ -472,7 +472,7 @@ def env_config_of(saved: dict[str, Any]) -> EnvConfig:
     return env_cfg
 
 
-_to_integer = IntegerNode._validate_and_convert_impl
+_to_integer = IntegerNode._validate_and_convert_impl  # OmegaConf's own: ints and numeric strings
 
 
 def _integral_float_to_integer(self: IntegerNode, value: Any) -> int:

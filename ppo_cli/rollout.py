@@ -181,7 +181,7 @@ class Collector:
     def _reset(self, seed: int | list[int]) -> tuple[np.ndarray, dict[str, Any]]:
         """``envs.reset``; whatever the envs raise becomes an EnvError (see ``envs.env_failure``)."""
         try:
-            return self.envs.reset(seed=seed)  # type: ignore[arg-type]  # (sync and async take a list)
+            return self.envs.reset(seed=seed)  # type: ignore[arg-type]  # sync and async take a list
         except Exception as exc:
             raise env_failure(self.envs, "reset", exc) from None
 

@@ -392,12 +392,12 @@ def _run(
                 # --- update --------------------------------------------------------------------
                 metrics = state.updater.update(batch)
             except (NonFiniteError, EnvError) as exc:
-                where = f"iteration {state.iteration}: {exc}"
+                located = f"iteration {state.iteration}: {exc}"
                 last_good = f"last good checkpoint: {last_saved or 'none written yet'}"
                 if isinstance(exc, EnvError):
-                    raise EnvError(f"{where}; {last_good}", exc.details) from None
+                    raise EnvError(f"{located}; {last_good}", exc.details) from None
                 raise NonFiniteError(
-                    f"{where}; training stopped before the optimizer step, {last_good}"
+                    f"{located}; training stopped before the optimizer step, {last_good}"
                 ) from None
             report = parallel.combine(
                 IterationReport(
