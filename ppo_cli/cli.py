@@ -31,7 +31,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from ppo_cli import rundir, sweep
 from ppo_cli.config import register_schemas, to_train_config, unknown_key_error
 from ppo_cli.distributed import DataParallel, process_group
-from ppo_cli.errors import ConfigError, Interrupted, UserError
+from ppo_cli.errors import ConfigError, EnvError, Interrupted, UserError
 from ppo_cli.evaluate import evaluate_checkpoint
 from ppo_cli.logger import write_summary
 from ppo_cli.resume import expand_resume_argv
@@ -85,7 +85,8 @@ def _train_task(cfg: DictConfig) -> float | None:
                 if multirun and expected_outcome(exc) is None:  # a bug: its traceback goes to the log
                     log.exception("job %s failed", hydra_cfg.job.num)
                 elif multirun:
-                    log.error("job %s failed: %s", hydra_cfg.job.num, one_line_error(exc))
+                    report = one_line_error(exc) + env_traceback(exc)
+                    log.error("job %s failed: %s", hydra_cfg.job.num, report)
                 raise
     except Exception as exc:
         if multirun:
@@ -160,8 +161,17 @@ def _exit_if_expected(exc: BaseException, prog: str) -> None:
     outcome = expected_outcome(exc)
     if outcome is not None:
         report, code = outcome
-        print(f"{prog}: {report}", file=sys.stderr)
+        print(f"{prog}: {report}{env_traceback(exc)}", file=sys.stderr)
         sys.exit(code)
+
+
+def env_traceback(exc: BaseException) -> str:
+    """The traceback of the env's own code behind ``exc`` (the user's code: shown below the one
+    line, see ``EnvError``), on lines of its own; empty for every other error."""
+    for err in _chain(exc):
+        if isinstance(err, EnvError) and err.details:
+            return "\n" + err.details.rstrip("\n")
+    return ""
 
 
 def one_line_error(exc: BaseException) -> str:

@@ -36,7 +36,7 @@ from ppo_cli.checkpoint import (
 from ppo_cli.config import ActorCriticConfig, AlgoConfig, GRPOConfig, TrainConfig, flatten
 from ppo_cli.distributed import DataParallel, IterationReport, StatisticsExchange
 from ppo_cli.envs import episode_time_limit, make_vector_env
-from ppo_cli.errors import ConfigError, Interrupted, NonFiniteError, UserError
+from ppo_cli.errors import ConfigError, EnvError, Interrupted, NonFiniteError, UserError
 from ppo_cli.evaluate import EVAL_SEED_OFFSET, evaluate
 from ppo_cli.logger import RunLogger, read_summary, write_summary
 from ppo_cli.losses import explained_variance
@@ -366,7 +366,8 @@ def _run(
             run_dir, OmegaConf.to_yaml(plain_config), cfg.total_timesteps, cfg.progress, resumed_at, label
         )
         logger.hparams(_hyperparameters(plain_config), HPARAMS_METRICS, logger.first_step)
-    last_saved: Path | None = None
+    # The newest checkpoint on disk: the one resumed from, then each one written.
+    last_saved: Path | None = Path(summary["resumed_from"]["checkpoint"]) if resumed else None
 
     def checkpoint(periodic: bool) -> None:
         """Rank 0 saves; the other ranks send it their own parts of the state."""
@@ -402,10 +403,13 @@ def _run(
 
                 # --- update --------------------------------------------------------------------
                 metrics = state.updater.update(batch)
-            except NonFiniteError as exc:
+            except (NonFiniteError, EnvError) as exc:
+                located = f"iteration {state.iteration}: {exc}"
+                last_good = f"last good checkpoint: {last_saved or 'none written yet'}"
+                if isinstance(exc, EnvError):
+                    raise EnvError(f"{located}; {last_good}", exc.details) from None
                 raise NonFiniteError(
-                    f"iteration {state.iteration}: {exc}; training stopped before the optimizer step, "
-                    f"last good checkpoint: {last_saved or 'none written yet'}"
+                    f"{located}; training stopped before the optimizer step, {last_good}"
                 ) from None
             report = parallel.combine(
                 IterationReport(

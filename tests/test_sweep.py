@@ -67,7 +67,7 @@ def test_a_failing_job_does_not_stop_the_others(launcher: str, tmp_path: Path) -
     (completed,) = [row for row in rows if "CartPole-v1" in row["overrides"]]
     assert completed["status"] == "completed" and completed["global_step"] == "512"
     assert failed["status"] == "failed"
-    assert failed["error"] == "RuntimeError: the simulator exploded"
+    assert "env Exploding-v0 raised in step (RuntimeError: the simulator exploded)" in failed["error"]
     log = (Path(failed["run_dir"]) / "train.log").read_text()
     assert "Traceback" in log and "RuntimeError: the simulator exploded" in log
     assert "the simulator exploded" in (sweep_dir / SUMMARY_MD).read_text()
