@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, cast
 
 import hydra
+import yaml
+from hydra._internal.utils import get_args_parser  # hydra-core is pinned to 1.3.x
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException
 from hydra.types import RunMode
@@ -47,6 +49,36 @@ def find_config_dir() -> str:
         if (candidate / "train.yaml").is_file():
             return str(candidate)
     raise RuntimeError(f"ppo-cli's config tree is missing next to {package}")
+
+
+def refuse_hidden_configs(argv: list[str]) -> None:
+    """Refuse a ``--config-dir`` file that ppo-train's config of the same name hides.
+
+    Hydra searches ppo-cli's own config tree before a ``--config-dir``, so there a ``train.yaml``
+    or an ``env/CartPole.yaml`` is never read: the run would silently use ours. A copy identical
+    to ours changes nothing and passes. The user's file is kept rather than used in place of ours:
+    ours holds the defaults list, the schema and the Hydra settings every run needs, and another
+    root config is one ``--config-name`` away.
+    """
+    args = get_args_parser().parse_args(argv)  # Hydra's own command-line parser
+    config_dir = args.config_dir
+    if config_dir is None or args.config_path is not None:  # --config-path: a tree instead of ours
+        return
+    ours = Path(find_config_dir())
+    for own in sorted(ours.rglob("*.yaml")):
+        name = own.relative_to(ours)
+        theirs = Path(config_dir) / name
+        if not theirs.is_file() or theirs.read_bytes() == own.read_bytes():
+            continue
+        if name.parent == Path():
+            fix = (
+                f"name yours otherwise and pass --config-name <that name> (begin it with "
+                f"'defaults: [{name.stem}, _self_]' to build on ppo-train's)"
+            )
+        else:
+            group, option = name.parent.as_posix(), f"my_{name.stem}"
+            fix = f"rename yours (e.g. {group}/{option}.yaml) and select it with {group}={option}"
+        raise UserError(f"{theirs}: never read, ppo-train's own {name.as_posix()} comes first; {fix}")
 
 
 def slug(text: str) -> str:
@@ -149,7 +181,7 @@ def expected_outcome(exc: BaseException) -> tuple[str, int] | None:
     for err in chain:
         if isinstance(err, UserError):
             return f"error: {err}", err.exit_code
-    if any(isinstance(err, HydraException | OmegaConfBaseException) for err in chain):
+    if any(isinstance(err, HydraException | OmegaConfBaseException | yaml.YAMLError) for err in chain):
         return f"error: {one_line_error(exc)}", UserError.exit_code
     for err in chain:
         if isinstance(err, OSError) and err.filename:  # e.g. a run dir that cannot be created
@@ -182,6 +214,8 @@ def one_line_error(exc: BaseException) -> str:
     for err in _chain(exc):
         if isinstance(err, MissingConfigException):
             return _missing_option(err)
+        if isinstance(err, yaml.MarkedYAMLError):
+            return _yaml_error(err)
         if isinstance(err, OmegaConfBaseException) and getattr(err, "full_key", None):
             return _omegaconf_error(err)
     first = str(exc).strip().splitlines()
@@ -208,6 +242,20 @@ def _missing_option(err: MissingConfigException) -> str:
     return f"{missing}: no such config file"
 
 
+def _yaml_error(err: yaml.MarkedYAMLError) -> str:
+    """``<file>: YAML syntax error at line L, column C: <problem> (<context> at ...)``, counted
+    from 1 as editors count (PyYAML's marks count from 0)."""
+    mark = err.problem_mark or err.context_mark
+    problem = err.problem or err.context or type(err).__name__
+    if mark is None:
+        return f"YAML syntax error: {problem}"
+    where = f"{mark.name}: YAML syntax error at line {mark.line + 1}, column {mark.column + 1}"
+    context = err.context if err.problem and err.context else None
+    if context and err.context_mark is not None and err.context_mark is not mark:
+        context += f" started at line {err.context_mark.line + 1}, column {err.context_mark.column + 1}"
+    return f"{where}: {problem}" + (f" ({context})" if context else "")
+
+
 def _omegaconf_error(err: OmegaConfBaseException) -> str:
     key = str(getattr(err, "full_key", ""))
     if isinstance(err, MissingMandatoryValue) and not key.endswith(str(getattr(err, "key", ""))):
@@ -232,6 +280,7 @@ def _run_cli(task: Callable[[], Any], prog: str) -> None:
 
 def _train_with_resume() -> None:
     argv = expand_resume_argv(sys.argv[1:])
+    refuse_hidden_configs(argv)
     with process_group(argv) as parallel:  # a group of one, outside torchrun
         sys.argv = [sys.argv[0], *argv, *parallel.hydra_overrides()]
         try:

@@ -140,6 +140,72 @@ def test_user_config_dir_adds_presets(tmp_path: Path) -> None:
     assert summary["config"]["env"]["num_envs"] == 2
 
 
+def test_yaml_syntax_error_in_a_config_dir_file_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The line names the file, the line and column (counted from 1) and the parser's problem."""
+    preset = tmp_path / "my_configs" / "env" / "Broken.yaml"
+    preset.parent.mkdir(parents=True)
+    preset.write_text("env:\n  id: CartPole-v1\n  num_envs: [2\n")
+    run_dir = tmp_path / "run"
+    argv = ["ppo-train", "--config-dir", str(preset.parent.parent), "env=Broken", f"hydra.run.dir={run_dir}"]
+    code, line = one_line_failure(cli.train_main, argv, monkeypatch, capsys)
+    assert (code, line) == (
+        2,
+        f"ppo-train: error: {preset}: YAML syntax error at line 4, column 1: expected ',' or ']', but got "
+        "'<stream end>' (while parsing a flow sequence started at line 3, column 13)",
+    )
+    assert not run_dir.exists()
+
+
+HIDDEN_CONFIGS = [
+    (
+        "train.yaml",
+        "never read, ppo-train's own train.yaml comes first; name yours otherwise and pass "
+        "--config-name <that name> (begin it with 'defaults: [train, _self_]' to build on ppo-train's)",
+    ),
+    (
+        "env/CartPole.yaml",
+        "never read, ppo-train's own env/CartPole.yaml comes first; rename yours "
+        "(e.g. env/my_CartPole.yaml) and select it with env=my_CartPole",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "expected"), HIDDEN_CONFIGS, ids=[name for name, _ in HIDDEN_CONFIGS])
+def test_a_config_dir_file_hidden_by_ours_is_refused(
+    name: str,
+    expected: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Hydra reads ppo-cli's own configs before a --config-dir's: a file of the same name there
+    would be silently ignored, so the run is refused before anything is written."""
+    hidden = tmp_path / "my_configs" / name
+    hidden.parent.mkdir(parents=True)
+    hidden.write_text("seed: 7\n")
+    run_dir = tmp_path / "run"
+    argv = ["ppo-train", "--config-dir", str(tmp_path / "my_configs"), f"hydra.run.dir={run_dir}"]
+    code, line = one_line_failure(cli.train_main, argv, monkeypatch, capsys)
+    assert (code, line) == (2, f"ppo-train: error: {hidden}: {expected}")
+    assert not run_dir.exists()
+
+
+def test_a_config_dir_may_copy_ours_and_add_a_root_config(tmp_path: Path) -> None:
+    """Identical copies hide nothing; the advice for a train.yaml of one's own works."""
+    user_configs = tmp_path / "my_configs"
+    shutil.copytree(cli.find_config_dir(), user_configs)
+    (user_configs / "mine.yaml").write_text(
+        "defaults: [train, _self_]\nseed: 7\ntotal_timesteps: 64\nenv:\n  num_envs: 2\n  num_steps: 16\n"
+        "eval:\n  episodes: 1\n"
+    )
+    result = ppo_train("--config-dir", str(user_configs), "--config-name", "mine", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((only_run_dir(tmp_path) / "summary.json").read_text())
+    assert (summary["config"]["seed"], summary["global_step"]) == (7, 64)
+
+
 def test_multirun_writes_one_dir_per_job(tmp_path: Path) -> None:
     result = ppo_train("-m", "seed=0,1", "total_timesteps=512", "eval.episodes=1", cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
