@@ -34,7 +34,7 @@ from ppo_cli import rundir, sweep
 from ppo_cli.config import register_schemas, to_train_config, unknown_key_error
 from ppo_cli.distributed import DataParallel, process_group
 from ppo_cli.errors import ConfigError, EnvError, Interrupted, UserError
-from ppo_cli.evaluate import evaluate_checkpoint
+from ppo_cli.evaluate import evaluate_checkpoint, write_report
 from ppo_cli.logger import write_summary
 from ppo_cli.resume import expand_resume_argv
 from ppo_cli.train import train
@@ -344,6 +344,7 @@ def _eval_parser() -> argparse.ArgumentParser:
 
 def _eval_task() -> None:
     args = _eval_parser().parse_args()
+    logging.basicConfig(format="ppo-eval: %(message)s")  # warnings (a checkpoint skipped) on stderr
     report = evaluate_checkpoint(
         args.path, args.episodes, args.deterministic, args.seed, args.video, args.device, tuple(args.modules)
     )
@@ -355,6 +356,7 @@ def _eval_task() -> None:
     )
     for video in report["videos"]:
         print(f"video: {video}")
+    write_report(report)  # after the score is shown: a run dir that cannot be written loses nothing
 
 
 def eval_main() -> None:

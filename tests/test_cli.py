@@ -292,3 +292,58 @@ def test_evaluating_on_an_env_the_agent_cannot_read_is_one_line(
         UserError, match=r"env.id: Acrobot-v1 observes shape \(6,\); the agent takes 4 values"
     ):
         evaluate(trained.network, acrobot, 1, True, 0, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-iteration CartPole run with last.pt and periodic checkpoints at steps 32 and 64."""
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    result = ppo_train(
+        "env.num_envs=2", "env.num_steps=16", "total_timesteps=64", "eval.episodes=1",
+        "checkpoint.interval=1", f"hydra.run.dir={run_dir}", cwd=run_dir.parent,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    return run_dir
+
+
+def test_ppo_eval_falls_back_to_the_newest_readable_checkpoint(tiny_run: Path, tmp_path: Path) -> None:
+    """As resume does: each unreadable checkpoint is named with its reason (no advice to load it
+    unsafely), then the one evaluated instead; nothing in the malicious one runs."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    checkpoints = run_dir / "checkpoints"
+    sentinel = tmp_path / "pwned"
+    torch.save({"format_version": ckpt.FORMAT_VERSION, "agent": _Sentinel(sentinel)}, checkpoints / "last.pt")
+    step_64 = checkpoints / "step_0000000064.pt"
+    step_64.write_bytes(step_64.read_bytes()[:1000])
+    result = run([console_script("ppo-eval"), str(run_dir), "--episodes", "1"], cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not sentinel.exists()
+    skipped_last, skipped_64, used = result.stderr.strip().splitlines()
+    assert skipped_last == (
+        f"ppo-eval: skipping {checkpoints / 'last.pt'}: not a readable ppo-cli checkpoint: it holds pickled "
+        "Python objects (GLOBAL posix.system), which ppo-cli checkpoints never contain; not loaded"
+    )
+    assert skipped_64 == (
+        f"ppo-eval: skipping {step_64}: not a readable ppo-cli checkpoint: truncated or not a checkpoint "
+        "file (failed finding central directory)"
+    )
+    assert "weights_only" not in result.stderr and "If you are seeing this error" not in result.stderr
+    step_32 = checkpoints / "step_0000000032.pt"
+    assert used == f"ppo-eval: evaluating {step_32} instead, the newest readable checkpoint"
+    assert result.stdout.startswith(f"CartPole-v1 at step 32 ({step_32})\n")
+    assert json.loads((run_dir / "eval.json").read_text())["checkpoint"] == str(step_32)
+
+
+def test_ppo_eval_shows_the_score_when_eval_json_cannot_be_written(tiny_run: Path, tmp_path: Path) -> None:
+    """The score is printed before eval.json is written; then one line names the file, exit 2.
+    (eval.json is made a directory: unlike a read-only run dir, that stops root as well.)"""
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    (run_dir / "eval.json").mkdir()
+    result = run([console_script("ppo-eval"), str(run_dir), "--episodes", "1"], cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"ppo-eval: error: {run_dir / 'eval.json'}: cannot write (Is a directory)"
+    header, score = result.stdout.strip().splitlines()
+    assert header == f"CartPole-v1 at step 64 ({run_dir / 'checkpoints' / 'last.pt'})"
+    assert score.startswith("1 deterministic episodes: mean ")
