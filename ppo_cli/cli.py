@@ -399,6 +399,7 @@ def _compare_task() -> None:
     from ppo_cli.compare import compare
 
     args = _compare_parser().parse_args()
+    logging.basicConfig(format="ppo-compare: %(message)s")  # warnings (a run skipped) on stderr
     results = compare(args.paths, args.group_by, args.metric, args.final, args.threshold, args.out)
     out = args.out or args.paths[0]
     for result in results:
