@@ -122,6 +122,7 @@ def _train_task(cfg: DictConfig) -> float | None:
                 raise
     except Exception as exc:
         if multirun:
+            sweep.record_failure(cast(DictConfig, hydra_cfg), one_line_error(exc))
             return math.nan
         # In a single run, report here: past this function Hydra prints its own banner first.
         _exit_if_expected(exc, "ppo-train")
@@ -286,8 +287,9 @@ def _train_with_resume() -> None:
         try:
             _train_task()
         except Exception as exc:
-            outcome = sweep.finish()
-            if outcome is None or not outcome.failed or expected_outcome(exc) is not None:
+            launcher_gave_up = expected_outcome(exc) is None
+            outcome = sweep.finish(launcher_gave_up)
+            if outcome is None or not outcome.failed or not launcher_gave_up:
                 raise
             # The launcher gave up on a job whose process died (Ray, joblib): a failed job.
             _exit_with_failed_jobs(outcome, f" ({one_line_error(exc)})")

@@ -74,3 +74,13 @@ gym.register("Killed-v0", entry_point=KilledCartPole, max_episode_steps=500)
 gym.register("Growing-v0", entry_point=GrowingCartPole, max_episode_steps=500)
 gym.register("Unstartable-v0", entry_point=UnstartableCartPole, max_episode_steps=500)
 gym.register("BuggyConstructor-v0", entry_point=BuggyConstructor, max_episode_steps=500)
+
+
+class SegfaultingCartPole(FailingCartPole):
+    """Its process dies of a segmentation fault (SIGSEGV), as in a crashing native simulator."""
+
+    def fail(self) -> None:
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+
+gym.register("Segfaulting-v0", entry_point=SegfaultingCartPole, max_episode_steps=500)

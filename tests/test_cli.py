@@ -210,7 +210,7 @@ def test_multirun_writes_one_dir_per_job(tmp_path: Path) -> None:
     result = ppo_train("-m", "seed=0,1", "total_timesteps=512", "eval.episodes=1", cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     (sweep_dir,) = (tmp_path / "runs" / "multirun").iterdir()
-    job_dirs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir())
+    job_dirs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     # Each job's directory is named by its overrides (hydra.job.override_dirname).
     assert job_dirs == [f"eval.episodes=1,seed={s},total_timesteps=512" for s in (0, 1)]
     for seed, job in enumerate(job_dirs):
