@@ -96,7 +96,8 @@ def _train_task(cfg: DictConfig) -> float | None:
     (the sweepers' objective).
 
     In a multirun a failing job does not stop the others: its error goes to its summary.json and
-    its traceback to its log, and it returns NaN (a failed trial, for Optuna).
+    the sweep's record of its jobs (``sweep.py``), its traceback to its log, and it returns NaN
+    (a failed trial, for Optuna).
 
     Under torchrun every rank runs this; rank 0's Hydra chose the run directory, the others' made
     none (see ``distributed.py``), and only rank 0 holds it and reports.

@@ -22,6 +22,7 @@ returned; when a launcher gives up instead, :func:`finish` writes the table all 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import faulthandler
@@ -29,6 +30,7 @@ import io
 import json
 import logging
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -262,11 +264,14 @@ class SweepSummary(Callback):
         if self._crash_file is None:
             return
         faulthandler.disable()
-        if self._faulthandler_was_enabled:
-            faulthandler.enable()
         self._crash_file.close()
         Path(self._crash_file.name).unlink()  # the job ended by itself: no signal to report
         self._crash_file = None
+        if self._faulthandler_was_enabled and sys.__stderr__ is not None:
+            # Back to stderr, where loky's workers report (faulthandler cannot tell where it
+            # reported before); a stderr without a file descriptor keeps it off.
+            with contextlib.suppress(OSError, ValueError):
+                faulthandler.enable(sys.__stderr__)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         summarize(Path(config.hydra.sweep.dir))
