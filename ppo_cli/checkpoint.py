@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +36,16 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
-def save_atomic(payload: dict[str, Any], path: Path) -> None:
-    """Write ``payload`` to ``path`` so that readers only ever see a complete file."""
+def save_atomic(payload: dict[str, Any], path: Path, kept: str | None = None) -> None:
+    """Write ``payload`` to ``path`` so that readers only ever see a complete file.
+
+    A write the system refuses (a full disk, a quota, a vanished mount) is a one-line UserError
+    that says what is left to resume from: ``kept``, by default the previous ``path`` if there
+    was one. torch.save reports such a write as a RuntimeError raised while handling the OSError
+    ("enforce fail at inline_container.cc"), so the OSError is looked for behind it.
+    """
+    if kept is None:
+        kept = "the previous checkpoint is intact" if path.exists() else "no checkpoint was written yet"
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,13 +54,22 @@ def save_atomic(payload: dict[str, Any], path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as exc:  # a full disk, a vanished mount: the previous file is untouched
-        raise UserError(
-            f"{path}: cannot write the checkpoint ({exc.strerror or exc}); the previous checkpoint is intact"
-        ) from None
+    except (OSError, RuntimeError) as exc:
+        cause = _os_error(exc)
+        if cause is None:  # torch failed for another reason: a bug
+            raise
+        raise UserError(f"{path}: cannot write the checkpoint ({cause.strerror or cause}); {kept}") from None
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """``exc`` if it is an OSError, else the nearest OSError it was raised from or while handling."""
+    current: BaseException | None = exc
+    while current is not None and not isinstance(current, OSError):
+        current = current.__cause__ or current.__context__
+    return current
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -72,7 +91,7 @@ def save_checkpoint(payload: dict[str, Any], run_dir: Path, keep: int, periodic:
     last = directory / LAST
     save_atomic(payload, last)
     if periodic and keep > 0:
-        save_atomic(payload, directory / f"step_{payload['global_step']:010d}.pt")
+        save_atomic(payload, directory / f"step_{payload['global_step']:010d}.pt", f"{last} holds this step")
         for old in periodic_checkpoints(directory)[:-keep]:
             old.unlink(missing_ok=True)
     return last
@@ -118,13 +137,30 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Read and sanity-check a checkpoint; any unreadable file is a one-line UserError."""
     file = resolve_checkpoint(path)
     try:
-        payload = torch.load(file, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a plain pickle (no zip) makes torch ask for a bug report
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            payload = torch.load(file, map_location=map_location, weights_only=True)
     except Exception as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{file}: not a readable ppo-cli checkpoint ({first_line})") from None
+        raise UserError(f"{file}: not a readable ppo-cli checkpoint: {_unreadable(exc)}") from None
     if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{file}: not a ppo-cli checkpoint of format {FORMAT_VERSION}")
     return payload
+
+
+def _unreadable(exc: Exception) -> str:
+    """What is wrong with a file that ``torch.load(weights_only=True)`` refused, in our words.
+
+    torch's own message for a refused pickle advises re-running with ``weights_only=False``, which
+    would run whatever code the file carries: it is never shown, only the global it names.
+    """
+    if isinstance(exc, pickle.UnpicklingError):
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f"Python objects (GLOBAL {found.group(1)})" if found else "data other than tensors and values"
+        return f"it holds pickled {what}, which ppo-cli checkpoints never contain; not loaded"
+    if isinstance(exc, OSError):  # the file itself is fine, perhaps, but cannot be read
+        return str(exc.strerror or exc)
+    zip_problem = re.search(r"failed reading zip archive: ([^.]+)", str(exc))
+    return "truncated or not a checkpoint file" + (f" ({zip_problem.group(1)})" if zip_problem else "")
 
 
 def load_matching(module: nn.Module, state: dict[str, torch.Tensor], what: str, source: Path) -> None:

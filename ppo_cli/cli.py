@@ -16,22 +16,26 @@ import re
 import signal
 import sys
 from collections.abc import Callable
+from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
 import hydra
+import yaml
+from hydra._internal.utils import get_args_parser  # hydra-core is pinned to 1.3.x
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from ppo_cli import sweep
+from ppo_cli import rundir, sweep
 from ppo_cli.config import register_schemas, to_train_config, unknown_key_error
 from ppo_cli.distributed import DataParallel, process_group
-from ppo_cli.errors import ConfigError, Interrupted, UserError
-from ppo_cli.evaluate import evaluate_checkpoint
-from ppo_cli.logger import read_summary, write_summary
+from ppo_cli.errors import ConfigError, EnvError, Interrupted, UserError
+from ppo_cli.evaluate import evaluate_checkpoint, write_report
+from ppo_cli.logger import write_summary
 from ppo_cli.resume import expand_resume_argv
 from ppo_cli.train import train
 
@@ -47,6 +51,36 @@ def find_config_dir() -> str:
     raise RuntimeError(f"ppo-cli's config tree is missing next to {package}")
 
 
+def refuse_hidden_configs(argv: list[str]) -> None:
+    """Refuse a ``--config-dir`` file that ppo-train's config of the same name hides.
+
+    Hydra searches ppo-cli's own config tree before a ``--config-dir``, so there a ``train.yaml``
+    or an ``env/CartPole.yaml`` is never read: the run would silently use ours. A copy identical
+    to ours changes nothing and passes. The user's file is kept rather than used in place of ours:
+    ours holds the defaults list, the schema and the Hydra settings every run needs, and another
+    root config is one ``--config-name`` away.
+    """
+    args = get_args_parser().parse_args(argv)  # Hydra's own command-line parser
+    config_dir = args.config_dir
+    if config_dir is None or args.config_path is not None:  # --config-path: a tree instead of ours
+        return
+    ours = Path(find_config_dir())
+    for own in sorted(ours.rglob("*.yaml")):
+        name = own.relative_to(ours)
+        theirs = Path(config_dir) / name
+        if not theirs.is_file() or theirs.read_bytes() == own.read_bytes():
+            continue
+        if name.parent == Path():
+            fix = (
+                f"name yours otherwise and pass --config-name <that name> (begin it with "
+                f"'defaults: [{name.stem}, _self_]' to build on ppo-train's)"
+            )
+        else:
+            group, option = name.parent.as_posix(), f"my_{name.stem}"
+            fix = f"rename yours (e.g. {group}/{option}.yaml) and select it with {group}={option}"
+        raise UserError(f"{theirs}: never read, ppo-train's own {name.as_posix()} comes first; {fix}")
+
+
 def slug(text: str) -> str:
     """A string safe as one path component: 'pkg.mod:Env-v0' -> 'pkg.mod_Env-v0'."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
@@ -58,38 +92,38 @@ OmegaConf.register_new_resolver("slug", slug, replace=True)
 
 @hydra.main(version_base="1.3", config_path=find_config_dir(), config_name="train")
 def _train_task(cfg: DictConfig) -> float | None:
-    """One Hydra job: validate, train, return the final evaluation mean (the sweepers' objective).
+    """One Hydra job: hold the run directory, validate, train, return the final evaluation mean
+    (the sweepers' objective).
 
     In a multirun a failing job does not stop the others: its error goes to its summary.json and
-    its traceback to its log, and it returns NaN (a failed trial, for Optuna).
+    the sweep's record of its jobs (``sweep.py``), its traceback to its log, and it returns NaN
+    (a failed trial, for Optuna).
 
     Under torchrun every rank runs this; rank 0's Hydra chose the run directory, the others' made
-    none (see ``distributed.py``), and only rank 0 reports.
+    none (see ``distributed.py``), and only rank 0 holds it and reports.
     """
     hydra_cfg = HydraConfig.get()
     parallel = DataParallel.current()
     run_dir = parallel.main_run_dir(Path(hydra_cfg.runtime.output_dir))
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
-        try:
-            train_cfg = to_train_config(cfg)
-            if parallel.active and train_cfg.seeds_per_job > 1:
-                raise ConfigError("seeds_per_job", "must be 1 under torchrun, whose ranks train one run")
-        except Exception as exc:
-            if parallel.is_main and not read_summary(run_dir):  # never overwrite an earlier run's record
-                write_summary(run_dir, {"status": "failed", "global_step": 0, "error": one_line_error(exc)})
-            raise
-        label = sweep.configure_job(train_cfg, cast(DictConfig, hydra_cfg)) if multirun else ""
-        if train_cfg.seeds_per_job > 1:
-            summary = sweep.train_seeds(train_cfg, run_dir, label)
-        else:
-            summary = train(train_cfg, run_dir, label)
+        with ExitStack() as stack:
+            directory = stack.enter_context(rundir.hold(run_dir, lock=parallel.is_main))
+            if parallel.is_main:
+                stack.enter_context(rundir.deferred_log(run_dir, directory))
+                directory.when_accepted(partial(_record_command, run_dir, cfg))
+            try:
+                summary = _train_job(cfg, run_dir, directory, parallel, multirun)
+            except Exception as exc:
+                if multirun and expected_outcome(exc) is None:  # a bug: its traceback goes to the log
+                    log.exception("job %s failed", hydra_cfg.job.num)
+                elif multirun:
+                    report = one_line_error(exc) + env_traceback(exc)
+                    log.error("job %s failed: %s", hydra_cfg.job.num, report)
+                raise
     except Exception as exc:
         if multirun:
-            if expected_outcome(exc) is None:  # a bug: its traceback goes to the job's log
-                log.exception("job %s failed", hydra_cfg.job.num)
-            else:
-                log.error("job %s failed: %s", hydra_cfg.job.num, one_line_error(exc))
+            sweep.record_failure(cast(DictConfig, hydra_cfg), one_line_error(exc))
             return math.nan
         # In a single run, report here: past this function Hydra prints its own banner first.
         _exit_if_expected(exc, "ppo-train")
@@ -104,6 +138,39 @@ def _train_task(cfg: DictConfig) -> float | None:
     return summary.get("eval_mean", summary.get("recent_episodic_return"))
 
 
+def _train_job(
+    cfg: DictConfig, run_dir: Path, directory: rundir.RunDirectory, parallel: DataParallel, multirun: bool
+) -> dict[str, Any]:
+    """Check the config, then train one seed (``train`` accepts the run once its checks pass) or
+    several (each in a directory of its own). A config that is refused is recorded as a failed run
+    only where no run was before."""
+    try:
+        train_cfg = to_train_config(cfg)
+        if parallel.active and train_cfg.seeds_per_job > 1:
+            raise ConfigError("seeds_per_job", "must be 1 under torchrun, whose ranks train one run")
+    except Exception as exc:
+        if parallel.is_main and not rundir.holds_run(run_dir):
+            directory.accept()
+            write_summary(run_dir, {"status": "failed", "global_step": 0, "error": one_line_error(exc)})
+        raise
+    label = sweep.configure_job(train_cfg, cast(DictConfig, HydraConfig.get())) if multirun else ""
+    if train_cfg.seeds_per_job > 1:
+        directory.accept()
+        return sweep.train_seeds(train_cfg, run_dir, label)
+    return train(train_cfg, run_dir, label)
+
+
+def _record_command(run_dir: Path, cfg: DictConfig) -> None:
+    """``<run dir>/.hydra/``: the composed config, Hydra's own, and the overrides typed (which
+    ``resume=`` reads back), as Hydra would write them, but only once the run is accepted."""
+    out = run_dir / ".hydra"
+    out.mkdir(exist_ok=True)
+    rundir.write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg))
+    hydra_yaml = OmegaConf.to_yaml(cast(DictConfig, HydraConfig.instance().cfg))
+    rundir.write_text_atomic(out / "hydra.yaml", hydra_yaml)
+    rundir.write_text_atomic(out / "overrides.yaml", OmegaConf.to_yaml(HydraConfig.get().overrides.task))
+
+
 def expected_outcome(exc: BaseException) -> tuple[str, int] | None:
     """(one-line report, exit code) if ``exc`` is an outcome we report plainly: a signal, bad
     input, a diverged run, a file that cannot be written. None if it is a bug (traceback kept)."""
@@ -116,7 +183,7 @@ def expected_outcome(exc: BaseException) -> tuple[str, int] | None:
     for err in chain:
         if isinstance(err, UserError):
             return f"error: {err}", err.exit_code
-    if any(isinstance(err, HydraException | OmegaConfBaseException) for err in chain):
+    if any(isinstance(err, HydraException | OmegaConfBaseException | yaml.YAMLError) for err in chain):
         return f"error: {one_line_error(exc)}", UserError.exit_code
     for err in chain:
         if isinstance(err, OSError) and err.filename:  # e.g. a run dir that cannot be created
@@ -128,8 +195,17 @@ def _exit_if_expected(exc: BaseException, prog: str) -> None:
     outcome = expected_outcome(exc)
     if outcome is not None:
         report, code = outcome
-        print(f"{prog}: {report}", file=sys.stderr)
+        print(f"{prog}: {report}{env_traceback(exc)}", file=sys.stderr)
         sys.exit(code)
+
+
+def env_traceback(exc: BaseException) -> str:
+    """The traceback of the env's own code behind ``exc`` (the user's code: shown below the one
+    line, see ``EnvError``), on lines of its own; empty for every other error."""
+    for err in _chain(exc):
+        if isinstance(err, EnvError) and err.details:
+            return "\n" + err.details.rstrip("\n")
+    return ""
 
 
 def one_line_error(exc: BaseException) -> str:
@@ -140,6 +216,8 @@ def one_line_error(exc: BaseException) -> str:
     for err in _chain(exc):
         if isinstance(err, MissingConfigException):
             return _missing_option(err)
+        if isinstance(err, yaml.MarkedYAMLError):
+            return _yaml_error(err)
         if isinstance(err, OmegaConfBaseException) and getattr(err, "full_key", None):
             return _omegaconf_error(err)
     first = str(exc).strip().splitlines()
@@ -166,6 +244,20 @@ def _missing_option(err: MissingConfigException) -> str:
     return f"{missing}: no such config file"
 
 
+def _yaml_error(err: yaml.MarkedYAMLError) -> str:
+    """``<file>: YAML syntax error at line L, column C: <problem> (<context> at ...)``, counted
+    from 1 as editors count (PyYAML's marks count from 0)."""
+    mark = err.problem_mark or err.context_mark
+    problem = err.problem or err.context or type(err).__name__
+    if mark is None:
+        return f"YAML syntax error: {problem}"
+    where = f"{mark.name}: YAML syntax error at line {mark.line + 1}, column {mark.column + 1}"
+    context = err.context if err.problem and err.context else None
+    if context and err.context_mark is not None and err.context_mark is not mark:
+        context += f" started at line {err.context_mark.line + 1}, column {err.context_mark.column + 1}"
+    return f"{where}: {problem}" + (f" ({context})" if context else "")
+
+
 def _omegaconf_error(err: OmegaConfBaseException) -> str:
     key = str(getattr(err, "full_key", ""))
     if isinstance(err, MissingMandatoryValue) and not key.endswith(str(getattr(err, "key", ""))):
@@ -190,13 +282,15 @@ def _run_cli(task: Callable[[], Any], prog: str) -> None:
 
 def _train_with_resume() -> None:
     argv = expand_resume_argv(sys.argv[1:])
+    refuse_hidden_configs(argv)
     with process_group(argv) as parallel:  # a group of one, outside torchrun
         sys.argv = [sys.argv[0], *argv, *parallel.hydra_overrides()]
         try:
             _train_task()
         except Exception as exc:
-            outcome = sweep.finish()
-            if outcome is None or not outcome.failed or expected_outcome(exc) is not None:
+            launcher_gave_up = expected_outcome(exc) is None
+            outcome = sweep.finish(launcher_gave_up)
+            if outcome is None or not outcome.failed or not launcher_gave_up:
                 raise
             # The launcher gave up on a job whose process died (Ray, joblib): a failed job.
             _exit_with_failed_jobs(outcome, f" ({one_line_error(exc)})")
@@ -253,6 +347,7 @@ def _eval_parser() -> argparse.ArgumentParser:
 
 def _eval_task() -> None:
     args = _eval_parser().parse_args()
+    logging.basicConfig(format="ppo-eval: %(message)s")  # warnings (a checkpoint skipped) on stderr
     report = evaluate_checkpoint(
         args.path, args.episodes, args.deterministic, args.seed, args.video, args.device, tuple(args.modules)
     )
@@ -264,6 +359,7 @@ def _eval_task() -> None:
     )
     for video in report["videos"]:
         print(f"video: {video}")
+    write_report(report)  # after the score is shown: a run dir that cannot be written loses nothing
 
 
 def eval_main() -> None:
@@ -306,6 +402,7 @@ def _compare_task() -> None:
     from ppo_cli.compare import compare
 
     args = _compare_parser().parse_args()
+    logging.basicConfig(format="ppo-compare: %(message)s")  # warnings (a run skipped) on stderr
     results = compare(args.paths, args.group_by, args.metric, args.final, args.threshold, args.out)
     out = args.out or args.paths[0]
     for result in results:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,14 @@ from typing import Any
 import numpy as np
 from scipy import stats
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.compat.tensorflow_stub import errors as tf_errors
+from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import PyRecordReader_New
 
 from ppo_cli.config import flatten
 from ppo_cli.errors import UserError
 from ppo_cli.logger import read_summary
+
+log = logging.getLogger(__name__)
 
 DEFAULT_METRIC = "charts/episodic_return"
 DEFAULT_FINAL = "eval/episodic_return"
@@ -33,6 +38,10 @@ BOOTSTRAP_RESAMPLES = 2000
 CONFIDENCE = 0.95
 FIGURE_SIZE = (8.0, 5.0)  # inches, at FIGURE_DPI: an 800 x 500 PNG
 FIGURE_DPI = 100
+
+
+class UnreadableRun(UserError):
+    """A run whose own files are damaged: left out of a comparison, which goes on without it."""
 
 
 @dataclass
@@ -79,17 +88,48 @@ def find_runs(paths: list[Path]) -> list[Path]:
     return sorted(found)
 
 
+def event_file_damage(run_dir: Path) -> str | None:
+    """``<file>: <what is wrong>`` for the first of the run's event files that TensorBoard's record
+    reader cannot read to its end (a truncated or corrupt record), None when all read whole.
+
+    TensorBoard's loader stops quietly at such a record, so the run would enter the comparison
+    with a curve cut short, or with no scalars at all. The check reads each file once more with
+    the same reader, CRCs included (about as long again as loading it).
+    """
+    for event_file in sorted(run_dir.glob("events.out.tfevents.*")):
+        reader = PyRecordReader_New(str(event_file))
+        records = 0
+        try:
+            while True:
+                reader.GetNext()
+                records += 1
+        except tf_errors.OutOfRangeError:  # the end of a whole file
+            continue
+        except tf_errors.DataLossError as exc:
+            problem = str(exc.message).removeprefix(f"{event_file} ").removeprefix("has ")
+            return f"{event_file}: damaged after {records} records ({problem})"
+        except OSError as exc:
+            return f"{event_file}: cannot read ({exc.strerror or exc})"
+    return None
+
+
 def load_run(path: Path, metric: str) -> Run:
+    """One run's config and scalars; :class:`UnreadableRun` if its files are damaged."""
+    damage = event_file_damage(path)
+    if damage is not None:
+        raise UnreadableRun(damage)
     events = EventAccumulator(str(path), size_guidance={"scalars": 0})
     events.Reload()
     tags = events.Tags()["scalars"]
+    if not tags:
+        raise UnreadableRun(f"{path}: its event files hold no scalars")
     if metric not in tags:
         raise UserError(f"--metric: {path} has no scalar {metric!r}; it has: {', '.join(sorted(tags))}")
     points = events.Scalars(metric)
     first_wall_time = min(e.wall_time for tag in tags for e in events.Scalars(tag)[:1])
     config = read_summary(path).get("config")
     if not isinstance(config, dict):
-        raise UserError(f"{path}/summary.json: no config recorded")
+        raise UnreadableRun(f"{path}/summary.json: no config recorded")
     return Run(
         path=path,
         config=flatten(config),
@@ -262,7 +302,14 @@ def compare(
 ) -> list[GroupResult]:
     """Read every run under ``paths``, group, and write comparison.{png,md,csv} to ``out``
     (default: the first path)."""
-    runs = [load_run(path, metric) for path in find_runs(paths)]
+    runs = []
+    for path in find_runs(paths):
+        try:
+            runs.append(load_run(path, metric))
+        except UnreadableRun as exc:
+            log.warning("skipping %s; the other runs are compared without it", exc)
+    if not runs:
+        raise UserError(f"{', '.join(map(str, paths))}: no readable runs (each one skipped is named above)")
     if not all(final_tag in run.last_values for run in runs):
         final_tag = metric  # e.g. runs without a final evaluation: their last training point
     groups = group_runs(runs, group_by)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, IntegerNode, OmegaConf
 
 from ppo_cli.errors import ConfigError
 
@@ -456,6 +456,12 @@ class TrainConfig:
         return self.env.num_envs * self.env.num_steps
 
 
+# The keys at the top of the training config, and its groups (which select presets; ``tuned`` and
+# ``hparams_search`` only load them).
+TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+CONFIG_GROUPS = ("algo", "agent", "env", "tuned", "hparams_search")
+
+
 def schema_defaults() -> dict[str, Any]:
     """Every key of the root and env schemas that has a default, flattened (``algo.*`` has
     none there: each variant has its own schema)."""
@@ -472,10 +478,26 @@ def env_config_of(saved: dict[str, Any]) -> EnvConfig:
     return env_cfg
 
 
+_to_integer = IntegerNode._validate_and_convert_impl  # OmegaConf's own: ints and numeric strings
+
+
+def _integral_float_to_integer(self: IntegerNode, value: Any) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return _to_integer(self, value)
+
+
 def register_schemas() -> None:
     """Make the schemas known to Hydra: ``train.yaml`` starts from ``train_schema``, and each
     ``algo/<name>.yaml`` from ``/schemas/algo/<name>`` (a group of its own, so that ``--help``
-    and error messages list only the YAML presets as choices)."""
+    and error messages list only the YAML presets as choices).
+
+    Integer keys also take integral floats (``total_timesteps=1e6``, ``2.0``): Hydra's override
+    parser and OmegaConf's YAML loader read ``1e6`` as a float, which OmegaConf's integer nodes
+    refuse, on the command line, in sweeps and in YAML presets alike; only that node can accept
+    it everywhere. Other floats (``1.5``) are refused as before.
+    """
+    IntegerNode._validate_and_convert_impl = _integral_float_to_integer  # type: ignore[method-assign]
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     for name, schema in ALGO_SCHEMAS.items():

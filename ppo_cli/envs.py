@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 import logging
 import multiprocessing
 import os
 import signal
 import threading
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -27,18 +29,23 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+from gymnasium.envs.registration import load_env_creator
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.async_vector_env import _async_worker
 
 from ppo_cli.atari import is_atari, wrap_atari
 from ppo_cli.config import EnvConfig
-from ppo_cli.errors import UserError
+from ppo_cli.errors import ConfigError, EnvError, UserError
 from ppo_cli.processes import die_with_parent
 from ppo_cli.signals import STOP_SIGNALS
 
 log = logging.getLogger(__name__)
 
 CLOSE_GRACE_S = 5.0  # how long closing waits for env workers (a step in flight, env.close) to answer
+
+# What an env's constructor raises for an argument it cannot take (gymnasium's own envs check
+# values with assert).
+ARGUMENT_ERRORS = (TypeError, ValueError, AssertionError)
 
 SUPPORTED_SPACES = (
     "Box (continuous, 1-D), Discrete or MultiDiscrete (1-D) actions; Box observations, "
@@ -110,16 +117,17 @@ def make_vector_env(
         raise UserError(
             f"env.vectorization: {spec.id} has no numpy-vectorised implementation; allowed: auto|sync|async"
         )
-    kwargs: dict[str, Any] = dict(cfg.kwargs)
+    ours: dict[str, Any] = {}  # keyword arguments for gym.make beside the user's env.kwargs
     if render_mode is not None:
-        kwargs["render_mode"] = render_mode
+        ours["render_mode"] = render_mode
     if cfg.max_episode_steps is not None:
-        kwargs["max_episode_steps"] = cfg.max_episode_steps
+        ours["max_episode_steps"] = cfg.max_episode_steps
     if cfg.atari.enabled:
         if not is_atari(spec):
             raise UserError(f"env.atari.enabled: {spec.id} is not an Atari game of ale-py; allowed: false")
-        kwargs["frameskip"] = 1  # frames are skipped (and max-pooled) by the preprocessing
+        ours["frameskip"] = 1  # frames are skipped (and max-pooled) by the preprocessing
         wrappers = [partial(wrap_atari, cfg=cfg.atari, training=training), *wrappers]
+    kwargs = {**cfg.kwargs, **ours}
     vector_kwargs: dict[str, Any] = {"autoreset_mode": AutoresetMode.SAME_STEP}
     if mode == "async":
         # gymnasium's worker loop, in a process that dies with the trainer (see processes.py). A
@@ -148,8 +156,66 @@ def make_vector_env(
             envs = build([ActionMaskInInfo, *wrappers])
     except gym.error.DependencyNotInstalled as exc:
         raise UserError(f"env.id: {spec.id} needs an optional dependency: {exc}") from None
+    except ARGUMENT_ERRORS:
+        refused = _refused_kwarg(spec, mode == "vector_entry_point", dict(cfg.kwargs), ours)
+        if refused is None:
+            raise
+        raise refused from None
     check_spaces(envs, spec.id)
     return envs
+
+
+def _refused_kwarg(
+    spec: gym.envs.registration.EnvSpec, vector: bool, given: dict[str, Any], ours: dict[str, Any]
+) -> ConfigError | None:
+    """Which of the user's ``env.kwargs`` (``given``) the env's constructor refused, after building
+    the env with them raised one of ARGUMENT_ERRORS; None when they are not to blame (a bug: it
+    keeps its traceback). ``ours`` are the keyword arguments ppo-cli adds (render mode, time limit).
+
+    A name the constructor does not take is read off its signature. A value of the wrong type (or
+    out of range) shows only when the constructor runs: the env is built once without the user's
+    kwargs, then once with each of them alone, and the first that alone makes it fail is named.
+    """
+    if not given:
+        return None
+    entry_point = spec.vector_entry_point if vector else spec.entry_point
+    creator = load_env_creator(entry_point) if isinstance(entry_point, str) else entry_point
+    if creator is None:
+        return None
+    name = f"{getattr(creator, '__name__', entry_point)} ({spec.id})"
+    try:
+        parameters = list(inspect.signature(creator).parameters.values())
+    except (TypeError, ValueError):  # no signature to read (a builtin)
+        parameters = []
+    named = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = [key for key in given if key not in named]
+    if unknown and parameters and not any(p.kind == p.VAR_KEYWORD for p in parameters):
+        return ConfigError(
+            f"env.kwargs.{unknown[0]}",
+            f"{name} takes no parameter {unknown[0]!r}; its parameters: {', '.join(named) or 'none'}",
+        )
+
+    def failure(kwargs: dict[str, Any]) -> Exception | None:
+        """What the constructor raises with ``kwargs`` (not gymnasium's rewording of a TypeError)."""
+        try:
+            if vector:
+                gym.make_vec(spec, num_envs=1, vectorization_mode="vector_entry_point", **kwargs).close()
+            else:
+                gym.make(spec, **kwargs).close()
+        except ARGUMENT_ERRORS as exc:
+            return exc.__cause__ if isinstance(exc.__cause__, TypeError) else exc
+        return None
+
+    if failure(ours) is not None:
+        return None
+    for key, value in given.items():
+        error = failure({**ours, key: value})
+        if error is not None:
+            shown = f"{key}={value!r} ({type(value).__name__})"
+            return ConfigError(
+                f"env.kwargs.{key}", f"{name} fails with {shown}: {error or type(error).__name__}"
+            )
+    return None
 
 
 def _env_worker(parent_pid: int | None, *args: Any) -> None:
@@ -268,6 +334,36 @@ def _stop_signals_ignored(active: bool) -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def env_failure(envs: VectorEnv, call: str, exc: Exception) -> UserError:
+    """What to report when ``envs.reset`` or ``envs.step`` (``call``) raised ``exc``.
+
+    An observation whose shape is not its space's makes gymnasium's vector env fail while it
+    stacks the observations, with numpy's words only ("Output array is the wrong shape"): that is
+    reported with both shapes. Any other exception is the env's own: its traceback (from the
+    vector env down, the env's code included) becomes the error's details; but an async env whose
+    worker process died (the pipe to it broke) is reported as that death, which is all there is.
+    """
+    if isinstance(exc, UserError):  # ours already (a wrapper's), in one line
+        return exc
+    name = envs.spec.id if envs.spec is not None else type(envs.unwrapped).__name__
+    if isinstance(exc, EOFError | ConnectionError) and (died := dead_env_workers(envs)) is not None:
+        return EnvError(f"env {name}: {died}")
+    expected = envs.single_observation_space.shape
+    # A SyncVectorEnv keeps each env's last observation in _env_obs (gymnasium 1.x).
+    shapes = {np.shape(obs) for obs in getattr(envs.unwrapped, "_env_obs", ()) if obs is not None}
+    wrong = sorted(shape for shape in shapes if shape != expected)
+    if isinstance(exc, ValueError) and wrong:
+        return EnvError(
+            f"env {name} returned an observation of shape {wrong[0]} in {call}; "
+            f"its observation space has shape {expected}"
+        )
+    lines = str(exc).strip().splitlines()
+    cause = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    below_caller = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
+    details = "".join(traceback.format_exception(type(exc), exc, below_caller))
+    return EnvError(f"env {name} raised in {call} ({cause})", details)
 
 
 def check_spaces(envs: VectorEnv, env_id: str) -> None:

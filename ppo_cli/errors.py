@@ -4,9 +4,9 @@ Anything raised as a :class:`UserError` (or a subclass) reaches the console as o
 and exits with its ``exit_code``, without a traceback. :class:`Interrupted` does the same for a
 signal. Every other exception is a bug and keeps its traceback.
 
-Exit codes: 1 an env's worker process died, 2 bad input, 3 training diverged (non-finite numbers),
-128 + N stopped by signal N
-(130 for Ctrl-C, 143 for SIGTERM), as shells report a process killed by that signal.
+Exit codes: 1 the environment failed (its own code raised, or it broke its observation space),
+2 bad input, 3 training diverged (non-finite numbers), 128 + N stopped by signal N (130 for Ctrl-C,
+143 for SIGTERM), as shells report a process killed by that signal.
 """
 
 import signal
@@ -33,11 +33,19 @@ class NonFiniteError(UserError):
     exit_code = 3
 
 
-class EnvCrashed(UserError):
-    """An async env's worker process died (a crash in the env's native code, the OOM killer):
-    the env's fault, reported in one line; the last checkpoint stays as it was."""
+class EnvError(UserError):
+    """The environment failed in reset or step: its own code raised, or it returned an observation
+    its space does not allow.
+
+    ``details`` is the traceback of the env's code when it raised, shown below the one line: that
+    code is the user's (or a simulator's), and its traceback is what they need to fix it.
+    """
 
     exit_code = 1
+
+    def __init__(self, message: str, details: str = "") -> None:
+        super().__init__(message)
+        self.details = details
 
 
 class Interrupted(BaseException):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import shutil
 import time
@@ -17,13 +18,21 @@ from gymnasium.wrappers import RecordVideo
 from gymnasium.wrappers.vector import RecordEpisodeStatistics
 
 from ppo_cli.agent import ActorCritic
-from ppo_cli.checkpoint import resolve_checkpoint
+from ppo_cli.checkpoint import (
+    LAST,
+    checkpoint_dir,
+    load_checkpoint,
+    newest_valid_checkpoint,
+    resolve_checkpoint,
+)
 from ppo_cli.config import EnvConfig, env_config_of
 from ppo_cli.envs import action_masks, close_envs, finished_episodes, make_vector_env
 from ppo_cli.errors import UserError
 from ppo_cli.logger import write_json
-from ppo_cli.policy import load_agent
+from ppo_cli.policy import agent_from_checkpoint
 from ppo_cli.resume import run_dir_of
+
+log = logging.getLogger(__name__)
 
 MAX_PARALLEL_EPISODES = 8
 EVAL_SEED_OFFSET = 10_000  # evaluation envs never replay the seeds of the training envs
@@ -109,6 +118,31 @@ def _eval_envs(
         raise UserError(f"--video needs moviepy: pip install 'ppo-cli[video]' ({exc})") from None
 
 
+def checkpoint_to_evaluate(target: Path) -> tuple[Path, dict[str, Any]]:
+    """A checkpoint file as it is; for a run directory, its newest readable checkpoint.
+
+    As ``resume=<run dir>`` does, a damaged ``last.pt`` (a crash mid-copy, a full disk) does not
+    cost the run's evaluation when a periodic checkpoint still reads: each file skipped is logged
+    with its reason, and so is the one used instead.
+    """
+    if target.is_dir():
+        found = newest_valid_checkpoint(checkpoint_dir(target))
+        if found is not None:
+            if found[0].name != LAST:
+                log.warning("evaluating %s instead, the newest readable checkpoint", found[0])
+            return found
+        resolve_checkpoint(target)  # one line if the run has no last.pt at all
+        raise UserError(f"{checkpoint_dir(target)}: no readable checkpoint (each one skipped is named above)")
+    checkpoint = resolve_checkpoint(target)
+    return checkpoint, load_checkpoint(checkpoint)
+
+
+def output_dir(checkpoint: Path) -> Path:
+    """Where ``ppo-eval`` writes ``eval.json`` and ``videos/``: the run directory of a checkpoint
+    in one, else the checkpoint file's folder."""
+    return run_dir_of(checkpoint) if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
 def evaluate_checkpoint(
     target: Path,
     episodes: int,
@@ -118,8 +152,9 @@ def evaluate_checkpoint(
     device: str = "cpu",
     trusted_modules: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Evaluate a run directory's (or a checkpoint file's) agent; the report is also written to
-    ``eval.json`` in the run directory, videos to its ``videos/``. ``deterministic`` None acts
+    """Evaluate a run directory's (or a checkpoint file's) agent; videos go to the run
+    directory's ``videos/``. The report is returned, not written (:func:`write_report`), so that
+    a score is never lost to a run directory that cannot be written. ``deterministic`` None acts
     as the run's own evaluation did (its ``eval.deterministic``).
 
     Nothing read from the run is executed: the checkpoint loads as weights only, and an env id of
@@ -127,9 +162,8 @@ def evaluate_checkpoint(
     """
     if episodes < 1:
         raise UserError(f"--episodes: got {episodes}, allowed: an integer >= 1")
-    checkpoint = resolve_checkpoint(target)
-    run_dir = run_dir_of(checkpoint) if checkpoint.parent.name == "checkpoints" else checkpoint.parent
-    trained = load_agent(checkpoint, device=device)
+    checkpoint, payload = checkpoint_to_evaluate(Path(target))
+    trained = agent_from_checkpoint(payload, checkpoint, device)
     env_cfg = env_config_of(trained.config["env"])
     module = env_cfg.id.partition(":")[0] if ":" in env_cfg.id else None
     if module is not None and module not in trusted_modules:
@@ -145,7 +179,7 @@ def evaluate_checkpoint(
     seed = trained.config["seed"] + EVAL_SEED_OFFSET if seed is None else seed
     if deterministic is None:  # as the run evaluated itself (Atari presets sample)
         deterministic = bool(trained.config["eval"]["deterministic"])
-    video_dir = run_dir / "videos" / time.strftime("eval-%Y%m%d-%H%M%S") if video else None
+    video_dir = output_dir(checkpoint) / "videos" / time.strftime("eval-%Y%m%d-%H%M%S") if video else None
     try:
         result = evaluate(
             trained.network, env_cfg, episodes, deterministic, seed, torch.device(device), video_dir
@@ -173,5 +207,11 @@ def evaluate_checkpoint(
         "lengths": result.lengths.tolist(),
         "videos": sorted(str(p) for p in video_dir.glob("*.mp4")) if video_dir else [],
     }
-    write_json(run_dir / EVAL_REPORT, report)
     return report
+
+
+def write_report(report: dict[str, Any]) -> Path:
+    """Write ``report`` to its ``eval.json``; a file that cannot be written is one UserError."""
+    path = output_dir(Path(report["checkpoint"])) / EVAL_REPORT
+    write_json(path, report)
+    return path

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from torch.utils.tensorboard.summary import hparams
 from tqdm import tqdm
 
 from ppo_cli.errors import UserError
+from ppo_cli.rundir import write_text_atomic
 
 SUMMARY = "summary.json"
 TEXT_REPORTS = 20  # progress lines per run when there is no progress bar
@@ -120,12 +120,9 @@ def _hparam_value(value: Any) -> bool | int | float | str:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write ``data`` as JSON atomically (temp file + rename): readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
 

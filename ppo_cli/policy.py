@@ -12,6 +12,7 @@ action = agent.act(obs, state=state)
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -88,7 +89,11 @@ class TrainedAgent:
 
 def load_agent(path: str | Path, device: str = "cpu") -> TrainedAgent:
     """Load the agent of a run directory (its ``checkpoints/last.pt``) or of a checkpoint file."""
-    payload = load_checkpoint(path, map_location=device)
+    return agent_from_checkpoint(load_checkpoint(path, map_location=device), resolve_checkpoint(path), device)
+
+
+def agent_from_checkpoint(payload: dict[str, Any], source: Path, device: str = "cpu") -> TrainedAgent:
+    """The agent of a checkpoint already read (by :func:`load_checkpoint`) from ``source``."""
     config = payload["config"]
     obs_space, act_space = rebuild_spaces(payload["spaces"])
     env_cfg = config["env"]
@@ -99,5 +104,5 @@ def load_agent(path: str | Path, device: str = "cpu") -> TrainedAgent:
         env_cfg["normalize_obs"],
         env_cfg["clip_obs"],
     )
-    load_matching(network, payload["agent"], "network", resolve_checkpoint(path))
+    load_matching(network, payload["agent"], "network", source)
     return TrainedAgent(network.to(device), tuple(obs_space.shape), config, int(payload["global_step"]))

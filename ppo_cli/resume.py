@@ -5,6 +5,15 @@
 continues the run dir Hydra picked if it holds a checkpoint and starts fresh otherwise, so that
 re-launching a preempted job with a fixed ``hydra.run.dir`` (or ``hydra.sweep.dir``) just goes on.
 
+A run directory is untrusted input (a colleague's run, a download, a shared disk), and Hydra
+overrides can choose code: a ``hydra.callbacks`` entry or any ``_target_`` is instantiated, and a
+preset name such as ``env=../../elsewhere/x`` loads a YAML file from outside the config tree, which
+may set ``hydra.*`` itself. So the saved overrides are data: each must set a key of the training
+schema or pick a preset by plain name, with no interpolation and no ``_target_``; anything else is
+refused, naming the entry (:func:`saved_overrides`); so is an env id of the form ``module:Env``,
+which imports the module. The resumed config must then match the
+checkpoint's own (weights-only) config, key for key (:func:`check_config_changes`).
+
 A resumed run must be indistinguishable from one that never stopped, so everything that shapes
 the future is restored: weights, optimizer, normalisation statistics, the variant's own state, the
 step counters (which also place the learning-rate schedule), the envs (see ``env_state.py``) and
@@ -14,6 +23,8 @@ the Python / numpy / torch random generators.
 from __future__ import annotations
 
 import random
+import re
+import shlex
 from pathlib import Path
 from typing import Any, cast
 
@@ -22,9 +33,11 @@ import torch
 import yaml
 from hydra._internal.utils import get_args_parser  # hydra-core is pinned to 1.3.x
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from hydra.errors import HydraException
 
 from ppo_cli.checkpoint import LAST, checkpoint_dir, load_checkpoint, newest_valid_checkpoint
-from ppo_cli.config import flatten, schema_defaults
+from ppo_cli.config import CONFIG_GROUPS, TRAIN_KEYS, flatten, schema_defaults
 from ppo_cli.errors import ConfigError, UserError
 
 AUTO = "auto"
@@ -34,6 +47,9 @@ RESUME_KEYS = ("resume", "resume_allow_changes")
 # resume_allow_changes: how long to train and how to checkpoint, evaluate, report and where to
 # compute. Every other key shapes the model, the envs or the updates.
 FREE_ON_RESUME = ("total_timesteps", "checkpoint.", "eval.", "progress", "torch_threads", "device", "resume")
+
+KEY_PATH = re.compile(r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z0-9][A-Za-z0-9_-]*)*")  # no _target_, no hydra/x
+PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a file in ppo-cli's config tree, not a path
 
 
 def run_dir_of(target: Path) -> Path:
@@ -47,15 +63,61 @@ def run_dir_of(target: Path) -> Path:
     raise UserError(f"resume: {target}: no such run directory or checkpoint")
 
 
+def hydra_value(text: str) -> str:
+    """``text`` as a Hydra override value that parses back to exactly ``text``: as it is when it
+    does, else quoted. Quoting escapes quotes, the backslashes Hydra reads as escapes, and
+    ``${`` (so that a path never becomes an interpolation), and admits any character."""
+    if "${" not in text and _parses(text) and _parsed_value(text) == text:
+        return text
+    text = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", text)  # OmegaConf's escape
+    text = re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), text)
+    return f"'{text}'"
+
+
+def _parsed_value(text: str) -> Any:
+    """What Hydra reads from ``key=<text>`` (a HydraException if it cannot)."""
+    return OverridesParser.create().parse_override(f"k={text}").value()
+
+
+def resume_command(run_dir: Path) -> str:
+    """The shell command that continues ``run_dir``, quoted so that it works as printed."""
+    return f"ppo-train {shlex.quote(f'resume={run_dir}')}"
+
+
+def _with_path_values(argv: list[str]) -> list[str]:
+    """``resume=<path>`` as the shell passed it: a path that Hydra's grammar cannot read as it is
+    (spaces, non-ASCII letters, quotes) is quoted for it, so the command we print works as is."""
+    fixed = []
+    for arg in argv:
+        raw = arg.partition("=")[2]
+        if (
+            arg.startswith("resume=")
+            and raw not in (AUTO, "null")
+            and (Path(raw).exists() or not _parses(raw))
+        ):
+            arg = f"resume={hydra_value(raw)}"
+        fixed.append(arg)
+    return fixed
+
+
+def _parses(text: str) -> bool:
+    try:
+        _parsed_value(text)
+    except HydraException:
+        return False
+    return True
+
+
 def expand_resume_argv(argv: list[str]) -> list[str]:
     """Rewrite ``ppo-train resume=<path> [overrides]`` into the original run's overrides, the new
     ones, and ``hydra.run.dir=<that run>``; other command lines come back unchanged.
 
-    The original overrides are read from ``.hydra/overrides.yaml`` (plain YAML, loaded safely).
+    The original overrides are read from ``.hydra/overrides.yaml`` as data (:func:`saved_overrides`).
     An override given again on the command line replaces the original one.
     """
     if not any(arg.startswith("resume=") for arg in argv):
         return argv
+    argv = _with_path_values(argv)
     cli = get_args_parser().parse_args(argv)  # Hydra's own command-line parser
     parser = OverridesParser.create()
     given = parser.parse_overrides(cli.overrides)
@@ -68,14 +130,74 @@ def expand_resume_argv(argv: list[str]) -> list[str]:
             "resume: a path continues one run; in a sweep use resume=auto with a fixed hydra.sweep.dir"
         )
     run_dir = run_dir_of(Path(str(value)))
+    replaced = {o.key_or_group for o in given} | set(RESUME_KEYS)
+    kept = [line for line, o in saved_overrides(run_dir) if o.key_or_group not in replaced]
+    return [*kept, *argv, f"hydra.run.dir={hydra_value(str(run_dir))}"]
+
+
+def saved_overrides(run_dir: Path) -> list[tuple[str, Override]]:
+    """The run's command line from ``.hydra/overrides.yaml`` (plain YAML, loaded safely), each
+    entry checked to be a setting of the training schema; the first that is not is refused in one
+    line naming it."""
     saved_file = run_dir / ".hydra" / "overrides.yaml"
     if not saved_file.is_file():
         raise UserError(f"resume: {saved_file} is missing; resume needs a run directory made by ppo-train")
-    saved = yaml.safe_load(saved_file.read_text()) or []
-    replaced = {o.key_or_group for o in given} | set(RESUME_KEYS)
-    parsed = parser.parse_overrides(saved)
-    kept = [line for line, o in zip(saved, parsed, strict=True) if o.key_or_group not in replaced]
-    return [*kept, *argv, f"hydra.run.dir={run_dir}"]
+    try:
+        saved = yaml.safe_load(saved_file.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise UserError(f"resume: {saved_file}: not readable as a list of overrides ({reason})") from None
+    saved = saved or []
+    if not (isinstance(saved, list) and all(isinstance(line, str) for line in saved)):
+        raise UserError(f"resume: {saved_file}: not a list of overrides (key=value lines)")
+    checked = []
+    parser = OverridesParser.create()
+    for line in saved:
+        try:
+            override = parser.parse_override(line)
+        except HydraException as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"resume: {saved_file}: entry {line!r} does not parse ({reason})") from None
+        problem = _untrusted(override)
+        if problem:
+            raise UserError(
+                f"resume: {saved_file}: refusing entry {line!r}: {problem}; nothing read from a run "
+                "directory may choose code (delete the entry if you trust it)"
+            )
+        checked.append((line, override))
+    return checked
+
+
+def _untrusted(override: Override) -> str | None:
+    """Why ``override``, read from a run directory, could do more than set a training key; None
+    if it cannot."""
+    key = override.key_or_group
+    if key.split(".")[0].split("/")[0] == "hydra":
+        return "hydra.* keys choose code to run (callbacks, launchers)"
+    if override.package is not None or not KEY_PATH.fullmatch(key):
+        return "not a key of the training schema (a key like _target_ names code to run)"
+    if key.split(".")[0] not in (*TRAIN_KEYS, *CONFIG_GROUPS):
+        return "not a key of the training schema"
+    if override.is_sweep_override():
+        return "a sweep, not one run's value"
+    value = override.value()
+    if key == "env.id" and ":" in str(value):  # module:Env imports the module (as ppo-eval refuses too)
+        return f"it imports the module {str(value).partition(':')[0]!r} (type env.id={value} yourself)"
+    if key in CONFIG_GROUPS and not (value is None or PRESET_NAME.fullmatch(str(value))):
+        return "a preset is named, not given as a path (which can load a file from outside ppo-cli's configs)"
+    return _untrusted_value(value)
+
+
+def _untrusted_value(value: Any) -> str | None:
+    if isinstance(value, str) and "${" in value:
+        return "an interpolation reads beyond the run's config"
+    if isinstance(value, dict):
+        if any(str(key).startswith("_") for key in value):
+            return "a mapping key like _target_ names code to run"
+        return next(filter(None, map(_untrusted_value, value.values())), None)
+    if isinstance(value, list):
+        return next(filter(None, map(_untrusted_value, value)), None)
+    return None
 
 
 def find_checkpoint(resume: str, run_dir: Path) -> tuple[Path, dict[str, Any]] | None:

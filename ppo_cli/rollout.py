@@ -26,7 +26,7 @@ from gymnasium.vector import VectorEnv
 from ppo_cli import env_state
 from ppo_cli.acting import Acting, ActingBuffers, make_acting
 from ppo_cli.agent import ActorCritic
-from ppo_cli.envs import action_masks, finished_episodes, uses_next_step_autoreset
+from ppo_cli.envs import action_masks, env_failure, finished_episodes, uses_next_step_autoreset
 from ppo_cli.errors import NonFiniteError
 from ppo_cli.normalization import RewardScaler
 
@@ -166,7 +166,7 @@ class Collector:
         self.bootstrap_truncated = bootstrap_truncated
         self.device = device
         self.next_step_autoreset = uses_next_step_autoreset(envs)
-        obs, info = envs.reset(seed=seed)
+        obs, info = self._reset(seed)
         self.obs = self._observe(obs)
         # Discrete actions the envs allow for the current observations, if they say (envs.py).
         self.mask = None if agent.continuous else action_masks(info, envs.num_envs, agent.actor_out_dim)
@@ -177,6 +177,20 @@ class Collector:
         self.games_in_info = games_in_info
         # A recurrent agent's state for the current observations (before any reset they need).
         self.state = agent.initial_state(envs.num_envs) if agent.core is not None else None
+
+    def _reset(self, seed: int | list[int]) -> tuple[np.ndarray, dict[str, Any]]:
+        """``envs.reset``; whatever the envs raise becomes an EnvError (see ``envs.env_failure``)."""
+        try:
+            return self.envs.reset(seed=seed)  # type: ignore[arg-type]  # sync and async take a list
+        except Exception as exc:
+            raise env_failure(self.envs, "reset", exc) from None
+
+    def _step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
+        """``envs.step``; whatever the envs raise becomes an EnvError (see ``envs.env_failure``)."""
+        try:
+            return self.envs.step(actions)
+        except Exception as exc:
+            raise env_failure(self.envs, "step", exc) from None
 
     def _observe(self, obs: np.ndarray) -> torch.Tensor:
         """Fold fresh observations into the statistics, then normalise them."""
@@ -231,7 +245,7 @@ class Collector:
                 assert self.state is not None and s.starts is not None
                 s.states[t].copy_(self.state)
                 s.starts[t].copy_(torch.from_numpy(self.prev_done))
-            obs, reward, terminated, truncated, info = self.envs.step(act(t, self.obs))
+            obs, reward, terminated, truncated, info = self._step(act(t, self.obs))
             check_finite("reward", reward)
             s.host_rewards[t], s.host_terminated[t], s.host_truncated[t] = reward, terminated, truncated
             self.prev_done = terminated | truncated
@@ -301,7 +315,7 @@ class Collector:
 
     def restart(self, reset_seed: int) -> None:
         """Reset every env with ``reset_seed``, forgetting the episodes in flight."""
-        obs, info = self.envs.reset(seed=reset_seed)
+        obs, info = self._reset(reset_seed)
         self.obs = self._observe(obs)
         self._observe_masks(info)
         self.prev_done[:] = False
@@ -337,8 +351,7 @@ class GroupCollector(Collector):
     @torch.inference_mode()  # cheaper than no_grad; the storage it writes into stays normal
     def collect(self) -> RolloutStats:
         s, stats = self.storage, RolloutStats()
-        # Sync and async vector envs take one seed per env (the annotation says int).
-        obs, info = self.envs.reset(seed=self.group_seeds())  # type: ignore[arg-type]
+        obs, info = self._reset(self.group_seeds())  # one seed per env
         self.iteration += 1
         self.obs = self._observe(obs)
         self._observe_masks(info)
@@ -349,7 +362,7 @@ class GroupCollector(Collector):
         for t in range(s.num_steps):
             s.host_valid[t] = running
             self._record_masks(t)
-            obs, reward, terminated, truncated, info = self.envs.step(act(t, self.obs))
+            obs, reward, terminated, truncated, info = self._step(act(t, self.obs))
             check_finite("reward", reward)
             s.host_rewards[t] = reward * running
             s.host_terminated[t], s.host_truncated[t] = terminated, truncated

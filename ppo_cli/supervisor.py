@@ -21,17 +21,17 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import json
-import logging
 import os
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from ppo_cli.errors import UserError
 from ppo_cli.processes import die_with_parent
+from ppo_cli.rundir import LOG_FILE
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM)
 NATIVE_CRASH = "a crash in native code: an env, a simulator, torch"
@@ -43,6 +43,7 @@ CRASH_HINTS: dict[int, str] = {
 READER_WAIT_S = 2.0  # for the last reports still in the pipe once the trainer is gone
 
 _channel: int | None = None  # in the trainer: the write end of the pipe to its supervisor
+_fatal_log: IO[str] | None = None  # in the trainer: the run's log, opened for faulthandler
 
 
 def supervise(prog: str) -> None:
@@ -75,15 +76,16 @@ def supervised() -> bool:
 def run_started(run_dir: Path, summary: dict[str, Any]) -> None:
     """Tell the supervisor (if any) that this process now trains in ``run_dir``, accepted there,
     with ``summary`` as ``summary.json`` would be written now; and have a fatal error's stack
-    trace (faulthandler) written to the run's log, the first file the root logger writes to."""
+    trace (faulthandler) appended to the run's ``train.log``, unless faulthandler already writes
+    somewhere (``PYTHONFAULTHANDLER``, a sweep's job file)."""
+    global _fatal_log
     if _channel is None:
         return
-    log_file = next((h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)), None)
-    log = None
-    if log_file is not None and log_file.stream is not None:
-        faulthandler.enable(file=log_file.stream, all_threads=True)
-        log = log_file.baseFilename
-    _report(run_dir=str(run_dir), summary=summary, log=log)
+    if not faulthandler.is_enabled():
+        with contextlib.suppress(OSError):  # no log then; the run reports the directory's fault itself
+            _fatal_log = open(run_dir / LOG_FILE, "a", encoding="utf-8")  # noqa: SIM115 (closed in run_ended)
+            faulthandler.enable(file=_fatal_log, all_threads=True)
+    _report(run_dir=str(run_dir), summary=summary, log=_fatal_log and _fatal_log.name)
 
 
 def checkpoint_saved(path: Path, global_step: int) -> None:
@@ -94,9 +96,13 @@ def checkpoint_saved(path: Path, global_step: int) -> None:
 def run_ended() -> None:
     """Tell the supervisor (if any) that ``summary.json`` holds the run's outcome; the log file may
     close now, so faulthandler stops writing to it."""
+    global _fatal_log
     if _channel is None:
         return
-    faulthandler.disable()
+    if _fatal_log is not None:
+        faulthandler.disable()
+        _fatal_log.close()
+        _fatal_log = None
     _report(finished=True)
 
 
@@ -133,7 +139,7 @@ def last_checkpoint(run: dict[str, Any]) -> str | None:
 class _Supervisor:
     def __init__(self, child: int, read_end: int, prog: str) -> None:
         self.child = child
-        self.prog = prog
+        self.prog = prog  # the command's name, which starts the line it prints
         self.forwarded: set[int] = set()
         self.run: dict[str, Any] = {}
         self.reader = threading.Thread(target=self._read, args=(read_end,), name="reports", daemon=True)
@@ -191,7 +197,9 @@ class _Supervisor:
         checkpoint = last_checkpoint(run)
         if checkpoint is None:
             return f"{line}; no checkpoint was written"
-        return f"{line}; last checkpoint: {checkpoint}; resume with: {self.prog} resume={run_dir}"
+        from ppo_cli.resume import resume_command  # as write_crash_summary: torch, on the way out only
+
+        return f"{line}; last checkpoint: {checkpoint}; resume with: {resume_command(run_dir)}"
 
 
 def write_crash_summary(run_dir: Path, summary: dict[str, Any]) -> None:

@@ -21,7 +21,7 @@ import torch
 from gymnasium.vector import VectorEnv
 from omegaconf import OmegaConf
 
-from ppo_cli import supervisor
+from ppo_cli import rundir, supervisor
 from ppo_cli.advantages import gae, group_relative
 from ppo_cli.agent import ActorCritic
 from ppo_cli.checkpoint import (
@@ -34,14 +34,14 @@ from ppo_cli.checkpoint import (
 )
 from ppo_cli.config import ActorCriticConfig, AlgoConfig, GRPOConfig, TrainConfig, flatten
 from ppo_cli.distributed import DataParallel, IterationReport, StatisticsExchange
-from ppo_cli.envs import closing_envs, dead_env_workers, episode_time_limit, make_vector_env
-from ppo_cli.errors import ConfigError, EnvCrashed, Interrupted, NonFiniteError, UserError
+from ppo_cli.envs import closing_envs, episode_time_limit, make_vector_env
+from ppo_cli.errors import ConfigError, EnvError, Interrupted, NonFiniteError, UserError
 from ppo_cli.evaluate import EVAL_SEED_OFFSET, evaluate
 from ppo_cli.logger import RunLogger, read_summary, write_summary
 from ppo_cli.losses import explained_variance
 from ppo_cli.normalization import RewardScaler
 from ppo_cli.packing import packed_optimizer_state
-from ppo_cli.resume import check_config_changes, find_checkpoint, rng_state, set_rng_state
+from ppo_cli.resume import check_config_changes, find_checkpoint, resume_command, rng_state, set_rng_state
 from ppo_cli.rollout import Collector, GroupCollector, RolloutStorage
 from ppo_cli.signals import SUPERVISOR_ECHO_S, TORCHRUN_ECHO_S, GracefulStop
 from ppo_cli.update import Batch, Updater, make_updater
@@ -226,15 +226,25 @@ def train(cfg: TrainConfig, run_dir: Path, label: str = "") -> dict[str, Any]:
     refused (a changed config, a checkpoint that does not fit) leaves the summary as it was.
     ``label`` prefixes the progress lines (the job, in a sweep).
 
+    The run holds ``run_dir`` throughout (see ``rundir.py``: another process there is refused) and
+    writes into it only once accepted: after the resume checks, or when a new run fails.
+
     Under ``torchrun`` every rank calls this with the same ``cfg`` and ``run_dir``; only rank 0
-    writes there (see ``distributed.py``).
+    holds and writes there (see ``distributed.py``).
     """
     parallel = DataParallel.current()
+    with rundir.hold(run_dir, lock=parallel.is_main) as directory:
+        return _train_held(cfg, run_dir, label, parallel, directory)
+
+
+def _train_held(
+    cfg: TrainConfig, run_dir: Path, label: str, parallel: DataParallel, directory: rundir.RunDirectory
+) -> dict[str, Any]:
     plain_config = cast(dict[str, Any], OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
     start = time.perf_counter()
     summary: dict[str, Any] = {"status": "running", "global_step": 0, "config": plain_config}
     previous_summary = read_summary(run_dir)
-    started = False
+    new_run = not rundir.holds_run(run_dir)
     try:
         seed_everything(cfg.seed)
         if cfg.torch_threads:
@@ -256,7 +266,7 @@ def train(cfg: TrainConfig, run_dir: Path, label: str = "") -> dict[str, Any]:
             if parallel.rank:  # the agent is built; from here on each rank draws its own numbers
                 seed_everything(parallel.rank_seed(cfg.seed))
             resumed = resume_state(cfg, run_dir, plain_config, state)
-            started = True
+            directory.accept()
             if resumed is not None:
                 summary.update(resumed_from=resumed, global_step=state.global_step)
             if parallel.is_main:
@@ -278,9 +288,9 @@ def train(cfg: TrainConfig, run_dir: Path, label: str = "") -> dict[str, Any]:
         raise
     finally:
         summary["wall_time_s"] = round(time.perf_counter() - start, 2)
-        if parallel.is_main and (started or not previous_summary):
+        if parallel.is_main and (directory.accepted or new_run):  # a refused resume writes nothing
+            directory.accept()
             write_summary(run_dir, summary)
-        if parallel.is_main and started:
             supervisor.run_ended()
     return summary
 
@@ -360,7 +370,8 @@ def _run(
             run_dir, OmegaConf.to_yaml(plain_config), cfg.total_timesteps, cfg.progress, resumed_at, label
         )
         logger.hparams(_hyperparameters(plain_config), HPARAMS_METRICS, logger.first_step)
-    last_saved: Path | None = None
+    # The newest checkpoint on disk: the one resumed from, then each one written.
+    last_saved: Path | None = Path(summary["resumed_from"]["checkpoint"]) if resumed else None
 
     def checkpoint(periodic: bool) -> None:
         """Rank 0 saves; the other ranks send it their own parts of the state."""
@@ -397,18 +408,13 @@ def _run(
 
                 # --- update --------------------------------------------------------------------
                 metrics = state.updater.update(batch)
-            except NonFiniteError as exc:
+            except (NonFiniteError, EnvError) as exc:
+                located = f"iteration {state.iteration}: {exc}"
+                last_good = f"last good checkpoint: {last_saved or 'none written yet'}"
+                if isinstance(exc, EnvError):
+                    raise EnvError(f"{located}; {last_good}", exc.details) from None
                 raise NonFiniteError(
-                    f"iteration {state.iteration}: {exc}; training stopped before the optimizer step, "
-                    f"last good checkpoint: {last_saved or 'none written yet'}"
-                ) from None
-            except (EOFError, ConnectionError):  # the pipe to an async env worker broke
-                died = dead_env_workers(envs)
-                if died is None:
-                    raise
-                raise EnvCrashed(
-                    f"env.id: {cfg.env.id}: iteration {state.iteration}: {died}; "
-                    f"last good checkpoint: {last_saved or 'none written yet'}"
+                    f"{located}; training stopped before the optimizer step, {last_good}"
                 ) from None
             report = parallel.combine(
                 IterationReport(
@@ -445,7 +451,7 @@ def _run(
                 raise Interrupted(
                     stop_signal,
                     f"stopped by {signal.Signals(stop_signal).name} at step {state.global_step}; "
-                    f"checkpoint: {last_saved}; resume with: ppo-train resume={run_dir}",
+                    f"checkpoint: {last_saved}; resume with: {resume_command(run_dir)}",
                 )
 
         checkpoint(periodic=False)

@@ -1,10 +1,9 @@
-"""Envs that fail mid-run, importable as ``env.id=faulty_envs:Exploding-v0`` (tests dir on
-PYTHONPATH): stand-ins for a simulator that raises, takes its process down, crashes in native
-code, or never returns."""
+"""Envs that fail, importable as ``env.id=faulty_envs:Exploding-v0`` (tests dir on PYTHONPATH):
+stand-ins for a simulator that raises, that takes its process down, that never returns, or that
+breaks its own observation space mid-run."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import time
@@ -48,14 +47,50 @@ class HangingCartPole(FailingCartPole):
             time.sleep(60)
 
 
-class SegfaultingCartPole(FailingCartPole):
-    """Its step reads address 0, as a buggy native simulator does: the process dies of SIGSEGV."""
+class GrowingCartPole(CartPoleEnv):
+    """From its FAILING_STEP-th step on, its observations hold 5 values; its space says 4."""
 
-    def fail(self) -> None:
-        ctypes.string_at(0)
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.steps = 0
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
+        obs, reward, terminated, truncated, info = super().step(action)
+        self.steps += 1
+        if self.steps >= FAILING_STEP:
+            obs = np.append(obs, np.float32(0.0))
+        return obs, reward, terminated, truncated, info
+
+
+class UnstartableCartPole(CartPoleEnv):
+    """Raises in every reset."""
+
+    def reset(self, **kwargs: object) -> tuple[np.ndarray, dict]:
+        raise RuntimeError("the simulator would not start")
+
+
+class BuggyConstructor(CartPoleEnv):
+    """Takes ``size`` but its constructor raises TypeError whatever it is given: a bug, not a
+    wrong keyword argument."""
+
+    def __init__(self, size: int = 4) -> None:
+        super().__init__()
+        self.size = len(size)  # type: ignore[arg-type]
 
 
 gym.register("Exploding-v0", entry_point=FailingCartPole, max_episode_steps=500)
 gym.register("Killed-v0", entry_point=KilledCartPole, max_episode_steps=500)
 gym.register("Hanging-v0", entry_point=HangingCartPole, max_episode_steps=500)
+gym.register("Growing-v0", entry_point=GrowingCartPole, max_episode_steps=500)
+gym.register("Unstartable-v0", entry_point=UnstartableCartPole, max_episode_steps=500)
+gym.register("BuggyConstructor-v0", entry_point=BuggyConstructor, max_episode_steps=500)
+
+
+class SegfaultingCartPole(FailingCartPole):
+    """Its process dies of a segmentation fault (SIGSEGV), as in a crashing native simulator."""
+
+    def fail(self) -> None:
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+
 gym.register("Segfaulting-v0", entry_point=SegfaultingCartPole, max_episode_steps=500)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import errno
 import io
+import json
+import logging
 import os
+import resource
+import signal
 import subprocess
 import sys
 import time
@@ -16,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from support import algo_config, compose_config
+from support import algo_config, compose_config, console_script
 
 from ppo_cli import checkpoint as ckpt
 from ppo_cli import load_agent
@@ -78,8 +81,10 @@ def test_truncated_file_is_user_error_naming_file(tmp_path: Path) -> None:
     last.write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError) as info:
         ckpt.load_checkpoint(last)
-    assert str(last) in str(info.value)
-    assert "\n" not in str(info.value)
+    assert str(info.value) == (
+        f"{last}: not a readable ppo-cli checkpoint: truncated or not a checkpoint file "
+        "(failed finding central directory)"
+    )
 
 
 def test_missing_and_foreign_files_are_user_errors(tmp_path: Path) -> None:
@@ -109,15 +114,45 @@ class _ShellSentinel:
         return (os.system, (f"touch '{self.path}'",))
 
 
-@pytest.mark.parametrize("payload_cls", [_CreateSentinel, _ShellSentinel])
-def test_pickled_code_is_refused(tmp_path: Path, payload_cls) -> None:
+@pytest.mark.parametrize(
+    ("payload_cls", "global_name"), [(_CreateSentinel, "io.open"), (_ShellSentinel, f"{os.name}.system")]
+)
+def test_pickled_code_is_refused(tmp_path: Path, payload_cls, global_name: str) -> None:
     sentinel = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
     torch.save({"format_version": ckpt.FORMAT_VERSION, "x": payload_cls(sentinel)}, evil)
     with pytest.raises(UserError) as info:
         ckpt.load_checkpoint(evil)
-    assert str(evil) in str(info.value)
+    # What is wrong, never torch's advice to load it unsafely.
+    assert str(info.value) == (
+        f"{evil}: not a readable ppo-cli checkpoint: it holds pickled Python objects "
+        f"(GLOBAL {global_name}), which ppo-cli checkpoints never contain; not loaded"
+    )
     assert not sentinel.exists()
+
+
+def test_skipped_checkpoints_are_logged_with_what_is_wrong(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for step in (1, 2):
+        ckpt.save_checkpoint(_payload(step), tmp_path, keep=3, periodic=True)
+    directory = ckpt.checkpoint_dir(tmp_path)
+    torch.save(
+        {"format_version": ckpt.FORMAT_VERSION, "x": _ShellSentinel(tmp_path / "pwned")},
+        directory / "last.pt",
+    )
+    newest = directory / "step_0000000002.pt"
+    newest.write_bytes(newest.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING):
+        path, payload = ckpt.newest_valid_checkpoint(directory)  # type: ignore[misc]
+    assert (path.name, payload["global_step"]) == ("step_0000000001.pt", 1)
+    assert [record.getMessage() for record in caplog.records] == [
+        f"skipping {directory / 'last.pt'}: not a readable ppo-cli checkpoint: it holds pickled Python "
+        f"objects (GLOBAL {os.name}.system), which ppo-cli checkpoints never contain; not loaded",
+        f"skipping {newest}: not a readable ppo-cli checkpoint: truncated or not a checkpoint file "
+        "(failed finding central directory)",
+    ]
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_pickled_code_payload_is_live(tmp_path: Path) -> None:
@@ -130,24 +165,88 @@ def test_pickled_code_payload_is_live(tmp_path: Path) -> None:
     assert sentinel.exists()
 
 
-def test_failed_save_keeps_previous_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    ckpt.save_checkpoint(_payload(1), tmp_path, keep=3, periodic=False)
+FILE_SIZE_LIMIT = 50_000  # bytes: less than any checkpoint below, or a CartPole run's
+
+
+def _file_size_limit() -> None:
+    """In the child: a write past FILE_SIZE_LIMIT fails (EFBIG) as one on a full disk does
+    (ENOSPC); SIGXFSZ, which would kill the process instead, is ignored."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+SAVE_BIG_CHECKPOINT = """
+import sys
+from pathlib import Path
+import torch
+from ppo_cli import checkpoint as ckpt
+from ppo_cli.errors import UserError
+run_dir = Path(sys.argv[1])
+if sys.argv[2] == "after_a_small_one":
+    ckpt.save_checkpoint({"global_step": 1, "w": torch.ones(10)}, run_dir, keep=3, periodic=True)
+try:
+    ckpt.save_checkpoint({"global_step": 2, "w": torch.ones(100_000)}, run_dir, keep=3, periodic=True)
+except UserError as exc:
+    print(exc)
+"""
+
+
+@pytest.mark.parametrize(
+    ("case", "left"),
+    [("first", "no checkpoint was written yet"), ("after_a_small_one", "the previous checkpoint is intact")],
+)
+def test_a_write_the_disk_refuses_is_one_line_saying_what_is_left(
+    case: str, left: str, tmp_path: Path
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", SAVE_BIG_CHECKPOINT, str(tmp_path), case],
+        preexec_fn=_file_size_limit, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
     directory = ckpt.checkpoint_dir(tmp_path)
-    before = (directory / "last.pt").read_bytes()
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == f"{directory / 'last.pt'}: cannot write the checkpoint (File too large); {left}\n"
+    if case == "first":
+        assert _files(directory) == []  # no temp file left
+    else:
+        assert _files(directory) == ["last.pt", "step_0000000001.pt"]
+        assert ckpt.load_checkpoint(tmp_path)["global_step"] == 1
 
-    def broken_save(obj, f, *args, **kwargs):
-        f.write(b"PK\x03\x04 half a checkpoint")
-        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", broken_save)
+def test_ppo_train_on_a_full_disk_is_one_line(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    tiny = ["env.num_envs=2", "env.num_steps=16", "total_timesteps=64", "eval.episodes=0", "progress=false"]
+    result = subprocess.run(
+        [console_script("ppo-train"), *tiny, f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path, preexec_fn=_file_size_limit, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    last = ckpt.checkpoint_dir(run_dir) / "last.pt"
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"ppo-train: error: {last}: cannot write the checkpoint (File too large); "
+        "no checkpoint was written yet"
+    )
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and "cannot write the checkpoint" in summary["error"]
+
+
+def test_a_periodic_file_the_disk_refuses_names_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """last.pt is written, then the periodic copy fails on a full disk (writes go to /dev/full)."""
+    ckpt.save_checkpoint(_payload(1), tmp_path, keep=3, periodic=False)
+
+    def open_periodic_on_full_disk(file: Path, mode: str) -> io.BufferedWriter:
+        return open("/dev/full" if file.name.startswith(".step_") else file, mode)
+
+    monkeypatch.setattr(ckpt, "open", open_periodic_on_full_disk, raising=False)
     with pytest.raises(UserError) as info:
-        ckpt.save_checkpoint(_payload(2), tmp_path, keep=3, periodic=True)
-    assert "last.pt: cannot write the checkpoint (No space left on device)" in str(info.value)
-    assert "\n" not in str(info.value)
+        ckpt.save_checkpoint(_payload(2, w=torch.ones(100_000)), tmp_path, keep=3, periodic=True)
+    directory = ckpt.checkpoint_dir(tmp_path)
+    assert str(info.value) == (
+        f"{directory / 'step_0000000002.pt'}: cannot write the checkpoint (No space left on device); "
+        f"{directory / 'last.pt'} holds this step"
+    )
     monkeypatch.undo()
-    assert _files(directory) == ["last.pt"]  # no temp file, no periodic file
-    assert (directory / "last.pt").read_bytes() == before
-    assert ckpt.load_checkpoint(tmp_path)["global_step"] == 1
+    assert _files(directory) == ["last.pt"]
+    assert ckpt.load_checkpoint(tmp_path)["global_step"] == 2
 
 
 VECTOR = gym.spaces.Box(-1.0, 1.0, shape=(4,), dtype=np.float32)

@@ -140,11 +140,77 @@ def test_user_config_dir_adds_presets(tmp_path: Path) -> None:
     assert summary["config"]["env"]["num_envs"] == 2
 
 
+def test_yaml_syntax_error_in_a_config_dir_file_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The line names the file, the line and column (counted from 1) and the parser's problem."""
+    preset = tmp_path / "my_configs" / "env" / "Broken.yaml"
+    preset.parent.mkdir(parents=True)
+    preset.write_text("env:\n  id: CartPole-v1\n  num_envs: [2\n")
+    run_dir = tmp_path / "run"
+    argv = ["ppo-train", "--config-dir", str(preset.parent.parent), "env=Broken", f"hydra.run.dir={run_dir}"]
+    code, line = one_line_failure(cli.train_main, argv, monkeypatch, capsys)
+    assert (code, line) == (
+        2,
+        f"ppo-train: error: {preset}: YAML syntax error at line 4, column 1: expected ',' or ']', but got "
+        "'<stream end>' (while parsing a flow sequence started at line 3, column 13)",
+    )
+    assert not run_dir.exists()
+
+
+HIDDEN_CONFIGS = [
+    (
+        "train.yaml",
+        "never read, ppo-train's own train.yaml comes first; name yours otherwise and pass "
+        "--config-name <that name> (begin it with 'defaults: [train, _self_]' to build on ppo-train's)",
+    ),
+    (
+        "env/CartPole.yaml",
+        "never read, ppo-train's own env/CartPole.yaml comes first; rename yours "
+        "(e.g. env/my_CartPole.yaml) and select it with env=my_CartPole",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "expected"), HIDDEN_CONFIGS, ids=[name for name, _ in HIDDEN_CONFIGS])
+def test_a_config_dir_file_hidden_by_ours_is_refused(
+    name: str,
+    expected: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Hydra reads ppo-cli's own configs before a --config-dir's: a file of the same name there
+    would be silently ignored, so the run is refused before anything is written."""
+    hidden = tmp_path / "my_configs" / name
+    hidden.parent.mkdir(parents=True)
+    hidden.write_text("seed: 7\n")
+    run_dir = tmp_path / "run"
+    argv = ["ppo-train", "--config-dir", str(tmp_path / "my_configs"), f"hydra.run.dir={run_dir}"]
+    code, line = one_line_failure(cli.train_main, argv, monkeypatch, capsys)
+    assert (code, line) == (2, f"ppo-train: error: {hidden}: {expected}")
+    assert not run_dir.exists()
+
+
+def test_a_config_dir_may_copy_ours_and_add_a_root_config(tmp_path: Path) -> None:
+    """Identical copies hide nothing; the advice for a train.yaml of one's own works."""
+    user_configs = tmp_path / "my_configs"
+    shutil.copytree(cli.find_config_dir(), user_configs)
+    (user_configs / "mine.yaml").write_text(
+        "defaults: [train, _self_]\nseed: 7\ntotal_timesteps: 64\nenv:\n  num_envs: 2\n  num_steps: 16\n"
+        "eval:\n  episodes: 1\n"
+    )
+    result = ppo_train("--config-dir", str(user_configs), "--config-name", "mine", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((only_run_dir(tmp_path) / "summary.json").read_text())
+    assert (summary["config"]["seed"], summary["global_step"]) == (7, 64)
+
+
 def test_multirun_writes_one_dir_per_job(tmp_path: Path) -> None:
     result = ppo_train("-m", "seed=0,1", "total_timesteps=512", "eval.episodes=1", cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     (sweep_dir,) = (tmp_path / "runs" / "multirun").iterdir()
-    job_dirs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir())
+    job_dirs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     # Each job's directory is named by its overrides (hydra.job.override_dirname).
     assert job_dirs == [f"eval.episodes=1,seed={s},total_timesteps=512" for s in (0, 1)]
     for seed, job in enumerate(job_dirs):
@@ -226,3 +292,58 @@ def test_evaluating_on_an_env_the_agent_cannot_read_is_one_line(
         UserError, match=r"env.id: Acrobot-v1 observes shape \(6,\); the agent takes 4 values"
     ):
         evaluate(trained.network, acrobot, 1, True, 0, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-iteration CartPole run with last.pt and periodic checkpoints at steps 32 and 64."""
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    result = ppo_train(
+        "env.num_envs=2", "env.num_steps=16", "total_timesteps=64", "eval.episodes=1",
+        "checkpoint.interval=1", f"hydra.run.dir={run_dir}", cwd=run_dir.parent,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    return run_dir
+
+
+def test_ppo_eval_falls_back_to_the_newest_readable_checkpoint(tiny_run: Path, tmp_path: Path) -> None:
+    """As resume does: each unreadable checkpoint is named with its reason (no advice to load it
+    unsafely), then the one evaluated instead; nothing in the malicious one runs."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    checkpoints = run_dir / "checkpoints"
+    sentinel = tmp_path / "pwned"
+    torch.save({"format_version": ckpt.FORMAT_VERSION, "agent": _Sentinel(sentinel)}, checkpoints / "last.pt")
+    step_64 = checkpoints / "step_0000000064.pt"
+    step_64.write_bytes(step_64.read_bytes()[:1000])
+    result = run([console_script("ppo-eval"), str(run_dir), "--episodes", "1"], cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not sentinel.exists()
+    skipped_last, skipped_64, used = result.stderr.strip().splitlines()
+    assert skipped_last == (
+        f"ppo-eval: skipping {checkpoints / 'last.pt'}: not a readable ppo-cli checkpoint: it holds pickled "
+        "Python objects (GLOBAL posix.system), which ppo-cli checkpoints never contain; not loaded"
+    )
+    assert skipped_64 == (
+        f"ppo-eval: skipping {step_64}: not a readable ppo-cli checkpoint: truncated or not a checkpoint "
+        "file (failed finding central directory)"
+    )
+    assert "weights_only" not in result.stderr and "If you are seeing this error" not in result.stderr
+    step_32 = checkpoints / "step_0000000032.pt"
+    assert used == f"ppo-eval: evaluating {step_32} instead, the newest readable checkpoint"
+    assert result.stdout.startswith(f"CartPole-v1 at step 32 ({step_32})\n")
+    assert json.loads((run_dir / "eval.json").read_text())["checkpoint"] == str(step_32)
+
+
+def test_ppo_eval_shows_the_score_when_eval_json_cannot_be_written(tiny_run: Path, tmp_path: Path) -> None:
+    """The score is printed before eval.json is written; then one line names the file, exit 2.
+    (eval.json is made a directory: unlike a read-only run dir, that stops root as well.)"""
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    (run_dir / "eval.json").mkdir()
+    result = run([console_script("ppo-eval"), str(run_dir), "--episodes", "1"], cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"ppo-eval: error: {run_dir / 'eval.json'}: cannot write (Is a directory)"
+    header, score = result.stdout.strip().splitlines()
+    assert header == f"CartPole-v1 at step 64 ({run_dir / 'checkpoints' / 'last.pt'})"
+    assert score.startswith("1 deterministic episodes: mean ")

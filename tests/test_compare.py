@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +93,50 @@ def test_default_grouping_is_every_key_that_differs_except_seed(small_sweep: Pat
     # clip and penalty differ in algo.name and in each variant's own keys.
     assert len(groups) == 2
     assert all("algo.name=" in group for group in groups)
+
+
+# (file of the run to damage, its new content from the old, the warning after "skipping ")
+DAMAGES = {
+    "random bytes": (
+        "events",
+        lambda old: np.random.default_rng(0).bytes(2000),
+        r"{events}: damaged after 0 records \(failed header crc32 check\)",
+    ),
+    "truncated": (
+        "events",
+        lambda old: old[:-10],
+        r"{events}: damaged after \d+ records \(truncated record in data\)",
+    ),
+    "empty": ("events", lambda old: b"", r"{run}: its event files hold no scalars"),
+    "summary.json cut": ("summary", lambda old: old[:100], r"{run}/summary.json: no config recorded"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_run_with_damaged_files_is_skipped_with_a_warning(
+    damage: str, small_sweep: Path, tmp_path: Path
+) -> None:
+    """One run's damaged file costs that run, named in one warning line, not the comparison."""
+    sweep = tmp_path / "sweep"
+    shutil.copytree(small_sweep, sweep)
+    (damaged_run,) = sweep.glob("algo=clip,*seed=1*")
+    (event_file,) = damaged_run.glob("events.out.tfevents.*")
+    which, rewrite, expected = DAMAGES[damage]
+    target = event_file if which == "events" else damaged_run / "summary.json"
+    target.write_bytes(rewrite(target.read_bytes()))
+    result = run([console_script("ppo-compare"), str(sweep), "--group-by", "algo"], cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (warning,) = result.stderr.strip().splitlines()
+    problem = expected.format(events=re.escape(str(event_file)), run=re.escape(str(damaged_run)))
+    assert re.fullmatch(
+        f"ppo-compare: skipping {problem}; the other runs are compared without it", warning
+    ), warning
+    with open(sweep / "comparison.csv") as f:
+        table = {row["group"]: row for row in csv.DictReader(f)}
+    assert (table["clip"]["seeds"], table["penalty"]["seeds"]) == ("2", "3")
+    others = [d for d in sweep.glob("algo=clip,*") if d != damaged_run]
+    finals = [_scalars(d, "eval/episodic_return")[-1][1] for d in others]
+    assert float(table["clip"]["final mean"]) == pytest.approx(np.mean(finals), abs=0.006)
 
 
 def _run(seed: int, lr: float, steps: list[float], values: list[float]) -> Run:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,6 +93,17 @@ BAD_INPUTS = [
         "env.normalize_obs: got True, allowed: false with agent.encoder=nature_cnn",
     ),
     (["env.atari.enabled=true"], "env.atari.enabled: CartPole-v1 is not an Atari game of ale-py"),
+    (["env.num_envs=2.5"], "env.num_envs: Value '2.5' of type 'float' could not be converted to Integer"),
+    (
+        ["+env.kwargs.foo=1"],
+        "env.kwargs.foo: CartPoleEnv (CartPole-v1) takes no parameter 'foo'; "
+        "its parameters: sutton_barto_reward, render_mode",
+    ),
+    (
+        ["env.id=FrozenLake-v1", "+env.kwargs.is_slippery=false", "+env.kwargs.success_rate=high"],
+        "env.kwargs.success_rate: FrozenLakeEnv (FrozenLake-v1) fails with success_rate='high' (str): "
+        "unsupported operand type(s) for -: 'float' and 'str'",
+    ),
 ]
 
 
@@ -158,3 +171,44 @@ def test_every_search_preset_searches_keys_that_exist(preset: str) -> None:
     for key in cfg.hydra.sweeper.params:
         assert OmegaConf.select(cfg, key) is not None, key
     assert compose_config(f"env={env_preset}").env.id == train_cfg.env.id
+
+
+def test_a_constructor_that_fails_whatever_it_is_given_keeps_its_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A TypeError that the env's constructor raises without the user's kwargs too is a bug of
+    the env, not a bad kwarg: it is not reported as one."""
+    env = ["env.id=faulty_envs:BuggyConstructor-v0", "+env.kwargs.size=3"]
+    argv = ["ppo-train", *env, f"hydra.run.dir={tmp_path}"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(TypeError, match="object of type 'int' has no len"):
+        cli.train_main()
+
+
+def test_integer_keys_take_integral_floats() -> None:
+    cfg = compose_config("total_timesteps=1e6", "env.num_envs=4.0", "checkpoint.interval=2e1")
+    values = (cfg.total_timesteps, cfg.env.num_envs, cfg.checkpoint.interval)
+    assert values == (1000000, 4, 20)
+    assert all(type(value) is int for value in values)
+
+
+def test_integral_floats_in_a_preset_and_a_sweep(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    presets = tmp_path / "configs" / "env"
+    presets.mkdir(parents=True)
+    (presets / "Tiny.yaml").write_text(
+        "# @package _global_\nenv:\n  id: CartPole-v1\n  num_envs: 2.0\n  num_steps: 16\n"
+        "total_timesteps: 3.2e1\nalgo:\n  num_minibatches: 2\n"
+    )
+    sweep_dir = tmp_path / "sweep"
+    argv = [
+        "ppo-train", "-m", "--config-dir", str(tmp_path / "configs"), "env=Tiny", "total_timesteps=32,6.4e1",
+        "eval.episodes=0", "progress=false", f"hydra.sweep.dir={sweep_dir}",
+    ]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    cli.train_main()
+    summaries = [json.loads(p.read_text()) for p in sweep_dir.glob("*/summary.json")]
+    assert sorted(s["global_step"] for s in summaries) == [32, 64]
+    assert {s["config"]["env"]["num_envs"] for s in summaries} == {2}
+    assert "error" not in capsys.readouterr().err

@@ -64,6 +64,7 @@ def test_two_ranks_train_one_agent_that_solves_cartpole(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ranks", "runs"]  # nothing from rank 1
     assert sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("events.")) == [
         ".hydra",
+        ".lock",
         "checkpoints",
         "summary.json",
         "train.log",

@@ -154,7 +154,7 @@ def test_a_crash_of_an_async_env_worker_is_one_line(tmp_path: Path) -> None:
     assert process.returncode == 1, stderr[-2000:]
     (line,) = stderr.strip().splitlines()
     worker = r"env worker \d \(pid \d+\) died of SIGSEGV"  # the first found dead, or both
-    expected = f"ppo-train: error: env.id: faulty_envs:Segfaulting-v0: iteration 4: {worker}(, {worker})?; "
+    expected = f"ppo-train: error: iteration 4: env Segfaulting-v0: {worker}(, {worker})?; "
     assert re.fullmatch(expected + re.escape(f"last good checkpoint: {run_dir}/checkpoints/last.pt"), line)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and "died of SIGSEGV" in summary["error"]

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 from support import compose_config, ppo_train
 
-from ppo_cli.sweep import SUMMARY_CSV, SUMMARY_MD, train_seeds
+from ppo_cli.sweep import SUMMARY_CSV, SUMMARY_MD, collect_jobs, record_failure, train_seeds
 
 TESTS = Path(__file__).resolve().parent
 SMALL = ["env.num_envs=8", "total_timesteps=512", "eval.episodes=2"]  # 2 iterations of 8 x 32
@@ -67,7 +68,7 @@ def test_a_failing_job_does_not_stop_the_others(launcher: str, tmp_path: Path) -
     (completed,) = [row for row in rows if "CartPole-v1" in row["overrides"]]
     assert completed["status"] == "completed" and completed["global_step"] == "512"
     assert failed["status"] == "failed"
-    assert failed["error"] == "RuntimeError: the simulator exploded"
+    assert "env Exploding-v0 raised in step (RuntimeError: the simulator exploded)" in failed["error"]
     log = (Path(failed["run_dir"]) / "train.log").read_text()
     assert "Traceback" in log and "RuntimeError: the simulator exploded" in log
     assert "the simulator exploded" in (sweep_dir / SUMMARY_MD).read_text()
@@ -89,6 +90,80 @@ def test_a_killed_job_process_is_reported_in_one_line(tmp_path: Path) -> None:
     assert report.startswith("ppo-train: error: 1 of 1 jobs did not complete (A worker process"), report
     assert report.endswith(f"; see {sweep_dir / SUMMARY_MD}")
     assert [row["status"] for row in _rows(sweep_dir)] == ["killed"]
+
+
+def test_a_segfault_in_a_joblib_sweep_leaves_every_job_in_its_true_state(tmp_path: Path) -> None:
+    """Job 1 segfaults while job 0 trains (2 at a time): loky then kills job 0 (SIGKILL) and never
+    starts jobs 2 and 3. The table lists all four as what happened to them, and the crashed job's
+    stack lands in a file named there instead of on the terminal."""
+    sweep_dir = tmp_path / "sweep"
+    env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    result = ppo_train(
+        "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+        "env.id=CartPole-v1,faulty_envs:Segfaulting-v0,Acrobot-v1,MountainCar-v0", "env.vectorization=sync",
+        "total_timesteps=100000", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, env=env, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    (report,) = [line for line in result.stderr.splitlines() if line.startswith("ppo-train:")]
+    assert report.startswith("ppo-train: error: 4 of 4 jobs did not complete (A worker process"), report
+    assert "Fatal Python error" not in result.stderr
+    rows = _rows(sweep_dir)
+    assert [(row["job"], row["status"]) for row in rows] == [
+        ("0", "stopped by the launcher"), ("1", "killed (SIGSEGV)"), ("2", "not run"), ("3", "not run")
+    ]  # fmt: skip
+    assert [row["overrides"].split()[0].removeprefix("env.id=") for row in rows] == [
+        "CartPole-v1", "faulty_envs\\:Segfaulting-v0", "Acrobot-v1", "MountainCar-v0"
+    ]  # fmt: skip
+    assert rows[0]["error"] == "killed by the launcher when job 1 died"
+    assert Path(rows[0]["run_dir"]).parent == sweep_dir and rows[2]["run_dir"] == rows[3]["run_dir"] == ""
+    crash_file = Path(rows[1]["error"].removeprefix("Python's stack at the crash: "))
+    assert crash_file.read_text().startswith("Fatal Python error: Segmentation fault")
+    assert "| 2 | env.id=Acrobot-v1 " in (sweep_dir / SUMMARY_MD).read_text()
+
+
+def test_each_job_state_comes_from_what_its_process_left(tmp_path: Path) -> None:
+    """The table's rules, on the files jobs leave: a summary written since the job started, a
+    failure recorded before its run began, a fatal signal's report, nothing, or no start at all."""
+    jobs = tmp_path / ".jobs"
+    jobs.mkdir()
+    run_dirs = [tmp_path / f"seed={n}" for n in range(5)]
+    for num in range(4):
+        run_dirs[num].mkdir()
+        (run_dirs[num] / "summary.json").write_text(json.dumps({"status": "completed", "global_step": 64}))
+        os.utime(run_dirs[num] / "summary.json", (1e9, 1e9))  # written by an earlier sweep
+        (jobs / f"{num}.json").write_text(
+            json.dumps({"overrides": [f"seed={num}"], "run_dir": str(run_dirs[num])})
+        )
+    (run_dirs[0] / "summary.json").write_text(
+        json.dumps({"status": "completed", "global_step": 64, "eval_mean": 9.5})
+    )
+    (jobs / "1.crash").write_text("Fatal Python error: Aborted\n\nCurrent thread ...\n")
+    (jobs / "2.crash").write_text("")
+    record_failure(
+        OmegaConf.create({"sweep": {"dir": str(tmp_path)}, "job": {"num": 3}}), "algo.gamma: got 1.5"
+    )
+    planned = {num: f"seed={num}" for num in range(5)}
+
+    rows = collect_jobs(tmp_path, planned, launcher_gave_up=True)
+    assert [(row.job, row.overrides, row.status, row.global_step, row.eval_mean) for row in rows] == [
+        (0, "seed=0", "completed", 64, 9.5),
+        (1, "seed=1", "killed (SIGABRT)", 0, None),
+        (2, "seed=2", "stopped by the launcher", 0, None),
+        (3, "seed=3", "failed", 0, None),
+        (4, "seed=4", "not run", 0, None),
+    ]
+    assert [row.error for row in rows] == [
+        "",
+        f"Python's stack at the crash: {jobs / '1.crash'}",
+        "killed by the launcher when job 1 died",
+        "algo.gamma: got 1.5",
+        "",
+    ]
+    assert [row.run_dir for row in rows] == [*map(str, run_dirs[:4]), ""]
+    # Where the sweep ended by itself, a job that died without a trace was not stopped by it.
+    assert collect_jobs(tmp_path, planned, launcher_gave_up=False)[2].status == "killed"
+    # Optuna plans nothing ahead: the jobs that started are the table.
+    assert [row.job for row in collect_jobs(tmp_path, None, launcher_gave_up=True)] == [0, 1, 2, 3]
 
 
 def test_optuna_search_finds_and_reports_the_best_trial(tmp_path: Path) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import sys
 from pathlib import Path
 
 import gymnasium as gym
@@ -265,6 +267,74 @@ def test_non_finite_env_output_stops_the_run_and_keeps_the_last_checkpoint(
     assert load_checkpoint(last)["global_step"] == 512  # iteration 2's, untouched
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "failed" and "iteration 3: env 2" in summary["error"]
+
+
+TINY = ["env.num_envs=2", "env.num_steps=16", "algo.num_minibatches=2", "total_timesteps=256",
+        "eval.episodes=0", "progress=false"]  # fmt: skip
+
+
+def _env_failure(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> tuple[int, list[str]]:
+    """(exit code, stderr lines) of a ppo-train run that an env ends."""
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.train_main()
+    assert isinstance(exit_info.value.code, int)
+    return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_an_env_that_raises_leads_with_one_line_then_its_own_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Each of the 2 envs fails at its 50th step (faulty_envs.FAILING_STEP): in iteration 4 of 16 steps.
+    argv = ["ppo-train", "env.id=faulty_envs:Exploding-v0", "env.vectorization=sync", *TINY,
+            "checkpoint.interval=2", f"hydra.run.dir={tmp_path}"]  # fmt: skip
+    code, lines = _env_failure(argv, monkeypatch, capsys)
+    last = tmp_path / "checkpoints" / "last.pt"
+    assert code == 1
+    assert lines[0] == (
+        "ppo-train: error: iteration 4: env Exploding-v0 raised in step (RuntimeError: the simulator "
+        f"exploded); last good checkpoint: {last}"
+    )
+    assert lines[1] == "Traceback (most recent call last):"
+    assert lines[-1] == "RuntimeError: the simulator exploded"
+    traceback = "\n".join(lines[1:])
+    assert 'faulty_envs.py", line' in traceback  # the env's own code
+    assert f"{os.sep}ppo_cli{os.sep}" not in traceback  # not ours
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed" and lines[0].removeprefix("ppo-train: error: ") in summary["error"]
+
+    # Resumed, the run fails again (its envs restart): the checkpoint it resumed from is the last good one.
+    code, lines = _env_failure([*argv, "resume=auto"], monkeypatch, capsys)
+    assert code == 1
+    assert lines[0].startswith("ppo-train: error: iteration 6: env Exploding-v0 raised in step")
+    assert lines[0].endswith(f"; last good checkpoint: {last}")
+
+
+def test_an_env_that_raises_in_reset_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["ppo-train", "env.id=faulty_envs:Unstartable-v0", *TINY, f"hydra.run.dir={tmp_path}"]
+    code, lines = _env_failure(argv, monkeypatch, capsys)
+    assert code == 1
+    assert lines[0] == (
+        "ppo-train: error: env Unstartable-v0 raised in reset (RuntimeError: the simulator would not start)"
+    )
+    assert lines[1] == "Traceback (most recent call last):"
+    assert lines[-1] == "RuntimeError: the simulator would not start"
+
+
+def test_an_env_whose_observations_change_shape_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["ppo-train", "env.id=faulty_envs:Growing-v0", *TINY, f"hydra.run.dir={tmp_path}"]
+    code, line = one_line_failure(cli.train_main, argv, monkeypatch, capsys)
+    assert (code, line) == (
+        1,
+        "ppo-train: error: iteration 4: env Growing-v0 returned an observation of shape (5,) in step; "
+        "its observation space has shape (4,); last good checkpoint: none written yet",
+    )
 
 
 def test_hparams_are_written_into_the_run_itself(tmp_path: Path) -> None:
