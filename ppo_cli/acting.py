@@ -7,7 +7,7 @@ products on a few rows: it costs the overhead of each call, not arithmetic. Two 
 * :class:`JointForward` runs actor and critic as one MLP, one matrix product per layer instead of two;
 * on the CPU, :class:`NumpyActing` runs that pass in numpy, on arrays that share memory with the
   storage's tensors: a numpy call on arrays this small costs a few microseconds less than a torch
-  operation (benchmark case (a): collection 27 -> 22 ms per iteration of 128 steps).
+  operation (what that saves is measured in ``benchmarks/RESULTS.md``).
 
 On an accelerator, :class:`TorchActing` runs the same pass in torch, next to the storage on the
 device. Either way the weights are a snapshot: build a new acting object for every rollout.

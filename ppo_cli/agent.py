@@ -50,7 +50,7 @@ ACTIVATION_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 class MLP(nn.Sequential):
     """Linear layers with an activation between them, like ``nn.Sequential``, with a forward that
     calls the functions directly: these tiny networks run at every env step, where calling each
-    submodule costs as much as its arithmetic (about 15% of a forward pass for 64-64 MLPs)."""
+    submodule costs as much as its arithmetic (measured in ``benchmarks/RESULTS.md``)."""
 
     def __init__(self, sizes: list[int], activation: str) -> None:
         layers: list[nn.Module] = []

@@ -2,10 +2,10 @@
 
 Starting ``ppo-train`` imports torch, Hydra and gymnasium: about a million long-lived objects
 and little garbage. With the default thresholds the cyclic collector walks through all of them
-again and again while they are created, and once more when the interpreter exits: over a second
-of a three-second start on a 2-core machine. So each entry point raises the threshold of the
-youngest generation while it imports (collections stay, just ~15x rarer: pausing the collector
-altogether saves a little more time but keeps the import garbage, +9 MB of peak memory), then
+again and again while they are created, and once more when the interpreter exits: a large share
+of the start (``benchmarks/RESULTS.md``). So each entry point raises the threshold of the
+youngest generation while it imports (collections stay, just rarer: pausing the collector
+altogether saves a little more time but keeps the import garbage in memory), then
 ``gc.freeze()`` moves everything imported into a generation the collector never visits again
 (the remedy CPython documents for long-lived objects), and restores the thresholds.
 

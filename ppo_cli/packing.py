@@ -2,7 +2,7 @@
 
 The update of these small networks costs per-tensor overhead more than arithmetic: with a dozen
 weight and bias tensors, clipping the gradient norm, Adam's step and zeroing the gradients loop
-over a dozen tensors, about 30% of a minibatch step in benchmark case (a). Packing a network's
+over a dozen tensors, a large share of a minibatch step (``benchmarks/RESULTS.md``). Packing a network's
 parameters into one tensor, which the modules keep using through views of it, turns each of those
 loops into one operation on one tensor; the optimizer is given the packed tensors instead.
 

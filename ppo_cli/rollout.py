@@ -109,8 +109,8 @@ class EpisodeCounter:
     """The return (raw rewards) and length of each env's episode in progress.
 
     What gymnasium's ``RecordEpisodeStatistics`` wrapper reports, counted here from the rewards
-    and flags the collector holds anyway: the wrapper costs about 14 us per step, a fifth of a
-    whole step of four numpy-vectorised CartPoles.
+    and flags the collector holds anyway: the wrapper costs a noticeable share of a step of
+    numpy-vectorised CartPoles (``benchmarks/RESULTS.md``).
     """
 
     def __init__(self, num_envs: int) -> None:

@@ -192,7 +192,7 @@ def build_state(
     agent = ActorCritic(obs_space, act_space, cfg.agent, cfg.env.normalize_obs, cfg.env.clip_obs)
     agent.to(device)
     # Adam steps the actor and the critic packed into one tensor each (see packing.py), with the
-    # fused kernel: 4x cheaper than the default per-tensor loop, which matters for these tiny nets.
+    # fused kernel: cheaper than the default per-tensor loop, which matters for these tiny nets.
     packed = agent.pack_parameters()
     optimizer = torch.optim.Adam(packed, lr=algo.learning_rate, eps=algo.adam_eps, fused=True)
     reward_scaler = (
