@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, IntegerNode, OmegaConf
@@ -23,25 +23,11 @@ VECTORIZATIONS = ("auto", "sync", "async", "vector_entry_point")
 ACTIVATIONS = ("tanh", "relu")
 ENCODERS = ("flat", "nature_cnn")
 RECURRENT_CORES = ("none", "lstm", "gru")
-SHARED_TRUNK_ALGOS = ("clip", "penalty", "a2c", "grpo")  # no separate policy step (pg, trpo)
-RECURRENT_ALGOS = ("clip", "penalty", "a2c")  # whole sequences: no GRPO's masked steps
 
 
 def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
     if not ok:
         raise ConfigError(key, f"got {value!r}, allowed: {allowed}")
-
-
-def _require_epoch_keys(update_epochs: int, num_minibatches: int, target_kl: float | None) -> None:
-    """The keys of every variant that runs epochs of minibatch steps."""
-    _require(update_epochs >= 1, "algo.update_epochs", "an integer >= 1", update_epochs)
-    _require(num_minibatches >= 1, "algo.num_minibatches", "an integer >= 1", num_minibatches)
-    _require(
-        target_kl is None or target_kl > 0,
-        "algo.target_kl",
-        "null (no early stop) or a number > 0",
-        target_kl,
-    )
 
 
 @dataclass
@@ -109,7 +95,15 @@ def _require_divides_batch(key: str, value: int, env: EnvConfig) -> None:
 @dataclass
 class AlgoConfig:
     """Keys every variant of the family uses. Each variant's schema adds its own keys, so a key
-    that the chosen variant does not use is an unknown key, not a silently ignored one."""
+    that the chosen variant does not use is an unknown key, not a silently ignored one.
+
+    Class attributes say what a variant can train: ``shared_trunk``, a network whose actor and
+    critic share layers (not where the policy is stepped apart from the critic: pg, trpo);
+    ``recurrent``, a recurrent core replaying whole sequences (not with GRPO's masked steps).
+    """
+
+    shared_trunk: ClassVar[bool] = True
+    recurrent: ClassVar[bool] = True
 
     name: str = MISSING
     learning_rate: float = MISSING
@@ -146,16 +140,32 @@ class ActorCriticConfig(AlgoConfig):
 
 
 @dataclass
-class SurrogateConfig(ActorCriticConfig):
-    """Variants that take epochs of minibatch steps on a ratio objective (clip, penalty)."""
+class EpochKeys:
+    """The keys of every variant that takes epochs of minibatch steps on each rollout (clip,
+    penalty, grpo); a variant lists it first among its bases, so the keys follow its others."""
 
     update_epochs: int = MISSING
     num_minibatches: int = MISSING
     target_kl: float | None = None
 
+    def _check_epoch_keys(self) -> None:
+        _require(self.update_epochs >= 1, "algo.update_epochs", "an integer >= 1", self.update_epochs)
+        _require(self.num_minibatches >= 1, "algo.num_minibatches", "an integer >= 1", self.num_minibatches)
+        _require(
+            self.target_kl is None or self.target_kl > 0,
+            "algo.target_kl",
+            "null (no early stop) or a number > 0",
+            self.target_kl,
+        )
+
+
+@dataclass
+class SurrogateConfig(EpochKeys, ActorCriticConfig):
+    """Variants that take epochs of minibatch steps on a ratio objective (clip, penalty)."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require_epoch_keys(self.update_epochs, self.num_minibatches, self.target_kl)
+        self._check_epoch_keys()
 
     def check_env(self, env: EnvConfig) -> None:
         _require_divides_batch("algo.num_minibatches", self.num_minibatches, env)
@@ -214,6 +224,9 @@ class PenaltyConfig(SurrogateConfig):
 class RegressedCriticConfig(ActorCriticConfig):
     """Variants whose critic is fitted separately, by regression on the returns (pg, trpo)."""
 
+    shared_trunk: ClassVar[bool] = False  # the policy step would move the critic's layers too
+    recurrent: ClassVar[bool] = False
+
     value_epochs: int = MISSING
     value_minibatches: int = MISSING
 
@@ -263,22 +276,21 @@ class A2CConfig(ActorCriticConfig):
 
 
 @dataclass
-class GRPOConfig(AlgoConfig):
+class GRPOConfig(EpochKeys, AlgoConfig):
     """GRPO: critic-free; each episode's advantage is its return standardised within its group of
     envs that started from the same reset seed; clipped ratio plus a KL to a frozen reference."""
 
+    recurrent: ClassVar[bool] = False  # its masked steps would cut sequences
+
     group_size: int = MISSING
-    update_epochs: int = MISSING
-    num_minibatches: int = MISSING
     clip_eps: float = MISSING
     kl_coef: float = MISSING
     ref_update_every: int = MISSING
-    target_kl: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _require(self.group_size >= 2, "algo.group_size", "an integer >= 2", self.group_size)
-        _require_epoch_keys(self.update_epochs, self.num_minibatches, self.target_kl)
+        self._check_epoch_keys()
         _require(self.clip_eps > 0, "algo.clip_eps", "a number > 0", self.clip_eps)
         _require(self.kl_coef >= 0, "algo.kl_coef", "a number >= 0", self.kl_coef)
         _require(
@@ -412,10 +424,11 @@ class TrainConfig:
         """The agent's trunk against the algorithm and the envs."""
         agent, name = self.agent, self.algo.name
         if agent.shared_trunk:
+            able = [variant for variant, schema in ALGO_SCHEMAS.items() if schema.shared_trunk]
             _require(
-                name in SHARED_TRUNK_ALGOS,
+                type(self.algo).shared_trunk,
                 "algo",
-                f"{'|'.join(SHARED_TRUNK_ALGOS)} with a shared trunk (agent.encoder={agent.encoder}, "
+                f"{'|'.join(able)} with a shared trunk (agent.encoder={agent.encoder}, "
                 f"agent.recurrent={agent.recurrent}): {name} steps the policy apart from the critic",
                 name,
             )
@@ -428,7 +441,8 @@ class TrainConfig:
             )
         if agent.recurrent == "none":
             return
-        _require(name in RECURRENT_ALGOS, "algo", f"{'|'.join(RECURRENT_ALGOS)} with agent.recurrent", name)
+        able = [variant for variant, schema in ALGO_SCHEMAS.items() if schema.recurrent]
+        _require(type(self.algo).recurrent, "algo", f"{'|'.join(able)} with agent.recurrent", name)
         _require(
             self.env.vectorization != "vector_entry_point",
             "env.vectorization",
