@@ -28,6 +28,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 PYTHON = sys.executable
 PPO_TRAIN = str(Path(PYTHON).parent / "ppo-train")
@@ -44,8 +45,23 @@ class Measurement:
     steps: int
 
 
-# The shared hyperparameters of each case, in SB3's names; ppo-cli's keys are mapped below.
-CASES = {
+class Case(TypedDict):
+    """The shared hyperparameters of a case, in SB3's names; ppo-cli's keys are mapped below."""
+
+    env: str
+    n_envs: int
+    n_steps: int
+    n_epochs: int
+    n_minibatches: int
+    total: int
+    lr: float
+    gamma: float
+    gae_lambda: float
+    ent_coef: float
+    normalize: bool
+
+
+CASES: dict[str, Case] = {
     "a": {
         "env": "CartPole-v1",
         "n_envs": 4,
@@ -87,7 +103,7 @@ def run_measured(command: list[str], cwd: Path) -> tuple[float, float, str]:
     return wall, usage.ru_maxrss / 1024, (cwd / "stdout.txt").read_text()
 
 
-def ppo_cli_command(case: dict, run_dir: Path, seed: int) -> list[str]:
+def ppo_cli_command(case: Case, run_dir: Path, seed: int) -> list[str]:
     batch = case["n_envs"] * case["n_steps"]
     return [
         PPO_TRAIN,
