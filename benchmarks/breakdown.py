@@ -35,7 +35,9 @@ def startup_seconds() -> float:
     case: Case = {**CASES["a"], "total": CASES["a"]["n_envs"] * CASES["a"]["n_steps"]}
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        subprocess.run(ppo_cli_command(case, Path(tmp) / "run", 0), check=True, capture_output=True)
+        result = subprocess.run(ppo_cli_command(case, Path(tmp) / "run", 0), capture_output=True, text=True)
+        if result.returncode != 0:  # a smoke run in CI: show why
+            raise RuntimeError(f"ppo-train exited {result.returncode}: {result.stderr[-2000:]}")
         return time.perf_counter() - start
 
 
