@@ -2,6 +2,7 @@
 
     pip install -e ".[bench]"
     python benchmarks/bench.py --cases a b c --repeats 3 --out benchmarks/RESULTS.md
+    python benchmarks/bench.py --cases a --repeats 1 --frameworks ppo-cli --total-timesteps 1024  # smoke
 
 Every measurement is a whole process, started fresh (imports included), timed from launch to exit;
 its peak resident memory comes from the kernel's accounting of that child (``wait4``). Runs of the
@@ -18,6 +19,7 @@ Cases:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -28,10 +30,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 PYTHON = sys.executable
 PPO_TRAIN = str(Path(PYTHON).parent / "ppo-train")
 SOLVED = 475.0  # CartPole-v1's reward threshold
+FRAMEWORKS = ("ppo-cli", "sb3")
 
 
 @dataclass
@@ -44,8 +48,23 @@ class Measurement:
     steps: int
 
 
-# The shared hyperparameters of each case, in SB3's names; ppo-cli's keys are mapped below.
-CASES = {
+class Case(TypedDict):
+    """The shared hyperparameters of a case, in SB3's names; ppo-cli's keys are mapped below."""
+
+    env: str
+    n_envs: int
+    n_steps: int
+    n_epochs: int
+    n_minibatches: int
+    total: int
+    lr: float
+    gamma: float
+    gae_lambda: float
+    ent_coef: float
+    normalize: bool
+
+
+CASES: dict[str, Case] = {
     "a": {
         "env": "CartPole-v1",
         "n_envs": 4,
@@ -87,7 +106,7 @@ def run_measured(command: list[str], cwd: Path) -> tuple[float, float, str]:
     return wall, usage.ru_maxrss / 1024, (cwd / "stdout.txt").read_text()
 
 
-def ppo_cli_command(case: dict, run_dir: Path, seed: int) -> list[str]:
+def ppo_cli_command(case: Case, run_dir: Path, seed: int) -> list[str]:
     batch = case["n_envs"] * case["n_steps"]
     return [
         PPO_TRAIN,
@@ -142,8 +161,7 @@ print(json.dumps({"final_return": sum(returns) / len(returns), "steps": model.nu
 """
 
 
-def measure(framework: str, case_name: str, seed: int, workdir: Path) -> Measurement:
-    case = CASES[case_name]
+def measure(framework: str, case_name: str, case: Case, seed: int, workdir: Path) -> Measurement:
     workdir.mkdir(parents=True)
     if framework == "ppo-cli":
         wall, rss, _ = run_measured(ppo_cli_command(case, workdir / "run", seed), workdir)
@@ -182,10 +200,11 @@ def versions() -> str:
     )
 
 
-def report(results: list[Measurement], repeats: int) -> str:
+def report(results: list[Measurement], repeats: int, total_timesteps: int | None) -> str:
+    budget = f", {total_timesteps} env steps a run instead of each case's own" if total_timesteps else ""
     lines = [
         f"Measured {time.strftime('%Y-%m-%d')} with `python benchmarks/bench.py` ({repeats} repeats of "
-        "cases a and b, frameworks alternating; case c: 5 seeds).",
+        f"cases a and b, frameworks alternating{budget}; case c: 5 seeds).",
         "",
         f"Machine: {versions()}",
         "",
@@ -194,9 +213,7 @@ def report(results: list[Measurement], repeats: int) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for case in sorted({r.case for r in results}):
-        by_framework = {
-            fw: [r for r in results if r.case == case and r.framework == fw] for fw in ("ppo-cli", "sb3")
-        }
+        by_framework = {fw: [r for r in results if r.case == case and r.framework == fw] for fw in FRAMEWORKS}
         medians = {fw: statistics.median(r.wall_s for r in runs) for fw, runs in by_framework.items() if runs}
         for framework, runs in by_framework.items():
             if not runs:
@@ -231,7 +248,32 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, help="write the markdown table here as well")
+    parser.add_argument(
+        "--frameworks",
+        nargs="+",
+        default=list(FRAMEWORKS),
+        choices=FRAMEWORKS,
+        help="sb3 needs stable-baselines3 (pip install -e '.[bench]'); ppo-cli alone does not",
+    )
+    parser.add_argument(
+        "--total-timesteps",
+        type=int,
+        help="env steps of each run of cases a and b instead of the case's own: a smoke run, whose "
+        "returns mean nothing (case c trains until the preset's end regardless)",
+    )
     args = parser.parse_args()
+    if "sb3" in args.frameworks and importlib.util.find_spec("stable_baselines3") is None:
+        parser.error(
+            "stable-baselines3 is not installed: pip install -e '.[bench]', "
+            "or measure ppo-cli alone with --frameworks ppo-cli"
+        )
+    cases = {name: CASES[name] for name in args.cases if name != "c"}
+    if args.total_timesteps is not None:
+        for name, case in cases.items():
+            batch = case["n_envs"] * case["n_steps"]
+            if args.total_timesteps < batch:
+                parser.error(f"--total-timesteps: at least one batch of case {name}, {batch} env steps")
+            cases[name] = {**case, "total": args.total_timesteps}
     results: list[Measurement] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -242,10 +284,11 @@ def main() -> None:
                         results.append(time_to_solve(seed, root / f"c-{seed}"))
                         print(results[-1], flush=True)
                     continue
-                for framework in ("ppo-cli", "sb3"):
-                    results.append(measure(framework, case, repeat, root / f"{case}-{framework}-{repeat}"))
+                for framework in args.frameworks:
+                    workdir = root / f"{case}-{framework}-{repeat}"
+                    results.append(measure(framework, case, cases[case], repeat, workdir))
                     print(results[-1], flush=True)
-    table = report(results, args.repeats)
+    table = report(results, args.repeats, args.total_timesteps)
     print(table)
     if args.out:
         args.out.write_text(table)

@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench import CASES, ppo_cli_command  # the script's own directory is on sys.path
+from bench import CASES, Case, ppo_cli_command  # the script's own directory is on sys.path
 from hydra import compose, initialize_config_dir
 
 from ppo_cli.cli import find_config_dir
 from ppo_cli.config import to_train_config
+from ppo_cli.distributed import SINGLE_PROCESS
 from ppo_cli.envs import make_vector_env
 from ppo_cli.train import build_state, estimate_advantages, seed_everything
 from ppo_cli.update import Batch
@@ -31,10 +32,12 @@ from ppo_cli.update import Batch
 
 def startup_seconds() -> float:
     """Wall time of a whole ppo-train process that trains a single iteration."""
-    case = {**CASES["a"], "total": CASES["a"]["n_envs"] * CASES["a"]["n_steps"]}
+    case: Case = {**CASES["a"], "total": CASES["a"]["n_envs"] * CASES["a"]["n_steps"]}
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        subprocess.run(ppo_cli_command(case, Path(tmp) / "run", 0), check=True, capture_output=True)
+        result = subprocess.run(ppo_cli_command(case, Path(tmp) / "run", 0), capture_output=True, text=True)
+        if result.returncode != 0:  # a smoke run in CI: show why
+            raise RuntimeError(f"ppo-train exited {result.returncode}: {result.stderr[-2000:]}")
         return time.perf_counter() - start
 
 
@@ -53,7 +56,7 @@ def main() -> None:
     seed_everything(cfg.seed)
     totals = dict.fromkeys(["env steps", "acting and storage", "advantages", "update"], 0.0)
     with closing(make_vector_env(cfg.env)) as envs:
-        state = build_state(cfg, envs, torch.device("cpu"))
+        state = build_state(cfg, envs, torch.device("cpu"), SINGLE_PROCESS)
         env_step = envs.step
 
         def timed_step(actions: Any) -> Any:

@@ -1,6 +1,7 @@
 """One process against K data-parallel ranks under torchrun, with the same global batch.
 
     python benchmarks/ranks.py --ranks 2 --repeats 3
+    python benchmarks/ranks.py --cases CartPole --repeats 1 --total-timesteps 1024  # smoke
 
 For each case, ``ppo-train`` with N envs and ``torchrun --nproc_per_node=K ppo-train`` with N/K envs
 per rank alternate (1, K, 1, K, ...) in one invocation, so that a noisy machine's drifts hit both.
@@ -42,8 +43,10 @@ CASES: dict[str, tuple[list[str], int]] = {
 def timed_run(command: list[str], run_dir: Path) -> tuple[float, float]:
     """(training loop seconds, whole command seconds) of one run."""
     start = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True)
+    result = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - start
+    if result.returncode != 0:  # a smoke run in CI: show why
+        raise RuntimeError(f"{command[:3]} exited {result.returncode}: {result.stderr[-2000:]}")
     return json.loads((run_dir / "summary.json").read_text())["train_time_s"], wall
 
 
@@ -52,6 +55,9 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument(
+        "--total-timesteps", type=int, help="env steps of every run instead of the case's own: a smoke run"
+    )
     args = parser.parse_args()
     launcher = [PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.ranks}"]
     print(f"| case | 1 process: train s (wall s) | {args.ranks} ranks: train s (wall s) | speed-up (train) |")
@@ -59,6 +65,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for case in args.cases:
             overrides, envs = CASES[case]
+            if args.total_timesteps is not None:
+                budget = [o for o in overrides if not o.startswith("total_timesteps=")]
+                overrides = [*budget, f"total_timesteps={args.total_timesteps}"]
             overrides = [*overrides, "eval.episodes=0", "progress=false"]
             times: dict[int, list[tuple[float, float]]] = {1: [], args.ranks: []}
             for repeat in range(args.repeats):

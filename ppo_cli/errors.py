@@ -9,8 +9,6 @@ Exit codes: 1 the environment failed (its own code raised, or it broke its obser
 143 for SIGTERM), as shells report a process killed by that signal.
 """
 
-import signal
-
 
 class UserError(Exception):
     """Bad input: a config value, an environment id, a file. The message is shown as is."""
@@ -54,9 +52,4 @@ class Interrupted(BaseException):
 
     def __init__(self, signum: int, message: str) -> None:
         super().__init__(message)
-        self.signum = signum
         self.exit_code = 128 + signum
-
-    @property
-    def signal_name(self) -> str:
-        return signal.Signals(self.signum).name
