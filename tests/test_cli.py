@@ -119,7 +119,7 @@ def test_short_continuous_run(tmp_path: Path) -> None:
     assert -2000 < summary["eval_mean"] <= 0  # Pendulum's rewards are never positive
 
 
-@pytest.mark.slow
+# Not slow: the one quick test of the whole console path (launch.py, the supervisor and its trainer).
 def test_bad_input_is_one_line_without_traceback(tmp_path: Path) -> None:
     result = ppo_train("algo.gamma=1.5", cwd=tmp_path, timeout=120)
     assert result.returncode == 2
