@@ -34,6 +34,7 @@ def test_env_actions_are_numbered_from_the_space_start(space: gym.spaces.Space) 
     np.testing.assert_array_equal(sent - actions.numpy(), np.broadcast_to(space.start, sent.shape))
 
 
+@pytest.mark.slow
 def test_multidiscrete_policy_learns_to_match_digits(tmp_path: Path) -> None:
     """MatchDigits: copying the K shown digits scores 8 per episode, guessing about 2.8 (seeds 0-2
     reach 8.0 with this budget)."""
@@ -56,6 +57,7 @@ def test_multidiscrete_policy_learns_to_match_digits(tmp_path: Path) -> None:
     ("algo", "env_id"),
     [("clip", "PickAllowed-v0"), ("trpo", "PickAllowed-v0"), ("clip", "PickAllowedInObservation-v0")],
 )
+@pytest.mark.slow
 def test_masked_actions_are_never_sampled_and_the_policy_learns(
     algo: str, env_id: str, tmp_path: Path
 ) -> None:

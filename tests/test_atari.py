@@ -7,6 +7,7 @@ from contextlib import closing
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from support import compose_config, console_script, ppo_train, run
 
@@ -53,6 +54,7 @@ def test_evaluation_envs_play_whole_games_with_raw_rewards() -> None:
     assert {"AtariPreprocessing", "FireReset", "FrameStackObservation"} <= names
 
 
+@pytest.mark.slow
 def test_atari_smoke_run_through_the_cli(tmp_path: Path) -> None:
     """A few thousand frames of Breakout with the preset (2 envs), then ppo-eval on the run."""
     run_dir = tmp_path / "run"

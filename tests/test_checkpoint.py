@@ -195,6 +195,7 @@ except UserError as exc:
     ("case", "left"),
     [("first", "no checkpoint was written yet"), ("after_a_small_one", "the previous checkpoint is intact")],
 )
+@pytest.mark.slow
 def test_a_write_the_disk_refuses_is_one_line_saying_what_is_left(
     case: str, left: str, tmp_path: Path
 ) -> None:
@@ -212,6 +213,7 @@ def test_a_write_the_disk_refuses_is_one_line_saying_what_is_left(
         assert ckpt.load_checkpoint(tmp_path)["global_step"] == 1
 
 
+@pytest.mark.slow
 def test_ppo_train_on_a_full_disk_is_one_line(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     tiny = ["env.num_envs=2", "env.num_steps=16", "total_timesteps=64", "eval.episodes=0", "progress=false"]
@@ -411,6 +413,7 @@ ckpt.save_checkpoint({"global_step": 2, "w": torch.full((100_000,), 2.0)}, run_d
 """
 
 
+@pytest.mark.slow
 def test_kill_during_a_write_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
     writer = subprocess.Popen([sys.executable, "-c", STALLED_WRITER, str(tmp_path)])
     try:

@@ -39,6 +39,7 @@ def cartpole_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.C
     return result, only_run_dir(cwd)
 
 
+@pytest.mark.slow
 def test_default_cartpole_solves_from_any_directory(
     cartpole_run: tuple[subprocess.CompletedProcess[str], Path],
 ) -> None:
@@ -64,6 +65,7 @@ def test_default_cartpole_solves_from_any_directory(
     assert total >= 400
 
 
+@pytest.mark.slow
 def test_ppo_eval_scores_the_run_and_records_playable_videos(
     cartpole_run: tuple[subprocess.CompletedProcess[str], Path],
 ) -> None:
@@ -87,6 +89,7 @@ def test_ppo_eval_scores_the_run_and_records_playable_videos(
         assert seconds == pytest.approx(frames / 50, abs=0.05)
 
 
+@pytest.mark.slow
 def test_ppo_eval_replays_the_run_evaluation_by_default(
     cartpole_run: tuple[subprocess.CompletedProcess[str], Path],
 ) -> None:
@@ -103,6 +106,7 @@ def test_ppo_eval_replays_the_run_evaluation_by_default(
     assert len(stochastic["returns"]) == 4
 
 
+@pytest.mark.slow
 def test_short_continuous_run(tmp_path: Path) -> None:
     result = ppo_train(
         "env=Pendulum", "total_timesteps=8192", "algo.num_minibatches=16", "eval.episodes=2", cwd=tmp_path
@@ -115,6 +119,7 @@ def test_short_continuous_run(tmp_path: Path) -> None:
     assert -2000 < summary["eval_mean"] <= 0  # Pendulum's rewards are never positive
 
 
+# Not slow: the one quick test of the whole console path (launch.py, the supervisor and its trainer).
 def test_bad_input_is_one_line_without_traceback(tmp_path: Path) -> None:
     result = ppo_train("algo.gamma=1.5", cwd=tmp_path, timeout=120)
     assert result.returncode == 2
@@ -124,6 +129,7 @@ def test_bad_input_is_one_line_without_traceback(tmp_path: Path) -> None:
     assert "algo.gamma" in summary["error"]
 
 
+@pytest.mark.slow
 def test_user_config_dir_adds_presets(tmp_path: Path) -> None:
     user_configs = tmp_path / "my_configs" / "env"
     user_configs.mkdir(parents=True)
@@ -192,6 +198,7 @@ def test_a_config_dir_file_hidden_by_ours_is_refused(
     assert not run_dir.exists()
 
 
+@pytest.mark.slow
 def test_a_config_dir_may_copy_ours_and_add_a_root_config(tmp_path: Path) -> None:
     """Identical copies hide nothing; the advice for a train.yaml of one's own works."""
     user_configs = tmp_path / "my_configs"
@@ -206,6 +213,7 @@ def test_a_config_dir_may_copy_ours_and_add_a_root_config(tmp_path: Path) -> Non
     assert (summary["config"]["seed"], summary["global_step"]) == (7, 64)
 
 
+@pytest.mark.slow
 def test_multirun_writes_one_dir_per_job(tmp_path: Path) -> None:
     result = ppo_train("-m", "seed=0,1", "total_timesteps=512", "eval.episodes=1", cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -220,6 +228,7 @@ def test_multirun_writes_one_dir_per_job(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git to list the sources")
+@pytest.mark.slow
 def test_wheel_ships_configs_inside_the_package(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(REPO)],
@@ -263,6 +272,7 @@ EVAL_BAD_INPUTS = [
 
 
 @pytest.mark.parametrize(("args", "expected"), EVAL_BAD_INPUTS, ids=[" ".join(a) for a, _ in EVAL_BAD_INPUTS])
+@pytest.mark.slow
 def test_ppo_eval_bad_input_is_one_line_and_runs_nothing(
     args: list[str],
     expected: str,
@@ -283,6 +293,7 @@ def test_ppo_eval_bad_input_is_one_line_and_runs_nothing(
     assert not sentinel.exists()
 
 
+@pytest.mark.slow
 def test_evaluating_on_an_env_the_agent_cannot_read_is_one_line(
     cartpole_run: tuple[subprocess.CompletedProcess[str], Path],
 ) -> None:
@@ -306,6 +317,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_ppo_eval_falls_back_to_the_newest_readable_checkpoint(tiny_run: Path, tmp_path: Path) -> None:
     """As resume does: each unreadable checkpoint is named with its reason (no advice to load it
     unsafely), then the one evaluated instead; nothing in the malicious one runs."""
@@ -335,6 +347,7 @@ def test_ppo_eval_falls_back_to_the_newest_readable_checkpoint(tiny_run: Path, t
     assert json.loads((run_dir / "eval.json").read_text())["checkpoint"] == str(step_32)
 
 
+@pytest.mark.slow
 def test_ppo_eval_shows_the_score_when_eval_json_cannot_be_written(tiny_run: Path, tmp_path: Path) -> None:
     """The score is printed before eval.json is written; then one line names the file, exit 2.
     (eval.json is made a directory: unlike a read-only run dir, that stops root as well.)"""

@@ -41,6 +41,7 @@ def _first_wall_time(run_dir: Path) -> float:
     return min(events.Scalars(tag)[0].wall_time for tag in events.Tags()["scalars"])
 
 
+@pytest.mark.slow
 def test_ppo_compare_writes_a_figure_and_tables_that_match_the_events(
     small_sweep: Path, tmp_path: Path
 ) -> None:
@@ -85,6 +86,7 @@ def test_ppo_compare_writes_a_figure_and_tables_that_match_the_events(
     assert "wrote" in result.stdout
 
 
+@pytest.mark.slow
 def test_default_grouping_is_every_key_that_differs_except_seed(small_sweep: Path, tmp_path: Path) -> None:
     result = run([console_script("ppo-compare"), str(small_sweep), "--out", str(tmp_path)], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -113,6 +115,7 @@ DAMAGES = {
 
 
 @pytest.mark.parametrize("damage", list(DAMAGES))
+@pytest.mark.slow
 def test_a_run_with_damaged_files_is_skipped_with_a_warning(
     damage: str, small_sweep: Path, tmp_path: Path
 ) -> None:

@@ -135,6 +135,7 @@ def test_unsupported_space_is_refused(
     assert "supported:" in line
 
 
+@pytest.mark.slow
 def test_every_algo_schema_has_a_preset_and_an_updater() -> None:
     from ppo_cli.config import ALGO_SCHEMAS
     from ppo_cli.update import UPDATERS
@@ -192,6 +193,7 @@ def test_integer_keys_take_integral_floats() -> None:
     assert all(type(value) is int for value in values)
 
 
+@pytest.mark.slow
 def test_integral_floats_in_a_preset_and_a_sweep(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -48,6 +48,7 @@ def assert_same_agent(first: dict[str, torch.Tensor], second: dict[str, torch.Te
         assert torch.equal(first[key], second[key]), key
 
 
+@pytest.mark.slow
 def test_two_ranks_train_one_agent_that_solves_cartpole(tmp_path: Path) -> None:
     """CartPole's preset has 16 envs; 2 ranks x 8 envs is the same global batch (and, with
     num_minibatches per rank, the same global minibatch). It solves CartPole as the single
@@ -106,6 +107,7 @@ PENALTY_PENDULUM = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_under_torchrun_is_the_uninterrupted_run(tmp_path: Path) -> None:
     """A scheduler's SIGTERM to torchrun reaches every rank (directly and forwarded); the ranks
     agree to stop after the same iteration and rank 0 checkpoints all of their states. Resumed with
@@ -143,6 +145,7 @@ def test_sigterm_then_resume_under_torchrun_is_the_uninterrupted_run(tmp_path: P
     assert json.loads((stopped / "summary.json").read_text())["resumed_from"]["exact_env_state"] is True
 
 
+@pytest.mark.slow
 def test_trpo_ranks_take_the_same_trust_region_steps(tmp_path: Path) -> None:
     """TRPO's line search decides on the surrogate and KL averaged over ranks: the ranks end with
     the same weights, and the run completes (ranks that disagreed would deadlock)."""

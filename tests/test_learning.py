@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here trains through the CLI
+
 PPO_TRAIN = str(Path(sys.executable).parent / "ppo-train")
 
 

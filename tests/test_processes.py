@@ -19,6 +19,8 @@ from support import console_script
 
 from ppo_cli import checkpoint as ckpt
 
+pytestmark = pytest.mark.slow  # every test here trains through the CLI
+
 TESTS = Path(__file__).resolve().parent
 # 2 envs x 16 steps = 32 steps an iteration; the faulty envs fail at their 50th step, i.e. in the
 # 4th iteration, after the checkpoint of step 96.

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from support import ppo_train
 
+pytestmark = pytest.mark.slow  # every test here trains through the CLI
+
 pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason="the ray extra is not installed")
 
 SMALL = ["env.num_envs=8", "total_timesteps=512", "eval.episodes=2"]  # 2 iterations of 8 x 32

@@ -100,6 +100,7 @@ def _assert_same_state(a: dict, b: dict) -> None:
 
 
 @pytest.mark.parametrize("case", CASES)
+@pytest.mark.slow
 def test_sigkill_then_resume_is_the_uninterrupted_run(case: str, tmp_path: Path) -> None:
     overrides = [*CASES[case], f"total_timesteps={TOTAL}", f"checkpoint.interval={CHECKPOINT_EVERY}"]
     overrides += ["eval.episodes=0"]
@@ -164,6 +165,7 @@ def _interrupt_at(step: int, signum: int, monkeypatch: pytest.MonkeyPatch) -> No
 
 
 @pytest.mark.parametrize("algo", ["clip", "penalty", "pg", "a2c", "trpo", "grpo"])
+@pytest.mark.slow
 def test_sigterm_checkpoints_the_current_step_and_resume_matches(
     algo: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -203,6 +205,7 @@ def test_second_signal_stops_at_once_and_keeps_the_last_checkpoint(
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "interrupted"
 
 
+@pytest.mark.slow
 def test_resume_auto_starts_fresh_then_continues(tmp_path: Path) -> None:
     first = train(compose_config(*_cartpole("clip", "resume=auto")), tmp_path)
     assert "resumed_from" not in first and first["global_step"] == 3072
@@ -226,6 +229,7 @@ def _evil_checkpoint(path: Path, sentinel: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", ["truncated", "malicious"])
+@pytest.mark.slow
 def test_resume_auto_skips_a_bad_last_checkpoint(
     damage: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -260,6 +264,7 @@ def test_resume_removes_temp_files_of_a_killed_writer(tmp_path: Path) -> None:
     assert not stale.exists()
 
 
+@pytest.mark.slow
 def test_async_envs_resume_from_a_derived_seed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Env state in worker processes cannot be saved: the envs restart, the run still completes."""
     overrides = _cartpole("clip", "env.vectorization=async", "env.num_envs=2", "env.num_steps=128")
@@ -285,6 +290,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_resume_rewrites_the_command_line_from_the_run(finished_run: Path) -> None:
     saved = yaml.safe_load((finished_run / ".hydra" / "overrides.yaml").read_text())
     argv = expand_resume_argv([f"resume={finished_run}", "total_timesteps=1024", "--cfg", "job"])
@@ -295,6 +301,7 @@ def test_resume_rewrites_the_command_line_from_the_run(finished_run: Path) -> No
     assert expand_resume_argv(["seed=1"]) == ["seed=1"]
 
 
+@pytest.mark.slow
 def test_changed_keys_are_refused_then_allowed(finished_run: Path, tmp_path: Path) -> None:
     resumed = tmp_path / "copy"
     shutil.copytree(finished_run / "checkpoints", resumed / "checkpoints")
@@ -331,6 +338,7 @@ RESUME_BAD_INPUTS = [
 @pytest.mark.parametrize(
     ("overrides", "expected"), RESUME_BAD_INPUTS, ids=[" ".join(o) for o, _ in RESUME_BAD_INPUTS]
 )
+@pytest.mark.slow
 def test_bad_resume_input_is_one_line(
     overrides: list[str],
     expected: str,
@@ -359,6 +367,7 @@ def test_user_errors_are_plain_exceptions_in_python(tmp_path: Path) -> None:
     [(signal.SIGTERM, False), (signal.SIGINT, True), (signal.SIGTERM, True)],
     ids=["SIGTERM to the trainer", "Ctrl-C to the process group", "SIGTERM to the process group"],
 )
+@pytest.mark.slow
 def test_signal_checkpoints_the_current_step_and_exits_within_seconds(
     signum: int, to_group: bool, tmp_path: Path
 ) -> None:
@@ -398,6 +407,7 @@ def test_signal_checkpoints_the_current_step_and_exits_within_seconds(
     )
 
 
+@pytest.mark.slow
 def test_a_new_run_never_overwrites_an_old_one(finished_run: Path, tmp_path: Path) -> None:
     before = (finished_run / "checkpoints" / "last.pt").read_bytes()
     summary_before = (finished_run / "summary.json").read_text()

@@ -89,6 +89,7 @@ PLANTED = {
 
 
 @pytest.mark.parametrize("planted", list(PLANTED), ids=list(PLANTED))
+@pytest.mark.slow
 def test_a_planted_run_never_executes_code(
     planted: str,
     received_run: Path,
@@ -115,6 +116,7 @@ def test_a_planted_run_never_executes_code(
     assert snapshot(received_run) == before
 
 
+@pytest.mark.slow
 def test_a_run_made_by_ppo_train_resumes_with_its_own_overrides(received_run: Path) -> None:
     """The checks refuse nothing that ppo-train itself writes: a preset, keys, a list value."""
     overrides = received_run / ".hydra" / "overrides.yaml"
@@ -129,6 +131,7 @@ def test_a_run_made_by_ppo_train_resumes_with_its_own_overrides(received_run: Pa
     assert config["algo"]["gae_lambda"] == 0.9 and config["env"]["kwargs"] == {"sutton_barto_reward": False}
 
 
+@pytest.mark.slow
 def test_a_refused_command_changes_nothing(
     received_run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -148,6 +151,7 @@ def test_a_refused_command_changes_nothing(
     assert read_summary(received_run)["global_step"] == 512
 
 
+@pytest.mark.slow
 def test_one_process_holds_a_run_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -219,6 +223,7 @@ def test_hydra_values_read_back_as_the_text() -> None:
         assert OmegaConf.create({"k": _parsed_value(hydra_value(text))}).k == text, text
 
 
+@pytest.mark.slow
 def test_the_printed_resume_command_works_for_any_path(tmp_path: Path) -> None:
     run_dir = tmp_path / "josé proj" / "it's [1]"  # (Hydra cannot run in a directory named ${...})
     result = ppo_train(

@@ -27,6 +27,7 @@ def _job_summaries(sweep_dir: Path) -> dict[str, dict]:
     return {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/summary.json")}
 
 
+@pytest.mark.slow
 def test_joblib_runs_a_2x2_sweep_in_parallel_processes(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
     result = ppo_train(
@@ -52,6 +53,7 @@ def test_joblib_runs_a_2x2_sweep_in_parallel_processes(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("launcher", ["basic", "joblib"])
+@pytest.mark.slow
 def test_a_failing_job_does_not_stop_the_others(launcher: str, tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
     env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
@@ -74,6 +76,7 @@ def test_a_failing_job_does_not_stop_the_others(launcher: str, tmp_path: Path) -
     assert "the simulator exploded" in (sweep_dir / SUMMARY_MD).read_text()
 
 
+@pytest.mark.slow
 def test_a_killed_job_process_is_reported_in_one_line(tmp_path: Path) -> None:
     """A job whose process the OS kills (here: SIGKILL from its env) makes the launcher raise;
     ppo-train reports it as a job that did not complete, in one line with the launcher's words."""
@@ -92,6 +95,7 @@ def test_a_killed_job_process_is_reported_in_one_line(tmp_path: Path) -> None:
     assert [row["status"] for row in _rows(sweep_dir)] == ["killed"]
 
 
+@pytest.mark.slow
 def test_a_segfault_in_a_joblib_sweep_leaves_every_job_in_its_true_state(tmp_path: Path) -> None:
     """Job 1 segfaults while job 0 trains (2 at a time): loky then kills job 0 (SIGKILL) and never
     starts jobs 2 and 3. The table lists all four as what happened to them, and the crashed job's
@@ -166,6 +170,7 @@ def test_each_job_state_comes_from_what_its_process_left(tmp_path: Path) -> None
     assert [row.job for row in collect_jobs(tmp_path, None, launcher_gave_up=True)] == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_optuna_search_finds_and_reports_the_best_trial(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "search"
     result = ppo_train(
@@ -184,6 +189,7 @@ def test_optuna_search_finds_and_reports_the_best_trial(tmp_path: Path) -> None:
     assert (tmp_path / "study.db").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_seeds_per_job_reports_the_mean_over_seeds(tmp_path: Path) -> None:
     summary = train_seeds(compose_config(*SMALL, "seed=3", "seeds_per_job=2"), tmp_path)
     seeds = {seed: json.loads((tmp_path / f"seed_{seed}" / "summary.json").read_text()) for seed in (3, 4)}

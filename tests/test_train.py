@@ -64,6 +64,7 @@ def endless_config(bootstrap: bool) -> TrainConfig:
     )
 
 
+@pytest.mark.slow
 def test_time_limit_bootstrap_learns_the_infinite_horizon_value(tmp_path: Path) -> None:
     train(endless_config(bootstrap=True), tmp_path / "bootstrap")
     value = load_agent(tmp_path / "bootstrap").value(np.zeros(1, dtype=np.float32))
@@ -133,6 +134,7 @@ def test_run_dir_holds_events_checkpoints_and_summary(tmp_path: Path) -> None:
     assert tags["charts/learning_rate"][-1][1] == pytest.approx(initial_lr / 16)
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_metrics_on_cpu(tmp_path: Path) -> None:
     train(small_cartpole(seed=3), tmp_path / "a")
     train(small_cartpole(seed=3), tmp_path / "b")
@@ -156,6 +158,7 @@ def test_failure_is_recorded_in_summary(tmp_path: Path, monkeypatch: pytest.Monk
     assert summary["error"] == "RuntimeError: boom"
 
 
+@pytest.mark.slow
 def test_continuous_actions_train_and_reload(tmp_path: Path) -> None:
     cfg = compose_config(
         "env=Pendulum",
@@ -174,6 +177,7 @@ def test_continuous_actions_train_and_reload(tmp_path: Path) -> None:
     assert torch.is_tensor(agent.network.obs_normalizer.stats.mean)  # type: ignore[union-attr]
 
 
+@pytest.mark.slow
 def test_async_vector_env_gives_the_same_run_as_sync(tmp_path: Path) -> None:
     """Vectorisation changes where envs run, not what they return."""
     base = (
@@ -191,6 +195,7 @@ def test_async_vector_env_gives_the_same_run_as_sync(tmp_path: Path) -> None:
     assert sync_run["losses/policy_loss"] == async_run["losses/policy_loss"]
 
 
+@pytest.mark.slow
 def test_penalty_logs_beta_and_saves_it_in_checkpoints(tmp_path: Path) -> None:
     cfg = compose_config("algo=penalty", "total_timesteps=2048", "eval.episodes=0", "algo.num_minibatches=4")
     train(cfg, tmp_path)
@@ -284,6 +289,7 @@ def _env_failure(
     return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
 
 
+@pytest.mark.slow
 def test_an_env_that_raises_leads_with_one_line_then_its_own_traceback(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -337,6 +343,7 @@ def test_an_env_whose_observations_change_shape_is_one_line(
     )
 
 
+@pytest.mark.slow
 def test_hparams_are_written_into_the_run_itself(tmp_path: Path) -> None:
     train(small_cartpole(seed=2), tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["checkpoints"]  # no stray runs

@@ -73,6 +73,7 @@ def test_pixels_are_stored_as_bytes_exactly_as_the_env_returned_them() -> None:
     assert set(storage.obs.unique().tolist()) == {0, 255}
 
 
+@pytest.mark.slow
 def test_cnn_policy_learns_which_side_the_square_is_on(tmp_path: Path) -> None:
     """BrightSide: reading the image scores 8 per episode, guessing 4 (seeds 0-2: 8.0)."""
     cfg = compose_config(
@@ -124,12 +125,14 @@ def lstm_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     return run_dir, train(cfg, run_dir)
 
 
+@pytest.mark.slow
 def test_lstm_remembers_the_cue(lstm_run: tuple[Path, dict]) -> None:
     """RememberCue: the cue is shown at the first step and scored at the fourth (seeds 0-2: 1.0)."""
     assert lstm_run[1]["eval_mean"] >= 0.9
 
 
 @pytest.mark.parametrize("agent", ["gru", "mlp"])
+@pytest.mark.slow
 def test_gru_remembers_the_cue_and_a_feed_forward_policy_cannot(agent: str, tmp_path: Path) -> None:
     """Seeds 0-2: the GRU scores 1.0, the MLP 0.38 (it answers the same whatever the cue was)."""
     cfg = compose_config(*CUE, *CUE_TRAINING, f"agent={agent}", "total_timesteps=16384", "eval.episodes=40")
@@ -140,6 +143,7 @@ def test_gru_remembers_the_cue_and_a_feed_forward_policy_cannot(agent: str, tmp_
         assert score >= 0.9
 
 
+@pytest.mark.slow
 def test_a_saved_recurrent_agent_carries_its_state(lstm_run: tuple[Path, dict]) -> None:
     """The checkpoint holds the collector's recurrent state; load_agent and ppo-eval act with a
     state carried from step to step, and without it the agent is back to guessing."""
