@@ -54,16 +54,6 @@ OTHER_RANK_OVERRIDES = (
 )
 
 
-@dataclass
-class IterationReport:
-    """What one iteration tells the log: of one rank, or combined over all of them."""
-
-    env_steps: int
-    episode_returns: list[float]
-    episode_lengths: list[int]
-    explained_variance: float
-
-
 @dataclass(frozen=True)
 class DataParallel:
     """This process's place among the ranks of one run, and the collectives the run needs."""
@@ -141,19 +131,13 @@ class DataParallel:
         self.average_([values])
         return dict(zip(metrics, values.tolist(), strict=True))
 
-    def combine(self, report: IterationReport) -> IterationReport:
-        """All ranks' reports in one: steps summed, episodes pooled (in rank order), explained
-        variance averaged."""
+    def all_gather(self, part: Any) -> list[Any]:
+        """Every rank's ``part`` (any picklable object) in rank order, on every rank."""
         if not self.active:
-            return report
-        reports: list[Any] = [None] * self.world_size
-        dist.all_gather_object(reports, report)
-        return IterationReport(
-            env_steps=sum(r.env_steps for r in reports),
-            episode_returns=[x for r in reports for x in r.episode_returns],
-            episode_lengths=[x for r in reports for x in r.episode_lengths],
-            explained_variance=float(np.mean([r.explained_variance for r in reports])),
-        )
+            return [part]
+        parts: list[Any] = [None] * self.world_size
+        dist.all_gather_object(parts, part)
+        return parts
 
     def any_signal(self, signum: int | None) -> int | None:
         """The stop signal some rank received (the highest number, if several), or None."""

@@ -13,6 +13,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 from tqdm import tqdm
 
+from ppo_cli import supervisor
 from ppo_cli.errors import UserError
 from ppo_cli.rundir import write_text_atomic
 
@@ -128,6 +129,18 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     write_json(run_dir / SUMMARY, summary)
+
+
+def summary_started(run_dir: Path, summary: dict[str, Any]) -> None:
+    """A run was accepted in ``run_dir`` with ``summary`` as it stands: its supervisor (if any)
+    keeps it, to write it with the cause should the process die before :func:`summary_final`."""
+    supervisor.run_started(run_dir, summary)
+
+
+def summary_final(run_dir: Path, summary: dict[str, Any]) -> None:
+    """Write the run's outcome into ``summary.json``; the supervisor has nothing left to record."""
+    write_summary(run_dir, summary)
+    supervisor.run_ended()
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:

@@ -22,23 +22,35 @@ the Python / numpy / torch random generators.
 
 from __future__ import annotations
 
-import random
+import logging
 import re
 import shlex
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
 import yaml
 from hydra._internal.utils import get_args_parser  # hydra-core is pinned to 1.3.x
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
 
-from ppo_cli.checkpoint import LAST, checkpoint_dir, load_checkpoint, newest_valid_checkpoint
+from ppo_cli.checkpoint import (
+    LAST,
+    checkpoint_dir,
+    describe_spaces,
+    load_checkpoint,
+    newest_valid_checkpoint,
+    remove_stale_temp_files,
+)
 from ppo_cli.config import CONFIG_GROUPS, TRAIN_KEYS, flatten, schema_defaults
 from ppo_cli.errors import ConfigError, UserError
+
+if TYPE_CHECKING:  # the objects resume_state is handed; importing them would import torch
+    from ppo_cli.checkpointer import Checkpointer
+    from ppo_cli.config import TrainConfig
+    from ppo_cli.iteration import TrainingState
+
+log = logging.getLogger(__name__)
 
 AUTO = "auto"
 RESUME_KEYS = ("resume", "resume_allow_changes")
@@ -238,31 +250,60 @@ def check_config_changes(saved: dict[str, Any], current: dict[str, Any], allow: 
     return changes
 
 
-def rng_state() -> dict[str, Any]:
-    """Every global random generator the training loop draws from, as checkpoint-safe data."""
-    version, mt_state, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
-    return {
-        "python": {"version": version, "state": list(mt_state), "gauss": gauss},
-        "numpy": {
-            "name": name,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": pos,
-            "has_gauss": has_gauss,
-            "cached": cached,
-        },
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
+def resume_state(
+    cfg: TrainConfig,
+    run_dir: Path,
+    plain_config: dict[str, Any],
+    state: TrainingState,
+    checkpointer: Checkpointer,
+) -> dict[str, Any] | None:
+    """Load the checkpoint that ``cfg.resume`` names into ``state``; what was resumed, or None.
+
+    Without ``resume``, a run directory that already holds checkpoints is refused: starting over
+    there would overwrite them and write a second set of points into the same curves. A checkpoint
+    is refused when its config differs in keys that shape the run (unless
+    ``resume_allow_changes``) or its envs' spaces differ.
+    """
+    if cfg.resume is None:
+        if any(checkpoint_dir(run_dir).glob("*.pt")):
+            raise UserError(
+                f"{run_dir} already holds a run's checkpoints; continue it with resume=auto, "
+                "or choose another hydra.run.dir"
+            )
+        return None
+    found = find_checkpoint(cfg.resume, run_dir)
+    if found is None:
+        log.info("resume=auto: no checkpoint in %s yet, starting a new run", run_dir)
+        return None
+    path, payload = found
+    for change in check_config_changes(payload["config"], plain_config, cfg.resume_allow_changes):
+        log.warning("resuming with a changed key: %s", change)
+    envs = state.collector.envs
+    spaces = describe_spaces(envs.single_observation_space, envs.single_action_space)
+    if payload["spaces"] != spaces:
+        raise UserError(
+            f"{path}: the checkpoint was trained on spaces {payload['spaces']}, "
+            f"env.id={cfg.env.id} has {spaces}"
+        )
+    _warn_of_other_world_size(payload, state)
+    env_seed = state.parallel.env_seed(cfg.seed, cfg.env.num_envs)
+    exact = checkpointer.restore(state, payload, path, env_seed)
+    remove_stale_temp_files(path.parent)
+    log.info(
+        "resumed from %s at step %d (%s)",
+        path,
+        state.global_step,
+        "episodes continue exactly" if exact else "envs restarted from a derived seed",
+    )
+    return {"checkpoint": str(path), "global_step": state.global_step, "exact_env_state": exact}
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of :func:`rng_state` (CUDA states only where the same GPUs are present)."""
-    python = state["python"]
-    random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
-    numpy = state["numpy"]
-    keys = numpy["keys"].numpy().astype(np.uint32)
-    np.random.set_state((numpy["name"], keys, numpy["pos"], numpy["has_gauss"], numpy["cached"]))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _warn_of_other_world_size(payload: dict[str, Any], state: TrainingState) -> None:
+    saved_ranks = 1 + len(payload.get("other_ranks", []))
+    if saved_ranks != state.parallel.world_size and state.parallel.is_main:
+        log.warning(
+            "the checkpoint was written by %d process(es), this run has %d: the global batch changes, "
+            "and ranks the checkpoint holds no state for restart their envs",
+            saved_ranks,
+            state.parallel.world_size,
+        )

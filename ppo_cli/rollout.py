@@ -16,7 +16,7 @@ Two autoreset conventions are handled (see ``envs.py``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,7 @@ from ppo_cli import env_state
 from ppo_cli.acting import Acting, ActingBuffers, make_acting
 from ppo_cli.agent import ActorCritic
 from ppo_cli.envs import action_masks, env_failure, finished_episodes, uses_next_step_autoreset
+from ppo_cli.episodes import EpisodeCounter, EpisodeLog
 from ppo_cli.errors import NonFiniteError
 from ppo_cli.normalization import RewardScaler
 
@@ -97,50 +98,13 @@ def check_finite(field: str, values: np.ndarray) -> None:
 
 
 @dataclass
-class RolloutStats:
-    """Episodes that finished during one collection (raw returns, before any reward scaling)."""
+class Rollout:
+    """What one collection produced: the filled storage (overwritten by the next collection), the
+    env steps it took, and the episodes that finished in it."""
 
-    env_steps: int = 0
-    episode_returns: list[float] = field(default_factory=list)
-    episode_lengths: list[int] = field(default_factory=list)
-
-
-class EpisodeCounter:
-    """The return (raw rewards) and length of each env's episode in progress.
-
-    What gymnasium's ``RecordEpisodeStatistics`` wrapper reports, counted here from the rewards
-    and flags the collector holds anyway: the wrapper costs a noticeable share of a step of
-    numpy-vectorised CartPoles (``benchmarks/RESULTS.md``).
-    """
-
-    def __init__(self, num_envs: int) -> None:
-        self.returns = np.zeros(num_envs)
-        self.lengths = np.zeros(num_envs, dtype=np.int64)
-
-    def step(self, rewards: np.ndarray, valid: np.ndarray, done: np.ndarray, stats: RolloutStats) -> None:
-        """Count one step (fake steps, ``valid`` False, count for nothing); episodes that ended
-        with it go into ``stats``."""
-        self.returns += rewards * valid
-        self.lengths += valid
-        if done.any():
-            stats.episode_returns += self.returns[done].tolist()
-            stats.episode_lengths += self.lengths[done].tolist()
-            self.returns[done] = 0.0
-            self.lengths[done] = 0
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {
-            "returns": torch.from_numpy(self.returns.copy()),
-            "lengths": torch.from_numpy(self.lengths.copy()),
-        }
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.returns[:] = state["returns"].numpy()
-        self.lengths[:] = state["lengths"].numpy()
-
-    def reset(self) -> None:
-        self.returns[:] = 0.0
-        self.lengths[:] = 0
+    storage: RolloutStorage
+    env_steps: int
+    episodes: EpisodeLog
 
 
 class Collector:
@@ -151,13 +115,18 @@ class Collector:
         envs: VectorEnv,
         agent: ActorCritic,
         storage: RolloutStorage,
-        reward_scaler: RewardScaler | None,
-        bootstrap_truncated: bool,
+        *,
         device: torch.device,
         seed: int,
+        reward_scaler: RewardScaler | None = None,
+        bootstrap_truncated: bool = True,
         games_in_info: bool = False,
     ) -> None:
-        """``games_in_info``: the envs report whole games in their info (Atari, whose training
+        """Reset ``envs`` with ``seed`` (env i gets ``seed + i``).
+
+        ``reward_scaler`` scales the stored rewards (not the reported returns);
+        ``bootstrap_truncated`` bootstraps a time-limit truncation from V(final observation);
+        ``games_in_info``: the envs report whole games in their info (Atari, whose training
         episodes end at each lost life: see ``atari.py``); those are the episodes reported."""
         self.envs = envs
         self.agent = agent
@@ -231,9 +200,9 @@ class Collector:
         s.log_probs.copy_(self.agent.dist.log_prob(params, s.actions))
 
     @torch.inference_mode()  # cheaper than no_grad; the storage it writes into stays normal
-    def collect(self) -> RolloutStats:
+    def collect(self) -> Rollout:
         """Fill the storage with ``num_steps`` steps of every env."""
-        s, stats = self.storage, RolloutStats()
+        s, finished = self.storage, EpisodeLog()
         act = self._acting()
         truncation_values: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         for t in range(s.num_steps):
@@ -250,11 +219,9 @@ class Collector:
             s.host_rewards[t], s.host_terminated[t], s.host_truncated[t] = reward, terminated, truncated
             self.prev_done = terminated | truncated
             if self.games_in_info:
-                _, returns, lengths = finished_episodes(info.get("final_info", {}))
-                stats.episode_returns += returns.tolist()
-                stats.episode_lengths += lengths.tolist()
+                finished.add(*finished_episodes(info.get("final_info", {}))[1:])
             else:
-                self.episodes.step(reward, valid, self.prev_done, stats)
+                self.episodes.step(reward, valid, self.prev_done, finished)
             if truncated.any() and "final_obs" in info and self.bootstrap_truncated:
                 truncation_values.append(self._final_values(t, truncated, info["final_obs"]))
             self.obs = self._observe(obs)
@@ -268,8 +235,7 @@ class Collector:
         s.next_values[-1] = self.agent.step_value(self.obs, self.state, starts)
         for t, idx, values in truncation_values:
             s.next_values[t, idx] = values
-        stats.env_steps = s.num_steps * self.envs.num_envs
-        return stats
+        return Rollout(s, s.num_steps * self.envs.num_envs, finished)
 
     def _final_values(
         self, t: int, truncated: np.ndarray, final_obs: np.ndarray
@@ -324,64 +290,3 @@ class Collector:
             self.state.zero_()
         if self.reward_scaler is not None:
             self.reward_scaler.returns.zero_()  # the discounted returns belonged to lost episodes
-
-
-class GroupCollector(Collector):
-    """One whole episode per env per iteration, for GRPO.
-
-    At the start of every iteration all envs are reset; the envs of one group (``group_size``
-    consecutive envs) get the same seed, so they start from the same state and their episodes
-    differ only by the actions sampled. Steps after an env's episode has ended are stored with
-    ``valid = False``; collection stops early once every episode has ended.
-    """
-
-    def __init__(self, envs: VectorEnv, agent: ActorCritic, storage: RolloutStorage, group_size: int,
-                 device: torch.device, seed: int) -> None:  # fmt: skip
-        super().__init__(envs, agent, storage, None, True, device, seed)
-        self.group_size = group_size
-        self.seed = seed
-        self.iteration = 0
-
-    def group_seeds(self) -> list[int]:
-        """Env i's reset seed this iteration: shared within its group, new every iteration."""
-        num_groups = self.envs.num_envs // self.group_size
-        base = self.seed * 1_000_003 + self.iteration * num_groups
-        return [base + i // self.group_size for i in range(self.envs.num_envs)]
-
-    @torch.inference_mode()  # cheaper than no_grad; the storage it writes into stays normal
-    def collect(self) -> RolloutStats:
-        s, stats = self.storage, RolloutStats()
-        obs, info = self._reset(self.group_seeds())  # one seed per env
-        self.iteration += 1
-        self.obs = self._observe(obs)
-        self._observe_masks(info)
-        act = self._acting()
-        running = np.ones(self.envs.num_envs, dtype=bool)
-        s.host_valid[:] = False
-        s.host_rewards[:] = 0.0
-        for t in range(s.num_steps):
-            s.host_valid[t] = running
-            self._record_masks(t)
-            obs, reward, terminated, truncated, info = self._step(act(t, self.obs))
-            check_finite("reward", reward)
-            s.host_rewards[t] = reward * running
-            s.host_terminated[t], s.host_truncated[t] = terminated, truncated
-            running = running & ~(terminated | truncated)
-            self.obs = self._observe(obs)
-            self._observe_masks(info)
-            if not running.any():
-                break
-        self._finish()
-        stats.env_steps = (t + 1) * self.envs.num_envs
-        stats.episode_returns = s.host_rewards.sum(axis=0, dtype=np.float64).tolist()
-        stats.episode_lengths = s.host_valid.sum(axis=0).tolist()
-        return stats
-
-    def state_dict(self) -> dict[str, Any]:
-        """Every iteration resets all envs from seeds derived from the iteration count: that
-        count is the whole state."""
-        return {"iteration": self.iteration}
-
-    def load_state_dict(self, state: dict[str, Any], reset_seed: int) -> bool:
-        self.iteration = int(state["iteration"])
-        return True

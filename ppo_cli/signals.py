@@ -25,6 +25,7 @@ import time
 from types import FrameType, TracebackType
 from typing import Any, ClassVar, TextIO
 
+from ppo_cli import supervisor
 from ppo_cli.errors import Interrupted
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,14 @@ class GracefulStop:
         if self._previous:
             GracefulStop._active.remove(self)
         self._previous.clear()
+
+
+def training_stop(distributed: bool) -> GracefulStop:
+    """The training loop's GracefulStop, with the echo window of whatever may forward it a
+    signal it already got: torchrun's agent (``distributed``), ppo-train's supervisor, or none."""
+    if distributed:
+        return GracefulStop(TORCHRUN_ECHO_S)
+    return GracefulStop(SUPERVISOR_ECHO_S if supervisor.supervised() else 0.0)
 
 
 class StdoutReaderGone(io.TextIOBase):

@@ -1,13 +1,15 @@
-"""Turn one rollout into parameter updates, one Updater class per variant of the family."""
+"""How every variant of the family turns a batch into parameter updates: the shared machinery.
+
+:class:`Updater` owns the optimizer step (gradient averaging across ranks, norm clipping, the
+non-finite check); :class:`SurrogateUpdater` runs epochs x shuffled minibatches on a ratio
+objective; :class:`OneStepUpdater` takes one policy step per rollout; :func:`regress_critic`
+fits a separate critic. Each variant's own loss lives in its module under ``ppo_cli/algos/``.
+"""
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -15,149 +17,11 @@ from torch import nn
 
 from ppo_cli import losses
 from ppo_cli.agent import ActorCritic, Evaluation
-from ppo_cli.config import (
-    A2CConfig,
-    ActorCriticConfig,
-    AlgoConfig,
-    ClipConfig,
-    GRPOConfig,
-    PenaltyConfig,
-    PGConfig,
-    RegressedCriticConfig,
-    SurrogateConfig,
-    TRPOConfig,
-)
+from ppo_cli.batch import Batch
+from ppo_cli.config import ActorCriticConfig, AlgoConfig, GRPOConfig, RegressedCriticConfig, SurrogateConfig
 from ppo_cli.distributed import SINGLE_PROCESS, DataParallel
 from ppo_cli.distributions import ActionDistribution
 from ppo_cli.errors import NonFiniteError
-from ppo_cli.rollout import RolloutStorage
-from ppo_cli.trpo import trust_region_step
-from ppo_cli.trunk import Memory
-
-
-@dataclass
-class Batch:
-    """The valid transitions of one rollout, flattened to (B, ...), with their advantage targets.
-
-    Minibatches are drawn along :attr:`SAMPLE_AXIS`: single transitions here, whole env
-    sequences in :class:`SequenceBatch`.
-    """
-
-    SAMPLE_AXIS = 0
-
-    obs: torch.Tensor
-    actions: torch.Tensor
-    log_probs: torch.Tensor
-    policy_params: torch.Tensor
-    values: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor
-    action_masks: torch.Tensor | None = None  # allowed actions, when the envs report them
-
-    @classmethod
-    def from_storage(
-        cls, storage: RolloutStorage, advantages: torch.Tensor, returns: torch.Tensor, chunks: int = 1
-    ) -> Batch:
-        """Flatten time and env dimensions and drop the fake steps of NEXT_STEP autoreset (a
-        recurrent agent's storage gives a :class:`SequenceBatch` of ``chunks`` sequences per env
-        instead)."""
-        if storage.states is not None:
-            return SequenceBatch.of_sequences(storage, advantages, returns, chunks)
-        valid = storage.valid.flatten()
-        keep = None if bool(valid.all()) else valid.nonzero().squeeze(-1)
-
-        def flat(x: torch.Tensor) -> torch.Tensor:
-            x = x.flatten(0, 1)
-            return x if keep is None else x[keep]
-
-        return cls(
-            flat(storage.obs),
-            flat(storage.actions),
-            flat(storage.log_probs),
-            flat(storage.policy_params),
-            flat(storage.values),
-            flat(advantages),
-            flat(returns),
-            None if storage.action_masks is None else flat(storage.action_masks),
-        )
-
-    @property
-    def memory(self) -> Memory | None:
-        """What a recurrent agent replays its sequences from (none here: no sequences)."""
-        return None
-
-    def __len__(self) -> int:
-        return self.obs.shape[self.SAMPLE_AXIS]
-
-    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
-        """The batch with ``fn`` applied to every field (that holds a tensor)."""
-        values = (getattr(self, f.name) for f in dataclasses.fields(self))
-        mapped: list[Any] = [None if x is None else fn(x) for x in values]
-        return type(self)(*mapped)
-
-    def shuffled_minibatches(self, num_minibatches: int) -> Iterator[Batch]:
-        """The batch in a fresh random order, cut into ``num_minibatches`` consecutive parts
-        whose sizes differ by at most one (like ``torch.tensor_split``).
-
-        Each field is gathered once per call; the minibatches are views of the gathered copy.
-        """
-        axis = self.SAMPLE_AXIS
-        order = torch.randperm(len(self), device=self.obs.device)
-        shuffled = self.map(lambda field: field.index_select(axis, order))
-        size, extra = divmod(len(self), num_minibatches)
-        start = 0
-        for i in range(num_minibatches):
-            length = size + (i < extra)
-            yield shuffled.map(lambda field: field.narrow(axis, start, length))  # noqa: B023 (used at once)
-            start += length
-
-
-@dataclass
-class SequenceBatch(Batch):
-    """A recurrent agent's rollout as env sequences: every field keeps its (steps, sequences, ...)
-    shape, so that minibatches are sets of sequences (axis 1), each replayed from the state the
-    agent held at its first step (trunk.py). The losses are elementwise: they take (L, n) as
-    they take (B,).
-
-    Each env's T steps are one sequence, or ``chunks`` consecutive ones of T / chunks steps
-    when more minibatches are asked for than there are envs (truncated backpropagation through
-    time, starting each chunk from the state stored while acting).
-    """
-
-    SAMPLE_AXIS = 1
-    initial_state: torch.Tensor | None = None  # (1, sequences, state_dim): axis 1 is the sequence
-    starts: torch.Tensor | None = None  # (L, sequences)
-
-    @classmethod
-    def of_sequences(
-        cls, storage: RolloutStorage, advantages: torch.Tensor, returns: torch.Tensor, chunks: int
-    ) -> SequenceBatch:
-        assert storage.states is not None and storage.starts is not None
-        assert bool(storage.valid.all())  # same-step autoreset: no fake steps inside a sequence
-        length = storage.num_steps // chunks
-
-        def cut(x: torch.Tensor) -> torch.Tensor:
-            """(T, N, ...) -> (T / chunks, chunks * N, ...): chunk c of env n is sequence c * N + n."""
-            pieces = x.reshape(chunks, length, *x.shape[1:]).transpose(0, 1)
-            return pieces.reshape(length, -1, *x.shape[2:])
-
-        return cls(
-            cut(storage.obs),
-            cut(storage.actions),
-            cut(storage.log_probs),
-            cut(storage.policy_params),
-            cut(storage.values),
-            cut(advantages),
-            cut(returns),
-            None if storage.action_masks is None else cut(storage.action_masks),
-            cut(storage.states)[:1],
-            cut(storage.starts),
-        )
-
-    @property
-    def memory(self) -> Memory:
-        assert self.initial_state is not None and self.starts is not None
-        return Memory(self.initial_state[0], self.starts)
 
 
 class Updater(ABC):
@@ -328,119 +192,12 @@ def measure_kl(agent: ActorCritic, batch: Batch) -> dict[str, float]:
     return {**values, "old_approx_kl": values["kl_k1"], "approx_kl": values["kl_k3"]}
 
 
-class ClipUpdater(ActorCriticSurrogateUpdater):
-    """PPO-Clip: the clipped surrogate; value clipping with the same epsilon."""
-
-    cfg: ClipConfig
-
-    def policy_loss(self, out: Evaluation, mb: Batch, advantages: torch.Tensor) -> dict[str, torch.Tensor]:
-        eps = self.cfg.clip_eps
-        return {
-            "policy_loss": losses.clipped_surrogate_loss(out.log_prob, mb.log_probs, advantages, eps),
-            "clipfrac": losses.clip_fraction(out.log_prob.detach(), mb.log_probs, eps),
-        }
-
-    def value_clip_eps(self) -> float | None:
-        return self.cfg.clip_eps if self.cfg.clip_vloss else None
-
-
-class PenaltyUpdater(ActorCriticSurrogateUpdater):
-    """PPO-Penalty: -mean(rho * A) + beta * KL(pi_old || pi), KL from ``algo.kl_estimator``.
-
-    beta starts at ``kl_coef``; with ``adaptive`` it follows :func:`losses.adaptive_kl_coef` after
-    every iteration, driven by the KL between pi_old and the updated policy over the whole batch.
-    """
-
-    cfg: PenaltyConfig
-
-    def reset_state(self) -> None:
-        self.beta = self.cfg.kl_coef
-
-    def policy_loss(self, out: Evaluation, mb: Batch, advantages: torch.Tensor) -> dict[str, torch.Tensor]:
-        estimator = self.cfg.kl_estimator  # only the one the penalty uses, with gradients
-        if estimator == "exact":
-            penalty = self.agent.dist.kl(mb.policy_params, out.policy_params).mean()
-        else:
-            penalty = getattr(losses.kl_estimates(out.log_prob, mb.log_probs), estimator)
-        surrogate = losses.surrogate_loss(out.log_prob, mb.log_probs, advantages)
-        return {"policy_loss": surrogate + self.beta * penalty, "surrogate_loss": surrogate}
-
-    def update(self, batch: Batch) -> dict[str, float]:
-        metrics = super().update(batch)
-        metrics["kl_beta"] = self.beta  # the beta this iteration's update used
-        if self.cfg.adaptive:
-            measured = metrics[f"kl_{self.cfg.kl_estimator}"]  # over the batch, after the update
-            metrics["kl_after_update"] = measured
-            self.beta = losses.adaptive_kl_coef(
-                self.beta,
-                measured,
-                self.cfg.kl_target,
-                self.cfg.beta_factor,
-                self.cfg.kl_tolerance,
-                (self.cfg.beta_min, self.cfg.beta_max),
-            )
-        return metrics
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"beta": self.beta}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.beta = float(state["beta"])
-
-
-class GRPOUpdater(SurrogateUpdater):
-    """GRPO: clipped surrogate on group-relative advantages, plus kl_coef * KL(pi || pi_ref).
-
-    The KL to the frozen reference policy uses the k3 form on the stored actions,
-    mean(r - 1 - log r) with r = pi_ref(a|s) / pi(a|s) (Shao et al. 2024, eq. 4). The reference
-    is the initial policy, or a copy refreshed every ``ref_update_every`` updates. There is no
-    critic: the agent's value network receives no gradient.
-    """
-
-    cfg: GRPOConfig
-
-    def reset_state(self) -> None:
-        self.reference = copy.deepcopy(self.agent).requires_grad_(False)
-        self.updates = 0
-
-    def minibatch_loss(self, out: Evaluation, mb: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        with torch.no_grad():
-            ref_params = self.reference.policy_params(mb.obs, mb.action_masks, mb.memory)
-            ref_log_prob = self.reference.dist.log_prob(ref_params, mb.actions)
-        log_ratio = ref_log_prob - out.log_prob
-        ref_kl = (torch.expm1(log_ratio) - log_ratio).mean()
-        eps = self.cfg.clip_eps
-        surrogate = losses.clipped_surrogate_loss(out.log_prob, mb.log_probs, mb.advantages, eps)
-        terms = {
-            "policy_loss": surrogate + self.cfg.kl_coef * ref_kl,
-            "surrogate_loss": surrogate,
-            "ref_kl": ref_kl,
-            "entropy": out.entropy.mean(),
-            "clipfrac": losses.clip_fraction(out.log_prob.detach(), mb.log_probs, eps),
-        }
-        return terms["policy_loss"] - self.cfg.ent_coef * terms["entropy"], terms
-
-    def update(self, batch: Batch) -> dict[str, float]:
-        metrics = super().update(batch)
-        self.updates += 1
-        if self.cfg.ref_update_every and self.updates % self.cfg.ref_update_every == 0:
-            self.reference.load_state_dict(self.agent.state_dict())
-        return metrics
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"updates": self.updates, "reference": self.reference.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.updates = int(state["updates"])
-        self.reference.load_state_dict(state["reference"])
-
-
-class A2CUpdater(Updater):
-    """A2C: one step per rollout on -mean(log pi * A) - c2 * H + c1 * 0.5 * mean((V - R)^2)."""
+class OneStepUpdater(Updater):
+    """Variants that take a single policy step per rollout (A2C, PG, TRPO), on the whole batch."""
 
     cfg: ActorCriticConfig
 
-    def _policy_terms(self, batch: Batch) -> tuple[Evaluation, dict[str, torch.Tensor]]:
+    def policy_terms(self, batch: Batch) -> tuple[Evaluation, dict[str, torch.Tensor]]:
         out = self.agent.evaluate(batch.obs, batch.actions, batch.action_masks, batch.memory)
         advantages = losses.normalize_advantages(batch.advantages) if self.cfg.norm_adv else batch.advantages
         terms = {
@@ -449,33 +206,10 @@ class A2CUpdater(Updater):
         }
         return out, terms
 
-    def update(self, batch: Batch) -> dict[str, float]:
-        out, terms = self._policy_terms(batch)
-        terms["value_loss"] = losses.value_loss(out.value, batch.values, batch.returns, None)
-        self.step(
-            terms["policy_loss"]
-            - self.cfg.ent_coef * terms["entropy"]
-            + self.cfg.vf_coef * terms["value_loss"],
-            terms,
-        )
-        return self.metrics_after_step(batch, terms)
-
     def metrics_after_step(self, batch: Batch, terms: dict[str, torch.Tensor]) -> dict[str, float]:
         """The logged terms plus how far the single step moved the policy (every KL estimate)."""
         metrics = {key: float(value.detach()) for key, value in terms.items()}
         return self.parallel.average_metrics({**metrics, **measure_kl(self.agent, batch)})
-
-
-class PGUpdater(A2CUpdater):
-    """REINFORCE with baseline: one policy step, then the critic is regressed on the returns."""
-
-    cfg: PGConfig
-
-    def update(self, batch: Batch) -> dict[str, float]:
-        _, terms = self._policy_terms(batch)
-        self.step(terms["policy_loss"] - self.cfg.ent_coef * terms["entropy"], terms)
-        terms["value_loss"] = regress_critic(self, batch, self.cfg)
-        return self.metrics_after_step(batch, terms)
 
 
 def regress_critic(updater: Updater, batch: Batch, cfg: RegressedCriticConfig) -> torch.Tensor:
@@ -493,65 +227,3 @@ def regress_critic(updater: Updater, batch: Batch, cfg: RegressedCriticConfig) -
             updater.step(cfg.vf_coef * value_loss, {"value_loss": value_loss})
             value_losses.append(value_loss.detach())
     return torch.stack(value_losses).mean()
-
-
-class TRPOUpdater(A2CUpdater):
-    """TRPO: one trust-region step of the policy (see ``trpo.py``), then critic regression."""
-
-    cfg: TRPOConfig
-
-    def update(self, batch: Batch) -> dict[str, float]:
-        cfg = self.cfg
-        advantages = losses.normalize_advantages(batch.advantages) if cfg.norm_adv else batch.advantages
-
-        def surrogate() -> torch.Tensor:
-            params = self.agent.policy_params(batch.obs, batch.action_masks, batch.memory)
-            log_prob, entropy = self.agent.dist.log_prob_entropy(params, batch.actions)
-            return (
-                -losses.surrogate_loss(log_prob, batch.log_probs, advantages) + cfg.ent_coef * entropy.mean()
-            )
-
-        def mean_kl() -> torch.Tensor:
-            new_params = self.agent.policy_params(batch.obs, batch.action_masks, batch.memory)
-            return self.agent.dist.kl(batch.policy_params, new_params).mean()
-
-        result = trust_region_step(
-            self.agent.actor_parameters(),
-            surrogate,
-            mean_kl,
-            cfg.max_kl,
-            cfg.cg_iterations,
-            cfg.cg_damping,
-            cfg.line_search_steps,
-            cfg.backtrack_coef,
-            self.parallel.average,
-        )
-        _, terms = self._policy_terms(batch)
-        terms["value_loss"] = regress_critic(self, batch, cfg)
-        metrics = self.metrics_after_step(batch, terms)
-        metrics.update(
-            surrogate_improvement=result.surrogate_after - result.surrogate_before,
-            line_search_fraction=result.step_fraction,
-        )
-        return metrics
-
-
-UPDATERS: dict[type[AlgoConfig], type[Updater]] = {
-    ClipConfig: ClipUpdater,
-    PenaltyConfig: PenaltyUpdater,
-    PGConfig: PGUpdater,
-    A2CConfig: A2CUpdater,
-    TRPOConfig: TRPOUpdater,
-    GRPOConfig: GRPOUpdater,
-}
-
-
-def make_updater(
-    cfg: AlgoConfig,
-    agent: ActorCritic,
-    optimizer: torch.optim.Optimizer,
-    parallel: DataParallel = SINGLE_PROCESS,
-) -> Updater:
-    """The updater of the configured variant (one per schema in ``config.ALGO_SCHEMAS``), for a
-    single process unless ``parallel`` says otherwise."""
-    return UPDATERS[type(cfg)](agent, optimizer, cfg, parallel)

@@ -17,7 +17,8 @@ from ppo_cli.config import AgentConfig
 from ppo_cli.distributed import SINGLE_PROCESS
 from ppo_cli.envs import action_masks, make_vector_env
 from ppo_cli.errors import UserError
-from ppo_cli.train import build_state, train
+from ppo_cli.iteration import build_state
+from ppo_cli.train import train
 
 OBS = gym.spaces.Box(-1.0, 1.0, shape=(3,), dtype=np.float32)
 

@@ -14,7 +14,7 @@ from support import compose_config, console_script, ppo_train, run
 from ppo_cli.atari import EpisodicLife, FireReset
 from ppo_cli.distributed import SINGLE_PROCESS
 from ppo_cli.envs import make_vector_env
-from ppo_cli.train import build_state
+from ppo_cli.iteration import build_state
 
 BREAKOUT = ["env=Breakout", "env.num_envs=2", "env.num_steps=128"]
 
@@ -28,14 +28,14 @@ def test_training_envs_end_episodes_at_lost_lives_but_play_on_and_report_whole_g
         assert envs.single_observation_space.shape == (4, 84, 84)
         assert envs.single_observation_space.dtype == np.uint8
         state = build_state(cfg, envs, torch.device("cpu"), SINGLE_PROCESS)
-        stats = state.collector.collect()
+        rollout = state.collector.collect()
         chain = _wrappers(envs.envs[0])
     assert any(isinstance(w, EpisodicLife) for w in chain) and any(isinstance(w, FireReset) for w in chain)
     lives_lost = int(state.collector.storage.terminated.sum())
-    assert len(stats.episode_returns) >= 1  # a random Breakout game lasts about 200 steps
-    assert lives_lost >= 5 * len(stats.episode_returns)  # each finished game ended 5 lives
-    assert min(stats.episode_lengths) > 50  # whole games: a single life is far shorter
-    assert all(float(r).is_integer() and r >= 0 for r in stats.episode_returns)
+    assert len(rollout.episodes.returns) >= 1  # a random Breakout game lasts about 200 steps
+    assert lives_lost >= 5 * len(rollout.episodes.returns)  # each finished game ended 5 lives
+    assert min(rollout.episodes.lengths) > 50  # whole games: a single life is far shorter
+    assert all(float(r).is_integer() and r >= 0 for r in rollout.episodes.returns)
 
 
 def _wrappers(env: object) -> list[object]:

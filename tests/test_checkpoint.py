@@ -24,12 +24,14 @@ from support import algo_config, compose_config, console_script
 from ppo_cli import checkpoint as ckpt
 from ppo_cli import load_agent
 from ppo_cli.agent import ActorCritic
+from ppo_cli.checkpointer import Checkpointer
 from ppo_cli.config import AgentConfig, EnvConfig, TrainConfig
 from ppo_cli.distributed import SINGLE_PROCESS
 from ppo_cli.envs import make_vector_env
 from ppo_cli.errors import UserError
+from ppo_cli.iteration import build_state
 from ppo_cli.normalization import RewardScaler
-from ppo_cli.train import build_state, train
+from ppo_cli.train import train
 
 
 def _payload(step: int, **extra) -> dict:
@@ -464,8 +466,9 @@ def test_save_load_keeps_the_whole_training_state(algo: str, tmp_path: Path) -> 
     saved = ckpt.load_checkpoint(path)
     with closing(make_vector_env(cfg.env, per_env_seeds=algo == "grpo")) as envs:
         state = build_state(cfg, envs, torch.device("cpu"), SINGLE_PROCESS)
-        assert state.load_state_dict(saved, path, cfg.seed)  # exact: Pendulum's state is all numpy
-        again = state.state_dict()
+        checkpointer = Checkpointer(tmp_path, saved["config"], cfg.checkpoint.keep)
+        assert checkpointer.restore(state, saved, path, cfg.seed)  # exact: Pendulum's state is all numpy
+        again = checkpointer.payload(state)
     assert saved["agent"]["obs_normalizer.stats.count"] > 0
     assert (saved["reward_scaler"] is None) == (algo == "grpo")
     for key in again:

@@ -136,13 +136,13 @@ def test_unsupported_space_is_refused(
 
 
 @pytest.mark.slow
-def test_every_algo_schema_has_a_preset_and_an_updater() -> None:
+def test_every_algo_schema_has_a_preset_and_a_variant() -> None:
+    from ppo_cli.algos import VARIANTS
     from ppo_cli.config import ALGO_SCHEMAS
-    from ppo_cli.update import UPDATERS
 
     presets = {p.stem for p in (Path(CONFIG_DIR) / "algo").glob("*.yaml")}
     assert presets == set(ALGO_SCHEMAS) == {"clip", "penalty", "pg", "a2c", "trpo", "grpo"}
-    assert set(UPDATERS) == set(ALGO_SCHEMAS.values())
+    assert set(VARIANTS) == set(ALGO_SCHEMAS.values())
     for name in presets:
         assert compose_config(f"algo={name}").algo.name == name
 

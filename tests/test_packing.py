@@ -11,9 +11,9 @@ import torch
 from support import algo_config, on_policy_batch
 
 from ppo_cli.agent import ActorCritic
+from ppo_cli.algos.clip import ClipUpdater
 from ppo_cli.config import AgentConfig, ClipConfig
 from ppo_cli.packing import packed_optimizer_state
-from ppo_cli.update import ClipUpdater
 
 OBS_SPACE = gym.spaces.Box(-1.0, 1.0, shape=(3,), dtype=np.float32)
 ACTION_SPACES = {"discrete": gym.spaces.Discrete(3), "box": gym.spaces.Box(-1.0, 1.0, shape=(2,))}

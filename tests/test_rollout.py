@@ -11,11 +11,12 @@ from support import algo_config
 
 from ppo_cli import load_agent
 from ppo_cli.agent import ActorCritic
+from ppo_cli.algos.grpo import GroupCollector
+from ppo_cli.batch import Batch
 from ppo_cli.config import AgentConfig, EnvConfig, EvalConfig, TrainConfig
 from ppo_cli.envs import finished_episodes, make_vector_env, uses_next_step_autoreset
-from ppo_cli.rollout import Collector, GroupCollector, RolloutStorage
+from ppo_cli.rollout import Collector, RolloutStorage
 from ppo_cli.train import train
-from ppo_cli.update import Batch
 
 COUNTER_ID = "PpoCliTestCounter-v0"
 CPU = torch.device("cpu")
@@ -70,7 +71,7 @@ def test_same_step_truncation_bootstraps_from_final_obs() -> None:
         assert not uses_next_step_autoreset(envs)
         agent = _agent(envs)
         storage = _storage(num_steps, envs, agent)
-        collector = Collector(envs, agent, storage, None, True, CPU, seed=0)
+        collector = Collector(envs, agent, storage, device=CPU, seed=0)
         stats = collector.collect()
     finally:
         envs.close()
@@ -99,8 +100,8 @@ def test_same_step_truncation_bootstraps_from_final_obs() -> None:
     last_k = float((num_steps) % limit)
     assert storage.next_values[-1, 0].item() == pytest.approx(V(last_k), abs=1e-6)
     torch.testing.assert_close(storage.values[:, 0], storage.values[:, 1])
-    assert stats.episode_lengths == [limit] * (2 * len(trunc_steps))
-    assert stats.episode_returns == [float(limit)] * (2 * len(trunc_steps))
+    assert stats.episodes.lengths == [limit] * (2 * len(trunc_steps))
+    assert stats.episodes.returns == [float(limit)] * (2 * len(trunc_steps))
 
 
 def test_same_step_truncation_without_bootstrap_flag_keeps_reset_value() -> None:
@@ -109,7 +110,7 @@ def test_same_step_truncation_without_bootstrap_flag_keeps_reset_value() -> None
     try:
         agent = _agent(envs)
         storage = _storage(4, envs, agent)
-        Collector(envs, agent, storage, None, False, CPU, seed=0).collect()
+        Collector(envs, agent, storage, device=CPU, seed=0, bootstrap_truncated=False).collect()
     finally:
         envs.close()
     assert storage.truncated[1, 0] and storage.truncated[3, 0]
@@ -132,7 +133,7 @@ def test_next_step_autoreset_marks_fake_steps_invalid() -> None:
         with torch.no_grad():  # mostly push right: quick terminations, some time-limit cuts
             agent.actor[-1].bias[1] = 3.0
         storage = _storage(num_steps, envs, agent)
-        collector = Collector(envs, agent, storage, None, True, CPU, seed=3)
+        collector = Collector(envs, agent, storage, device=CPU, seed=3)
         collector.collect()
         first = {k: getattr(storage, k).clone() for k in ("terminated", "truncated", "valid")}
         stats = collector.collect()
@@ -161,7 +162,7 @@ def test_next_step_autoreset_marks_fake_steps_invalid() -> None:
             assert storage.obs[t + 2, n].abs().max() <= 0.05  # then the reset observation
     # A truncated step bootstraps from the fake step's observation, i.e. the final one.
     torch.testing.assert_close(storage.next_values[:-1], storage.values[1:])
-    assert stats.episode_lengths and all(1 <= n <= 10 for n in stats.episode_lengths)
+    assert stats.episodes.lengths and all(1 <= n <= 10 for n in stats.episodes.lengths)
 
     # Batch.from_storage drops exactly the fake steps, keeping time-major order.
     T, N = num_steps, num_envs
@@ -250,7 +251,7 @@ def test_group_collector_starts_each_group_from_one_seed() -> None:
     envs = make_vector_env(cfg, per_env_seeds=True)
     agent = _agent(envs)
     storage = RolloutStorage(500, 6, agent, CPU)
-    collector = GroupCollector(envs, agent, storage, group_size=3, device=CPU, seed=0)
+    collector = GroupCollector(envs, agent, storage, group_size=3, seed=0)
     for _ in range(2):
         stats = collector.collect()
         first = storage.obs[0]
@@ -259,7 +260,7 @@ def test_group_collector_starts_each_group_from_one_seed() -> None:
         assert not torch.equal(first[0], first[3])
         # One episode per env: valid up to and including its last step, never after.
         lengths = storage.valid.sum(dim=0)
-        assert lengths.tolist() == stats.episode_lengths
+        assert lengths.tolist() == stats.episodes.lengths
         for env in range(6):
             assert storage.valid[: lengths[env], env].all()
             assert not storage.valid[lengths[env] :, env].any()
@@ -290,10 +291,10 @@ def test_episode_statistics_match_gymnasiums_wrapper(vectorization: str) -> None
     envs.step = recording_step  # type: ignore[method-assign]
     try:
         agent = _agent(envs)
-        collector = Collector(envs, agent, _storage(cfg.num_steps, envs, agent), None, True, CPU, seed=5)
+        collector = Collector(envs, agent, _storage(cfg.num_steps, envs, agent), device=CPU, seed=5)
         stats = [collector.collect() for _ in range(3)]
     finally:
         envs.close()
     assert len(wrapper_lengths) >= 6 and 30 in wrapper_lengths  # terminations and truncations
-    assert [r for st in stats for r in st.episode_returns] == wrapper_returns
-    assert [n for st in stats for n in st.episode_lengths] == wrapper_lengths
+    assert [r for st in stats for r in st.episodes.returns] == wrapper_returns
+    assert [n for st in stats for n in st.episodes.lengths] == wrapper_lengths

@@ -150,7 +150,7 @@ def test_failure_is_recorded_in_summary(tmp_path: Path, monkeypatch: pytest.Monk
     def broken_update(*args: object, **kwargs: object) -> dict[str, float]:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("ppo_cli.update.ClipUpdater.update", broken_update)
+    monkeypatch.setattr("ppo_cli.algos.clip.ClipUpdater.update", broken_update)
     with pytest.raises(RuntimeError, match="boom"):
         train(small_cartpole(), tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -10,9 +10,9 @@ from support import algo_config, on_policy_batch
 
 from ppo_cli import losses
 from ppo_cli.agent import ActorCritic
+from ppo_cli.algos.trpo import TRPOUpdater
 from ppo_cli.config import AgentConfig, TRPOConfig
-from ppo_cli.trpo import conjugate_gradient
-from ppo_cli.update import TRPOUpdater
+from ppo_cli.trust_region import conjugate_gradient
 
 
 def test_conjugate_gradient_solves_a_known_spd_system() -> None:

@@ -13,14 +13,15 @@ from support import compose_config
 
 from ppo_cli import load_agent
 from ppo_cli.agent import ActorCritic
+from ppo_cli.batch import Batch, SequenceBatch
 from ppo_cli.checkpoint import load_checkpoint
 from ppo_cli.config import AgentConfig
 from ppo_cli.distributed import SINGLE_PROCESS
 from ppo_cli.envs import make_vector_env
 from ppo_cli.evaluate import evaluate_checkpoint
-from ppo_cli.train import build_state, train
+from ppo_cli.iteration import build_state
+from ppo_cli.train import train
 from ppo_cli.trunk import Memory, NatureCNN
-from ppo_cli.update import Batch, SequenceBatch
 
 PIXELS = gym.spaces.Box(0, 255, shape=(2, 36, 36), dtype=np.uint8)
 CNN_AGENT = AgentConfig(actor_hidden=[], critic_hidden=[16], encoder="nature_cnn")

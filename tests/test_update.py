@@ -8,20 +8,18 @@ import pytest
 import torch
 from support import algo_config, on_policy_batch
 
-from ppo_cli import losses, update
+from ppo_cli import losses
 from ppo_cli.advantages import gae
 from ppo_cli.agent import ActorCritic
+from ppo_cli.algos import make_updater
+from ppo_cli.algos.a2c import A2CUpdater
+from ppo_cli.algos.clip import ClipUpdater
+from ppo_cli.algos.grpo import GRPOUpdater
+from ppo_cli.algos.penalty import PenaltyUpdater
+from ppo_cli.algos.pg import PGUpdater
+from ppo_cli.batch import Batch
 from ppo_cli.config import AgentConfig, ClipConfig, PenaltyConfig
 from ppo_cli.errors import NonFiniteError
-from ppo_cli.update import (
-    A2CUpdater,
-    Batch,
-    ClipUpdater,
-    GRPOUpdater,
-    PenaltyUpdater,
-    PGUpdater,
-    make_updater,
-)
 
 BATCH = 64
 
@@ -81,7 +79,7 @@ def test_logged_losses_are_means_over_all_minibatches(
         seen.append(value.item())
         return value
 
-    monkeypatch.setattr(update.losses, "clipped_surrogate_loss", recording_loss)
+    monkeypatch.setattr(losses, "clipped_surrogate_loss", recording_loss)
     metrics = ClipUpdater(agent, optimizer, algo()).update(batch)
     assert len(seen) == 12
     assert metrics["policy_loss"] == pytest.approx(float(np.mean(seen)), rel=1e-5)

@@ -16,25 +16,26 @@ import torch
 
 from ppo_cli import train as train_module
 from ppo_cli.cli import train_main
-from ppo_cli.rollout import Collector, RolloutStats
+from ppo_cli.iteration import TrainingState
+from ppo_cli.rollout import Collector, Rollout
 
-built: list[train_module.TrainingState] = []
+built: list[TrainingState] = []
 local_env_steps = 0
 _build_state = train_module.build_state
 _collect = Collector.collect
 
 
-def _recording_build_state(*args: Any, **kwargs: Any) -> train_module.TrainingState:
+def _recording_build_state(*args: Any, **kwargs: Any) -> TrainingState:
     state = _build_state(*args, **kwargs)
     built.append(state)
     return state
 
 
-def _counting_collect(self: Collector) -> RolloutStats:
+def _counting_collect(self: Collector) -> Rollout:
     global local_env_steps
-    stats = _collect(self)
-    local_env_steps += stats.env_steps
-    return stats
+    rollout = _collect(self)
+    local_env_steps += rollout.env_steps
+    return rollout
 
 
 if __name__ == "__main__":
