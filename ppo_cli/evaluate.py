@@ -7,6 +7,8 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -182,9 +184,10 @@ def evaluate_checkpoint(
     if deterministic is None:  # as the run evaluated itself (Atari presets sample)
         deterministic = bool(trained.config["eval"]["deterministic"])
     video_dir = output_dir(checkpoint) / "videos" / time.strftime("eval-%Y%m%d-%H%M%S") if video else None
-    result = _play_episodes(
-        trained.network, env_cfg, episodes, deterministic, seed, torch.device(device), video_dir
-    )
+    with _rendering_failure_explained(env_cfg.id, video_dir):
+        result = evaluate(
+            trained.network, env_cfg, episodes, deterministic, seed, torch.device(device), video_dir
+        )
     return {
         "checkpoint": str(checkpoint),
         "global_step": trained.global_step,
@@ -214,27 +217,21 @@ def _import_trusted_modules(env_id: str, trusted_modules: tuple[str, ...]) -> No
             raise UserError(f"--import: cannot import {name!r} ({exc})") from None
 
 
-def _play_episodes(
-    agent: ActorCritic,
-    env_cfg: EnvConfig,
-    episodes: int,
-    deterministic: bool,
-    seed: int,
-    device: torch.device,
-    video_dir: Path | None,
-) -> Episodes:
-    """:func:`evaluate`, where a renderer failing while recording (no display, no EGL) is one line
-    with what to try, not a traceback from deep in MuJoCo or OpenGL, and leaves no partial videos.
-    Any other failure, and any failure without recording, is not about rendering: it is raised."""
+@contextmanager
+def _rendering_failure_explained(env_id: str, video_dir: Path | None) -> Iterator[None]:
+    """A renderer failing while the body records to ``video_dir`` (no display, no EGL) becomes one
+    line with what to try, not a traceback from deep in MuJoCo or OpenGL, and leaves no partial
+    videos. Any other failure, and any failure without recording, is not about rendering: it is
+    raised as it is."""
     try:
-        return evaluate(agent, env_cfg, episodes, deterministic, seed, device, video_dir)
+        yield
     except Exception as exc:
         if video_dir is None or not type(exc).__module__.startswith(RENDERER_MODULES):
             raise
         shutil.rmtree(video_dir, ignore_errors=True)
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
-            f"--video: rendering {env_cfg.id} failed ({first_line}); try MUJOCO_GL=egl or MUJOCO_GL=osmesa"
+            f"--video: rendering {env_id} failed ({first_line}); try MUJOCO_GL=egl or MUJOCO_GL=osmesa"
         ) from None
 
 
