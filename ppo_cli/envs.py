@@ -112,43 +112,9 @@ def make_vector_env(
     ``training`` envs get the training-only parts of the Atari preprocessing (``atari.py``).
     """
     spec = _resolve_spec(cfg.id)
-    mode = "sync" if wrappers else resolve_vectorization(cfg, spec, per_env_seeds, sequences)
-    if mode == "vector_entry_point" and spec.vector_entry_point is None:
-        raise UserError(
-            f"env.vectorization: {spec.id} has no numpy-vectorised implementation; allowed: auto|sync|async"
-        )
-    ours: dict[str, Any] = {}  # keyword arguments for gym.make beside the user's env.kwargs
-    if render_mode is not None:
-        ours["render_mode"] = render_mode
-    if cfg.max_episode_steps is not None:
-        ours["max_episode_steps"] = cfg.max_episode_steps
-    if cfg.atari.enabled:
-        if not is_atari(spec):
-            raise UserError(f"env.atari.enabled: {spec.id} is not an Atari game of ale-py; allowed: false")
-        ours["frameskip"] = 1  # frames are skipped (and max-pooled) by the preprocessing
-        wrappers = [partial(wrap_atari, cfg=cfg.atari, training=training), *wrappers]
-    kwargs = {**cfg.kwargs, **ours}
-    vector_kwargs: dict[str, Any] = {"autoreset_mode": AutoresetMode.SAME_STEP}
-    if mode == "async":
-        # gymnasium's worker loop, in a process that dies with the trainer (see processes.py). A
-        # forkserver, not the trainer, is the parent of workers it starts: their parent's pid is unknown.
-        parent = None if multiprocessing.get_start_method() == "forkserver" else os.getpid()
-        vector_kwargs["worker"] = partial(_env_worker, parent)
-
-    def build(sub_env_wrappers: list[Callable[[gym.Env], gym.Wrapper]]) -> VectorEnv:
-        # Async workers start with SIGINT and SIGTERM ignored (a disposition they inherit, however
-        # they are started): Ctrl-C in a terminal, or a scheduler, signals the whole process group,
-        # and only the trainer should react; it closes the workers itself.
-        with _stop_signals_ignored(mode == "async"):
-            return gym.make_vec(
-                spec,
-                num_envs=num_envs or cfg.num_envs,
-                vectorization_mode=mode,
-                vector_kwargs=None if mode == "vector_entry_point" else vector_kwargs,
-                wrappers=sub_env_wrappers or None,
-                **kwargs,
-            )
-
+    mode = _vectorization_mode(cfg, spec, bool(wrappers), per_env_seeds, sequences)
+    ours, wrappers = _sub_env_recipe(cfg, spec, render_mode, wrappers, training)
+    build = partial(_build_vector_env, spec, mode, num_envs or cfg.num_envs, {**cfg.kwargs, **ours})
     try:
         envs = build(list(wrappers))
         if mode != "vector_entry_point" and ActionMaskInInfo.applies(envs.single_observation_space):
@@ -163,6 +129,79 @@ def make_vector_env(
         raise refused from None
     check_spaces(envs, spec.id)
     return envs
+
+
+def _vectorization_mode(
+    cfg: EnvConfig,
+    spec: gym.envs.registration.EnvSpec,
+    wrapped: bool,
+    per_env_seeds: bool,
+    sequences: bool,
+) -> str:
+    """How to vectorise: ``sync`` when the caller wraps each sub-env (gymnasium's numpy-vectorised
+    envs have no sub-envs to wrap), else :func:`resolve_vectorization`; asking for a
+    numpy-vectorised implementation the env lacks is the user's fault, told before anything is built."""
+    mode = "sync" if wrapped else resolve_vectorization(cfg, spec, per_env_seeds, sequences)
+    if mode == "vector_entry_point" and spec.vector_entry_point is None:
+        raise UserError(
+            f"env.vectorization: {spec.id} has no numpy-vectorised implementation; allowed: auto|sync|async"
+        )
+    return mode
+
+
+def _sub_env_recipe(
+    cfg: EnvConfig,
+    spec: gym.envs.registration.EnvSpec,
+    render_mode: str | None,
+    wrappers: Sequence[Callable[[gym.Env], gym.Wrapper]],
+    training: bool,
+) -> tuple[dict[str, Any], list[Callable[[gym.Env], gym.Wrapper]]]:
+    """What each sub-env is made of beside the user's ``env.kwargs``: the keyword arguments
+    ppo-cli adds to ``gym.make`` (render mode, time limit, Atari frame skip), kept apart so that a
+    constructor's refusal can be blamed on the user's kwargs only (:func:`_refused_kwarg`), and
+    the wrapper stack, the Atari preprocessing innermost, under the caller's ``wrappers``."""
+    ours: dict[str, Any] = {}
+    if render_mode is not None:
+        ours["render_mode"] = render_mode
+    if cfg.max_episode_steps is not None:
+        ours["max_episode_steps"] = cfg.max_episode_steps
+    if cfg.atari.enabled:
+        if not is_atari(spec):
+            raise UserError(f"env.atari.enabled: {spec.id} is not an Atari game of ale-py; allowed: false")
+        ours["frameskip"] = 1  # frames are skipped (and max-pooled) by the preprocessing
+        return ours, [partial(wrap_atari, cfg=cfg.atari, training=training), *wrappers]
+    return ours, list(wrappers)
+
+
+def _build_vector_env(
+    spec: gym.envs.registration.EnvSpec,
+    mode: str,
+    num_envs: int,
+    kwargs: dict[str, Any],
+    sub_env_wrappers: list[Callable[[gym.Env], gym.Wrapper]],
+) -> VectorEnv:
+    """``gym.make_vec`` with same-step autoreset (see the module docstring) and, for ``async``,
+    workers that die with the trainer and ignore stop signals.
+
+    Async workers start with SIGINT and SIGTERM ignored (a disposition they inherit, however they
+    are started): Ctrl-C in a terminal, or a scheduler, signals the whole process group, and only
+    the trainer should react; it closes the workers itself.
+    """
+    vector_kwargs: dict[str, Any] = {"autoreset_mode": AutoresetMode.SAME_STEP}
+    if mode == "async":
+        # gymnasium's worker loop, in a process that dies with the trainer (see processes.py). A
+        # forkserver, not the trainer, is the parent of workers it starts: their parent's pid is unknown.
+        parent = None if multiprocessing.get_start_method() == "forkserver" else os.getpid()
+        vector_kwargs["worker"] = partial(_env_worker, parent)
+    with _stop_signals_ignored(mode == "async"):
+        return gym.make_vec(
+            spec,
+            num_envs=num_envs,
+            vectorization_mode=mode,
+            vector_kwargs=None if mode == "vector_entry_point" else vector_kwargs,
+            wrappers=sub_env_wrappers or None,
+            **kwargs,
+        )
 
 
 def _refused_kwarg(
@@ -183,6 +222,25 @@ def _refused_kwarg(
     if creator is None:
         return None
     name = f"{getattr(creator, '__name__', entry_point)} ({spec.id})"
+    unknown = _unknown_kwarg(creator, name, given)
+    if unknown is not None:
+        return unknown
+    if _construction_failure(spec, vector, ours) is not None:
+        return None
+    for key, value in given.items():
+        error = _construction_failure(spec, vector, {**ours, key: value})
+        if error is not None:
+            shown = f"{key}={value!r} ({type(value).__name__})"
+            return ConfigError(
+                f"env.kwargs.{key}", f"{name} fails with {shown}: {error or type(error).__name__}"
+            )
+    return None
+
+
+def _unknown_kwarg(creator: Callable[..., Any], name: str, given: dict[str, Any]) -> ConfigError | None:
+    """The first of ``given`` that ``creator`` (called ``name`` in the message) has no parameter
+    for, read off its signature without running it; None when all are taken, or when the
+    signature cannot tell (none to read, or a ``**kwargs`` that takes any name)."""
     try:
         parameters = list(inspect.signature(creator).parameters.values())
     except (TypeError, ValueError):  # no signature to read (a builtin)
@@ -194,27 +252,22 @@ def _refused_kwarg(
             f"env.kwargs.{unknown[0]}",
             f"{name} takes no parameter {unknown[0]!r}; its parameters: {', '.join(named) or 'none'}",
         )
+    return None
 
-    def failure(kwargs: dict[str, Any]) -> Exception | None:
-        """What the constructor raises with ``kwargs`` (not gymnasium's rewording of a TypeError)."""
-        try:
-            if vector:
-                gym.make_vec(spec, num_envs=1, vectorization_mode="vector_entry_point", **kwargs).close()
-            else:
-                gym.make(spec, **kwargs).close()
-        except ARGUMENT_ERRORS as exc:
-            return exc.__cause__ if isinstance(exc.__cause__, TypeError) else exc
-        return None
 
-    if failure(ours) is not None:
-        return None
-    for key, value in given.items():
-        error = failure({**ours, key: value})
-        if error is not None:
-            shown = f"{key}={value!r} ({type(value).__name__})"
-            return ConfigError(
-                f"env.kwargs.{key}", f"{name} fails with {shown}: {error or type(error).__name__}"
-            )
+def _construction_failure(
+    spec: gym.envs.registration.EnvSpec, vector: bool, kwargs: dict[str, Any]
+) -> Exception | None:
+    """What the env's constructor raises with ``kwargs`` (not gymnasium's rewording of a
+    TypeError), building one env (or a numpy-vectorised one of one) and closing it; None if it
+    builds. A wrong value shows only this way: the signature says nothing of types or ranges."""
+    try:
+        if vector:
+            gym.make_vec(spec, num_envs=1, vectorization_mode="vector_entry_point", **kwargs).close()
+        else:
+            gym.make(spec, **kwargs).close()
+    except ARGUMENT_ERRORS as exc:
+        return exc.__cause__ if isinstance(exc.__cause__, TypeError) else exc
     return None
 
 
@@ -239,7 +292,7 @@ def close_envs(envs: VectorEnv, grace_s: float = CLOSE_GRACE_S) -> None:
 
     gymnasium's ``AsyncVectorEnv.close`` first waits for a step in flight (``timeout``), then for
     every worker to close its env, without limit; when the wait times out it "terminates" the
-    workers with SIGTERM, which ours ignore (see :func:`make_vector_env`), and joins them. A worker
+    workers with SIGTERM, which ours ignore (see :func:`_build_vector_env`), and joins them. A worker
     stuck in ``env.step`` would hold the trainer forever, even after a second Ctrl-C. So a timer
     kills (SIGKILL) whatever worker is still alive after the grace period; the join then returns.
     """

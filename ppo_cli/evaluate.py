@@ -7,6 +7,8 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -45,6 +47,18 @@ class Episodes(NamedTuple):
 
     returns: np.ndarray
     lengths: np.ndarray
+
+    def summary(self) -> dict[str, Any]:
+        """The scores as a report states them (``eval.json``): the statistics a comparison reads
+        first, then every return and length, so that nothing the statistics hide is lost."""
+        return {
+            "mean": float(self.returns.mean()),
+            "std": float(self.returns.std()),
+            "min": float(self.returns.min()),
+            "max": float(self.returns.max()),
+            "returns": self.returns.tolist(),
+            "lengths": self.lengths.tolist(),
+        }
 
 
 @torch.no_grad()
@@ -165,10 +179,35 @@ def evaluate_checkpoint(
     checkpoint, payload = checkpoint_to_evaluate(Path(target))
     trained = agent_from_checkpoint(payload, checkpoint, device)
     env_cfg = env_config_of(trained.config["env"])
-    module = env_cfg.id.partition(":")[0] if ":" in env_cfg.id else None
+    _import_trusted_modules(env_cfg.id, trusted_modules)
+    seed = trained.config["seed"] + EVAL_SEED_OFFSET if seed is None else seed
+    if deterministic is None:  # as the run evaluated itself (Atari presets sample)
+        deterministic = bool(trained.config["eval"]["deterministic"])
+    video_dir = output_dir(checkpoint) / "videos" / time.strftime("eval-%Y%m%d-%H%M%S") if video else None
+    with _rendering_failure_explained(env_cfg.id, video_dir):
+        result = evaluate(
+            trained.network, env_cfg, episodes, deterministic, seed, torch.device(device), video_dir
+        )
+    return {
+        "checkpoint": str(checkpoint),
+        "global_step": trained.global_step,
+        "env_id": env_cfg.id,
+        "episodes": episodes,
+        "deterministic": deterministic,
+        "seed": seed,
+        **result.summary(),
+        "videos": sorted(str(p) for p in video_dir.glob("*.mp4")) if video_dir else [],
+    }
+
+
+def _import_trusted_modules(env_id: str, trusted_modules: tuple[str, ...]) -> None:
+    """Import the modules the user trusts (``--import``), which register their envs; an env id of
+    the form ``module:Env`` naming any other module is refused, since importing it would run code
+    that only the run directory, untrusted input, asks for."""
+    module = env_id.partition(":")[0] if ":" in env_id else None
     if module is not None and module not in trusted_modules:
         raise UserError(
-            f"env.id: {env_cfg.id!r} needs module {module!r} imported, and ppo-eval runs nothing named by "
+            f"env.id: {env_id!r} needs module {module!r} imported, and ppo-eval runs nothing named by "
             f"a run dir; pass --import {module} if you trust it"
         )
     for name in trusted_modules:
@@ -176,38 +215,24 @@ def evaluate_checkpoint(
             importlib.import_module(name)
         except ImportError as exc:
             raise UserError(f"--import: cannot import {name!r} ({exc})") from None
-    seed = trained.config["seed"] + EVAL_SEED_OFFSET if seed is None else seed
-    if deterministic is None:  # as the run evaluated itself (Atari presets sample)
-        deterministic = bool(trained.config["eval"]["deterministic"])
-    video_dir = output_dir(checkpoint) / "videos" / time.strftime("eval-%Y%m%d-%H%M%S") if video else None
+
+
+@contextmanager
+def _rendering_failure_explained(env_id: str, video_dir: Path | None) -> Iterator[None]:
+    """A renderer failing while the body records to ``video_dir`` (no display, no EGL) becomes one
+    line with what to try, not a traceback from deep in MuJoCo or OpenGL, and leaves no partial
+    videos. Any other failure, and any failure without recording, is not about rendering: it is
+    raised as it is."""
     try:
-        result = evaluate(
-            trained.network, env_cfg, episodes, deterministic, seed, torch.device(device), video_dir
-        )
+        yield
     except Exception as exc:
         if video_dir is None or not type(exc).__module__.startswith(RENDERER_MODULES):
             raise
         shutil.rmtree(video_dir, ignore_errors=True)
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
-            f"--video: rendering {env_cfg.id} failed ({first_line}); try MUJOCO_GL=egl or MUJOCO_GL=osmesa"
+            f"--video: rendering {env_id} failed ({first_line}); try MUJOCO_GL=egl or MUJOCO_GL=osmesa"
         ) from None
-    report = {
-        "checkpoint": str(checkpoint),
-        "global_step": trained.global_step,
-        "env_id": env_cfg.id,
-        "episodes": episodes,
-        "deterministic": deterministic,
-        "seed": seed,
-        "mean": float(result.returns.mean()),
-        "std": float(result.returns.std()),
-        "min": float(result.returns.min()),
-        "max": float(result.returns.max()),
-        "returns": result.returns.tolist(),
-        "lengths": result.lengths.tolist(),
-        "videos": sorted(str(p) for p in video_dir.glob("*.mp4")) if video_dir else [],
-    }
-    return report
 
 
 def write_report(report: dict[str, Any]) -> Path:

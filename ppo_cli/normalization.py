@@ -4,7 +4,7 @@ Both are ``nn.Module`` s whose statistics are *buffers*, so they travel with ``s
 every checkpoint. Observation statistics are part of the agent (a policy trained on normalised
 inputs is meaningless without them); evaluation uses them frozen.
 
-The statistics are updated from host data (numpy arrays, as the envs return them) at every env
+Host data (numpy arrays, as the envs return them) is folded into the statistics at every env
 step. For buffers on the CPU the arithmetic runs in numpy on views of them: for one step's few
 samples a numpy call costs a fraction of a torch call, and a reward-scaled MuJoCo rollout spent
 most of its time here otherwise. The reward scaler, which only ever sees host rewards, stays on
@@ -66,11 +66,11 @@ class RunningMeanStd(nn.Module):
         super().__init__()
         self.register_buffer("mean", torch.zeros(shape, dtype=torch.float64))
         self.register_buffer("var", torch.ones(shape, dtype=torch.float64))
-        # A tiny prior count avoids dividing by zero before the first update, as in OpenAI baselines.
+        # A tiny prior count avoids dividing by zero before the first batch, as in OpenAI baselines.
         self.register_buffer("count", torch.tensor(1e-4, dtype=torch.float64))
 
     @torch.no_grad()
-    def update(self, batch: np.ndarray) -> None:
+    def fold_in(self, batch: np.ndarray) -> None:
         """Fold a batch of host data (first dimension = samples) into the statistics."""
         batch = np.asarray(batch, dtype=np.float64)
         n = len(batch)
@@ -89,7 +89,7 @@ class RunningMeanStd(nn.Module):
 
 
 class ObservationNormalizer(nn.Module):
-    """obs -> clip((obs - mean) / sqrt(var + eps), -clip, clip), statistics updated only on demand."""
+    """obs -> clip((obs - mean) / sqrt(var + eps), -clip, clip); data is folded in only on demand."""
 
     def __init__(self, shape: tuple[int, ...], clip: float, eps: float = 1e-8) -> None:
         super().__init__()
@@ -137,7 +137,7 @@ class RewardScaler(nn.Module):
         for t in range(len(rewards)):
             returns *= self.gamma
             returns += rewards[t]
-            self.stats.update(returns[valid[t]])
+            self.stats.fold_in(returns[valid[t]])
             returns[dones[t]] = 0.0
             scaled[t] = rewards[t] / np.sqrt(var + self.eps)
         return np.clip(scaled, -self.clip, self.clip)

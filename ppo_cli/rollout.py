@@ -167,7 +167,7 @@ class Collector:
         obs = obs.reshape(len(obs), -1)
         normalizer = self.agent.obs_normalizer
         if normalizer is not None:
-            normalizer.stats.update(obs)
+            normalizer.stats.fold_in(obs)
             obs = normalizer.normalize_array(obs)
         return torch.as_tensor(obs, dtype=self.agent.obs_dtype, device=self.device)
 

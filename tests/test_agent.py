@@ -214,7 +214,7 @@ def test_multidimensional_observations_are_normalised_per_element() -> None:
     agent = ActorCritic(obs_space, DISCRETE, cfg, normalize_obs=True, clip_obs=100.0)
     data = torch.randn(50, 2, 3) * torch.tensor([1.0, 2.0, 3.0]) + 5.0
     stats = agent.obs_normalizer.stats
-    stats.update(data.reshape(len(data), *stats.mean.shape))  # whichever layout it keeps
+    stats.fold_in(data.reshape(len(data), *stats.mean.shape))  # whichever layout it keeps
     out = agent.normalize(data[:4])
     assert out.shape == (4, 6)
     flat = data.flatten(1).double()

@@ -28,7 +28,7 @@ def test_running_mean_std_matches_concatenation() -> None:
     batches = [rng.normal(loc=[5.0, -3.0, 0.0], scale=[2.0, 0.5, 10.0], size=(n, 3)) for n in (5, 17, 1, 30)]
     rms = RunningMeanStd((3,))
     for b in batches:
-        rms.update(torch.as_tensor(b, dtype=torch.float32))
+        rms.fold_in(torch.as_tensor(b, dtype=torch.float32))
     data = np.concatenate(batches).astype(np.float32).astype(np.float64)
     # Against numpy, within what the 1e-4 prior count (mean 0, var 1) can move the estimate:
     # O(prior / n) times the mean, and O(prior / n) times (1 + mean^2 + var) for the variance.
@@ -50,10 +50,10 @@ def test_split_moments_recovers_what_was_added() -> None:
     rng = np.random.default_rng(1)
     before, added = rng.normal(3.0, 2.0, size=(1000, 2)), rng.normal(-1.0, 0.5, size=(37, 2))
     rms = RunningMeanStd((2,))
-    rms.update(before)
+    rms.fold_in(before)
     snapshot = (rms.count.clone(), rms.mean.clone(), rms.var.clone())
     for chunk in np.array_split(added, 5):
-        rms.update(chunk)
+        rms.fold_in(chunk)
     count, mean, var = split_moments(rms.count, rms.mean, rms.var, *snapshot)
     assert count.item() == pytest.approx(37, abs=1e-9)
     np.testing.assert_allclose(mean.numpy(), added.mean(axis=0), rtol=1e-9)
@@ -65,7 +65,7 @@ def test_running_mean_std_ignores_empty_batch_and_starts_at_prior() -> None:
     assert rms.mean.tolist() == [0.0, 0.0]
     assert rms.var.tolist() == [1.0, 1.0]
     assert rms.count.item() == pytest.approx(PRIOR)
-    rms.update(torch.empty(0, 2))
+    rms.fold_in(torch.empty(0, 2))
     assert rms.mean.tolist() == [0.0, 0.0]
     assert rms.count.item() == pytest.approx(PRIOR)
 
@@ -74,7 +74,7 @@ def test_running_mean_std_scalar_shape() -> None:
     rms = RunningMeanStd(())
     values = np.array([1.0, 4.0, -2.0, 7.0, 0.5])
     for chunk in (values[:2], values[2:3], values[3:]):
-        rms.update(torch.as_tensor(chunk))
+        rms.fold_in(torch.as_tensor(chunk))
     mean, var, _ = with_prior(values)
     assert rms.mean.item() == pytest.approx(mean, rel=1e-10)
     assert rms.var.item() == pytest.approx(var, rel=1e-10)
@@ -184,7 +184,7 @@ def test_statistics_are_buffers_in_state_dict() -> None:
     assert not list(rms.parameters())
 
     norm = ObservationNormalizer((2,), clip=5.0)
-    norm.stats.update(torch.randn(10, 2) * 3 + 1)
+    norm.stats.fold_in(torch.randn(10, 2) * 3 + 1)
     state = norm.state_dict()
     assert set(state) == {"stats.mean", "stats.var", "stats.count"}
     fresh = ObservationNormalizer((2,), clip=5.0)
