@@ -3,11 +3,14 @@
     pip install -e ".[bench]"
     python benchmarks/bench.py --cases a b c --repeats 3 --out benchmarks/RESULTS.md
     python benchmarks/bench.py --cases a --repeats 1 --frameworks ppo-cli --total-timesteps 1024  # smoke
+    python benchmarks/bench.py --cases a --frameworks ppo-cli --baseline /path/to/older/checkout
 
 Every measurement is a whole process, started fresh (imports included), timed from launch to exit;
 its peak resident memory comes from the kernel's accounting of that child (``wait4``). Runs of the
 two frameworks alternate (ppo-cli, SB3, ppo-cli, SB3, ...) so that drifts of a noisy machine hit
-both alike, and ratios are taken within one invocation.
+both alike, and ratios are taken within one invocation. ``--baseline DIR`` adds a third contender
+to the alternation, ``baseline``: the same ppo-train command importing the ppo-cli of the source
+checkout DIR (through PYTHONPATH), to measure a change against the code before it.
 
 Cases:
   a  CartPole-v1, 4 envs x 128 steps, 4 epochs x 4 minibatches, 64-64 tanh MLPs, 200k steps
@@ -36,6 +39,7 @@ PYTHON = sys.executable
 PPO_TRAIN = str(Path(PYTHON).parent / "ppo-train")
 SOLVED = 475.0  # CartPole-v1's reward threshold
 FRAMEWORKS = ("ppo-cli", "sb3")
+BASELINE = "baseline"  # ppo-cli from another source checkout (--baseline)
 
 
 @dataclass
@@ -94,11 +98,15 @@ CASES: dict[str, Case] = {
 }
 
 
-def run_measured(command: list[str], cwd: Path) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS in MB, stdout) of one child process."""
+def run_measured(command: list[str], cwd: Path, pythonpath: Path | None = None) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS in MB, stdout) of one child process (importing first from
+    ``pythonpath``, if given)."""
+    env = dict(os.environ)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), *filter(None, [env.get("PYTHONPATH")])])
     start = time.perf_counter()
     with open(cwd / "stdout.txt", "w") as out, open(cwd / "stderr.txt", "w") as err:
-        process = subprocess.Popen(command, cwd=cwd, stdout=out, stderr=err)
+        process = subprocess.Popen(command, cwd=cwd, stdout=out, stderr=err, env=env)
         _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
@@ -161,10 +169,13 @@ print(json.dumps({"final_return": sum(returns) / len(returns), "steps": model.nu
 """
 
 
-def measure(framework: str, case_name: str, case: Case, seed: int, workdir: Path) -> Measurement:
+def measure(
+    framework: str, case_name: str, case: Case, seed: int, workdir: Path, baseline: Path | None = None
+) -> Measurement:
     workdir.mkdir(parents=True)
-    if framework == "ppo-cli":
-        wall, rss, _ = run_measured(ppo_cli_command(case, workdir / "run", seed), workdir)
+    if framework in ("ppo-cli", BASELINE):
+        source = baseline if framework == BASELINE else None
+        wall, rss, _ = run_measured(ppo_cli_command(case, workdir / "run", seed), workdir, source)
         summary = json.loads((workdir / "run" / "summary.json").read_text())
         final, steps = summary["recent_episodic_return"], summary["global_step"]
     else:
@@ -209,11 +220,12 @@ def report(results: list[Measurement], repeats: int, total_timesteps: int | None
         f"Machine: {versions()}",
         "",
         "| case | framework | runs | wall s (median) | env steps / s | peak RSS MB (max) | final return | "
-        "wall vs SB3 |",
-        "|---|---|---|---|---|---|---|---|",
+        "wall vs SB3 | wall vs baseline |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for case in sorted({r.case for r in results}):
-        by_framework = {fw: [r for r in results if r.case == case and r.framework == fw] for fw in FRAMEWORKS}
+        contenders = (*FRAMEWORKS, BASELINE)
+        by_framework = {fw: [r for r in results if r.case == case and r.framework == fw] for fw in contenders}
         medians = {fw: statistics.median(r.wall_s for r in runs) for fw, runs in by_framework.items() if runs}
         for framework, runs in by_framework.items():
             if not runs:
@@ -226,6 +238,9 @@ def report(results: list[Measurement], repeats: int, total_timesteps: int | None
             else:
                 final = f"{statistics.mean(finals):.1f}" if finals else ""
             ratio = f"{wall / medians['sb3']:.2f}x" if framework != "sb3" and "sb3" in medians else ""
+            to_baseline = (
+                f"{wall / medians[BASELINE]:.2f}x" if framework == "ppo-cli" and BASELINE in medians else ""
+            )
             rss = max(r.peak_rss_mb for r in runs)
             cells = [
                 case,
@@ -236,6 +251,7 @@ def report(results: list[Measurement], repeats: int, total_timesteps: int | None
                 f"{rss:.0f}",
                 final,
                 ratio,
+                to_baseline,
             ]
             lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"
@@ -261,7 +277,16 @@ def main() -> None:
         help="env steps of each run of cases a and b instead of the case's own: a smoke run, whose "
         "returns mean nothing (case c trains until the preset's end regardless)",
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a source checkout of ppo-cli (e.g. `git worktree add /tmp/base <commit>`) whose code is "
+        "measured too, in turn with the others, for cases a and b",
+    )
     args = parser.parse_args()
+    if args.baseline is not None and not (args.baseline / "ppo_cli" / "__init__.py").is_file():
+        parser.error(f"--baseline: {args.baseline} is not a source checkout of ppo-cli (no ppo_cli/)")
+    contenders = [*args.frameworks, *([BASELINE] if args.baseline else [])]
     if "sb3" in args.frameworks and importlib.util.find_spec("stable_baselines3") is None:
         parser.error(
             "stable-baselines3 is not installed: pip install -e '.[bench]', "
@@ -284,9 +309,9 @@ def main() -> None:
                         results.append(time_to_solve(seed, root / f"c-{seed}"))
                         print(results[-1], flush=True)
                     continue
-                for framework in args.frameworks:
+                for framework in contenders:
                     workdir = root / f"{case}-{framework}-{repeat}"
-                    results.append(measure(framework, case, cases[case], repeat, workdir))
+                    results.append(measure(framework, case, cases[case], repeat, workdir, args.baseline))
                     print(results[-1], flush=True)
     table = report(results, args.repeats, args.total_timesteps)
     print(table)

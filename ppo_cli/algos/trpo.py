@@ -14,7 +14,7 @@ from ppo_cli.update import OneStepUpdater, regress_critic
 
 
 class TRPOUpdater(OneStepUpdater):
-    """TRPO: one trust-region step of the policy (see ``trpo.py``), then critic regression."""
+    """TRPO: one trust-region step of the policy (see ``trust_region.py``), then critic regression."""
 
     cfg: TRPOConfig
 
