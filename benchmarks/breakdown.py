@@ -23,9 +23,9 @@ from bench import CASES, Case, ppo_cli_command  # the script's own directory is 
 from hydra import compose, initialize_config_dir
 
 from ppo_cli.cli import find_config_dir
-from ppo_cli.config import to_train_config
 from ppo_cli.distributed import SINGLE_PROCESS
 from ppo_cli.envs import make_vector_env
+from ppo_cli.hydra_config import to_train_config
 from ppo_cli.train import build_state, estimate_advantages, seed_everything
 from ppo_cli.update import Batch
 

@@ -37,8 +37,9 @@ from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
 
 from ppo_cli.checkpoint import LAST, checkpoint_dir, load_checkpoint, newest_valid_checkpoint
-from ppo_cli.config import CONFIG_GROUPS, TRAIN_KEYS, flatten, schema_defaults
+from ppo_cli.config import TRAIN_KEYS, flatten
 from ppo_cli.errors import ConfigError, UserError
+from ppo_cli.hydra_config import CONFIG_GROUPS, schema_defaults
 
 AUTO = "auto"
 RESUME_KEYS = ("resume", "resume_allow_changes")
