@@ -32,7 +32,7 @@ from ppo_cli.checkpoint import (
     remove_stale_temp_files,
     save_checkpoint,
 )
-from ppo_cli.config import ActorCriticConfig, AlgoConfig, GRPOConfig, TrainConfig, flatten
+from ppo_cli.config import ActorCriticConfig, AlgoConfig, GRPOConfig, TrainConfig, hyperparameters
 from ppo_cli.distributed import DataParallel, IterationReport, StatisticsExchange
 from ppo_cli.envs import closing_envs, episode_time_limit, make_vector_env
 from ppo_cli.errors import ConfigError, EnvError, Interrupted, NonFiniteError, UserError
@@ -50,17 +50,9 @@ log = logging.getLogger(__name__)
 
 RECENT_EPISODES = 20  # episodes averaged for the progress bar
 HPARAMS_METRICS = ["eval/episodic_return", "charts/episodic_return"]  # columns of TensorBoard's HParams
-# Config keys that do not change what is learned, left out of the HParams table.
-OPERATIONAL_KEYS = ("progress", "torch_threads", "device", "resume", "checkpoint.")
 # The parts of the training state that differ between the ranks of a data-parallel run (their envs,
 # their random generators, their envs' discounted returns); everything else is the same on all.
 PER_RANK_KEYS = ("collector", "rng", "reward_scaler")
-
-
-def _hyperparameters(plain_config: dict[str, Any]) -> dict[str, Any]:
-    return {
-        key: value for key, value in flatten(plain_config).items() if not key.startswith(OPERATIONAL_KEYS)
-    }
 
 
 def seed_everything(seed: int) -> None:
@@ -369,7 +361,7 @@ def _run(
         logger = RunLogger(
             run_dir, OmegaConf.to_yaml(plain_config), cfg.total_timesteps, cfg.progress, resumed_at, label
         )
-        logger.hparams(_hyperparameters(plain_config), HPARAMS_METRICS, logger.first_step)
+        logger.hparams(hyperparameters(plain_config), HPARAMS_METRICS, logger.first_step)
     # The newest checkpoint on disk: the one resumed from, then each one written.
     last_saved: Path | None = Path(summary["resumed_from"]["checkpoint"]) if resumed else None
 
