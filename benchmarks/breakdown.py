@@ -24,8 +24,8 @@ from bench import CASES, Case, ppo_cli_command  # the script's own directory is 
 from hydra import compose, initialize_config_dir
 
 from ppo_cli.cli import find_config_dir
-from ppo_cli.config import to_train_config
 from ppo_cli.distributed import SINGLE_PROCESS
+from ppo_cli.hydra_config import to_train_config
 from ppo_cli.iteration import build_state, run_iteration, seed_everything, training_envs
 
 

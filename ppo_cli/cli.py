@@ -31,10 +31,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from ppo_cli import rundir, sweep
-from ppo_cli.config import register_schemas, to_train_config, unknown_key_error
 from ppo_cli.distributed import DataParallel, process_group
 from ppo_cli.errors import ConfigError, EnvError, Interrupted, UserError
 from ppo_cli.evaluate import evaluate_checkpoint, write_report
+from ppo_cli.hydra_config import register_schemas, to_train_config, unknown_key_error
 from ppo_cli.logger import write_summary
 from ppo_cli.resume import expand_resume_argv
 from ppo_cli.train import train

@@ -23,7 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.compat.tensorflow_stub import errors as tf_errors
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import PyRecordReader_New
 
-from ppo_cli.config import flatten
+from ppo_cli.config import flatten, role_of
 from ppo_cli.errors import UserError
 from ppo_cli.logger import read_summary
 
@@ -31,8 +31,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_METRIC = "charts/episodic_return"
 DEFAULT_FINAL = "eval/episodic_return"
-# Keys that never distinguish one experiment from another.
-NOT_A_FACTOR = ("seed", "progress", "torch_threads", "device", "resume", "checkpoint.", "eval.")
 CURVE_POINTS = 200
 BOOTSTRAP_RESAMPLES = 2000
 CONFIDENCE = 0.95
@@ -152,9 +150,7 @@ def differing_keys(runs: list[Run]) -> list[str]:
     """Config keys whose value is not the same in every run, seeds and bookkeeping aside."""
     keys = sorted(set().union(*(run.config for run in runs)))
     return [
-        key
-        for key in keys
-        if not key.startswith(NOT_A_FACTOR) and len({repr(run.config.get(key)) for run in runs}) > 1
+        key for key in keys if role_of(key).factor and len({repr(run.config.get(key)) for run in runs}) > 1
     ]
 
 

@@ -1,21 +1,36 @@
-"""Typed schemas for the Hydra config tree, with range checks.
+"""Typed schemas for the Hydra config tree: each key's type, allowed values and role, said once.
 
 The YAML files under ``configs/`` hold every default a user sees; the dataclasses here only fix the
-*shape* (which keys exist and their types) and the *allowed ranges*. Hydra merges each YAML file onto
-these schemas, so a misspelt key or a wrong type fails at composition time, and
-:func:`to_train_config` turns the composed ``DictConfig`` into dataclass objects, which runs every
-``__post_init__`` check before any environment or network is built.
+*shape* (which keys exist and their types), the *allowed values* and the *role* of each key (see
+``config_fields.py``). Hydra merges each YAML file onto these schemas (``hydra_config.py``
+registers them), so a misspelt key or a wrong type fails at composition time, and building the
+dataclasses runs every check before any environment or network is built.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, IntegerNode, OmegaConf
+from omegaconf import MISSING
 
+from ppo_cli.config_fields import (
+    Check,
+    CheckedFields,
+    Role,
+    integer_at_least,
+    number_above,
+    number_at_least,
+    number_in,
+    one_of,
+    optional,
+    require,
+    role_of_field,
+    setting,
+)
 from ppo_cli.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -23,65 +38,45 @@ VECTORIZATIONS = ("auto", "sync", "async", "vector_entry_point")
 ACTIVATIONS = ("tanh", "relu")
 ENCODERS = ("flat", "nature_cnn")
 RECURRENT_CORES = ("none", "lstm", "gru")
+KL_ESTIMATORS = ("k1", "k2", "k3", "exact")
 
-
-def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
-    if not ok:
-        raise ConfigError(key, f"got {value!r}, allowed: {allowed}")
+POSITIVE = number_above(0)
+NON_NEGATIVE = number_at_least(0)
+AT_LEAST_ONE = integer_at_least(1)
 
 
 @dataclass
-class AtariConfig:
+class AtariConfig(CheckedFields):
     """The Atari preprocessing (``atari.py``), off for other environments."""
 
+    key_prefix: ClassVar[str] = "env.atari."
+
     enabled: bool = False
-    noop_max: int = 30
-    frame_skip: int = 4
-    screen_size: int = 84
-    frame_stack: int = 4
+    noop_max: int = setting(30, check=integer_at_least(0))
+    frame_skip: int = setting(4, check=AT_LEAST_ONE)
+    screen_size: int = setting(84, check=AT_LEAST_ONE)
+    frame_stack: int = setting(4, check=AT_LEAST_ONE)
     episodic_life: bool = True
     clip_rewards: bool = True
 
-    def __post_init__(self) -> None:
-        _require(self.noop_max >= 0, "env.atari.noop_max", "an integer >= 0", self.noop_max)
-        for key in ("frame_skip", "screen_size", "frame_stack"):
-            _require(getattr(self, key) >= 1, f"env.atari.{key}", "an integer >= 1", getattr(self, key))
-
 
 @dataclass
-class EnvConfig:
+class EnvConfig(CheckedFields):
     """Which environment, how many copies, and how observations and rewards are normalised."""
 
-    id: str = MISSING
-    num_envs: int = MISSING
-    num_steps: int = MISSING
-    vectorization: str = "auto"
-    max_episode_steps: int | None = None
+    key_prefix: ClassVar[str] = "env."
+
+    id: str = setting(check=Check(bool, "a registered gymnasium id"))
+    num_envs: int = setting(check=AT_LEAST_ONE)
+    num_steps: int = setting(check=AT_LEAST_ONE)
+    vectorization: str = setting("auto", check=one_of(VECTORIZATIONS))
+    max_episode_steps: int | None = setting(None, check=optional(AT_LEAST_ONE))
     normalize_obs: bool = False
     normalize_reward: bool = False
-    clip_obs: float = 10.0
-    clip_reward: float = 10.0
+    clip_obs: float = setting(10.0, check=POSITIVE)
+    clip_reward: float = setting(10.0, check=POSITIVE)
     kwargs: dict[str, Any] = field(default_factory=dict)
     atari: AtariConfig = field(default_factory=AtariConfig)
-
-    def __post_init__(self) -> None:
-        _require(bool(self.id), "env.id", "a registered gymnasium id", self.id)
-        _require(self.num_envs >= 1, "env.num_envs", "an integer >= 1", self.num_envs)
-        _require(self.num_steps >= 1, "env.num_steps", "an integer >= 1", self.num_steps)
-        _require(
-            self.vectorization in VECTORIZATIONS,
-            "env.vectorization",
-            "|".join(VECTORIZATIONS),
-            self.vectorization,
-        )
-        _require(
-            self.max_episode_steps is None or self.max_episode_steps >= 1,
-            "env.max_episode_steps",
-            "null or an integer >= 1",
-            self.max_episode_steps,
-        )
-        _require(self.clip_obs > 0, "env.clip_obs", "a number > 0", self.clip_obs)
-        _require(self.clip_reward > 0, "env.clip_reward", "a number > 0", self.clip_reward)
 
 
 def _require_divides_batch(key: str, value: int, env: EnvConfig) -> None:
@@ -93,7 +88,7 @@ def _require_divides_batch(key: str, value: int, env: EnvConfig) -> None:
 
 
 @dataclass
-class AlgoConfig:
+class AlgoConfig(CheckedFields):
     """Keys every variant of the family uses. Each variant's schema adds its own keys, so a key
     that the chosen variant does not use is an unknown key, not a silently ignored one.
 
@@ -102,21 +97,16 @@ class AlgoConfig:
     ``recurrent``, a recurrent core replaying whole sequences (not with GRPO's masked steps).
     """
 
+    key_prefix: ClassVar[str] = "algo."
     shared_trunk: ClassVar[bool] = True
     recurrent: ClassVar[bool] = True
 
     name: str = MISSING
-    learning_rate: float = MISSING
+    learning_rate: float = setting(check=POSITIVE)
     anneal_lr: bool = MISSING
-    adam_eps: float = MISSING
-    max_grad_norm: float = MISSING
-    ent_coef: float = MISSING
-
-    def __post_init__(self) -> None:
-        _require(self.learning_rate > 0, "algo.learning_rate", "a number > 0", self.learning_rate)
-        _require(self.adam_eps > 0, "algo.adam_eps", "a number > 0", self.adam_eps)
-        _require(self.max_grad_norm > 0, "algo.max_grad_norm", "a number > 0", self.max_grad_norm)
-        _require(self.ent_coef >= 0, "algo.ent_coef", "a number >= 0", self.ent_coef)
+    adam_eps: float = setting(check=POSITIVE)
+    max_grad_norm: float = setting(check=POSITIVE)
+    ent_coef: float = setting(check=NON_NEGATIVE)
 
     def check_env(self, env: EnvConfig) -> None:
         """Checks that need the env config (e.g. the rollout size); none by default."""
@@ -126,17 +116,11 @@ class AlgoConfig:
 class ActorCriticConfig(AlgoConfig):
     """Variants with a learned critic and GAE advantages."""
 
-    gamma: float = MISSING
-    gae_lambda: float = MISSING
+    gamma: float = setting(check=number_in(0, 1, open_low=True))
+    gae_lambda: float = setting(check=number_in(0, 1))
     bootstrap_truncated: bool = MISSING
     norm_adv: bool = MISSING
-    vf_coef: float = MISSING
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _require(0 < self.gamma <= 1, "algo.gamma", "a number in (0, 1]", self.gamma)
-        _require(0 <= self.gae_lambda <= 1, "algo.gae_lambda", "a number in [0, 1]", self.gae_lambda)
-        _require(self.vf_coef >= 0, "algo.vf_coef", "a number >= 0", self.vf_coef)
+    vf_coef: float = setting(check=NON_NEGATIVE)
 
 
 @dataclass
@@ -144,28 +128,14 @@ class EpochKeys:
     """The keys of every variant that takes epochs of minibatch steps on each rollout (clip,
     penalty, grpo); a variant lists it first among its bases, so the keys follow its others."""
 
-    update_epochs: int = MISSING
-    num_minibatches: int = MISSING
-    target_kl: float | None = None
-
-    def _check_epoch_keys(self) -> None:
-        _require(self.update_epochs >= 1, "algo.update_epochs", "an integer >= 1", self.update_epochs)
-        _require(self.num_minibatches >= 1, "algo.num_minibatches", "an integer >= 1", self.num_minibatches)
-        _require(
-            self.target_kl is None or self.target_kl > 0,
-            "algo.target_kl",
-            "null (no early stop) or a number > 0",
-            self.target_kl,
-        )
+    update_epochs: int = setting(check=AT_LEAST_ONE)
+    num_minibatches: int = setting(check=AT_LEAST_ONE)
+    target_kl: float | None = setting(None, check=optional(POSITIVE, "null (no early stop)"))
 
 
 @dataclass
 class SurrogateConfig(EpochKeys, ActorCriticConfig):
     """Variants that take epochs of minibatch steps on a ratio objective (clip, penalty)."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._check_epoch_keys()
 
     def check_env(self, env: EnvConfig) -> None:
         _require_divides_batch("algo.num_minibatches", self.num_minibatches, env)
@@ -175,44 +145,26 @@ class SurrogateConfig(EpochKeys, ActorCriticConfig):
 class ClipConfig(SurrogateConfig):
     """PPO-Clip: the clipped surrogate objective."""
 
-    clip_eps: float = MISSING
+    clip_eps: float = setting(check=POSITIVE)
     clip_vloss: bool = MISSING
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _require(self.clip_eps > 0, "algo.clip_eps", "a number > 0", self.clip_eps)
-
-
-KL_ESTIMATORS = ("k1", "k2", "k3", "exact")
 
 
 @dataclass
 class PenaltyConfig(SurrogateConfig):
     """PPO-Penalty: the unclipped surrogate minus beta * KL(pi_old || pi), beta adaptive or fixed."""
 
-    kl_estimator: str = MISSING
+    kl_estimator: str = setting(check=one_of(KL_ESTIMATORS))
     adaptive: bool = MISSING
-    kl_coef: float = MISSING
-    kl_target: float = MISSING
-    beta_factor: float = MISSING
-    kl_tolerance: float = MISSING
-    beta_min: float = MISSING
+    kl_coef: float = setting(check=NON_NEGATIVE)
+    kl_target: float = setting(check=POSITIVE)
+    beta_factor: float = setting(check=number_above(1))
+    kl_tolerance: float = setting(check=number_above(1))
+    beta_min: float = setting(check=POSITIVE)
     beta_max: float = MISSING
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(
-            self.kl_estimator in KL_ESTIMATORS,
-            "algo.kl_estimator",
-            "|".join(KL_ESTIMATORS),
-            self.kl_estimator,
-        )
-        _require(self.kl_coef >= 0, "algo.kl_coef", "a number >= 0", self.kl_coef)
-        _require(self.kl_target > 0, "algo.kl_target", "a number > 0", self.kl_target)
-        _require(self.beta_factor > 1, "algo.beta_factor", "a number > 1", self.beta_factor)
-        _require(self.kl_tolerance > 1, "algo.kl_tolerance", "a number > 1", self.kl_tolerance)
-        _require(self.beta_min > 0, "algo.beta_min", "a number > 0", self.beta_min)
-        _require(
+        require(
             self.beta_max >= self.beta_min,
             "algo.beta_max",
             f"a number >= algo.beta_min = {self.beta_min}",
@@ -227,15 +179,8 @@ class RegressedCriticConfig(ActorCriticConfig):
     shared_trunk: ClassVar[bool] = False  # the policy step would move the critic's layers too
     recurrent: ClassVar[bool] = False
 
-    value_epochs: int = MISSING
-    value_minibatches: int = MISSING
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _require(self.value_epochs >= 1, "algo.value_epochs", "an integer >= 1", self.value_epochs)
-        _require(
-            self.value_minibatches >= 1, "algo.value_minibatches", "an integer >= 1", self.value_minibatches
-        )
+    value_epochs: int = setting(check=AT_LEAST_ONE)
+    value_minibatches: int = setting(check=AT_LEAST_ONE)
 
     def check_env(self, env: EnvConfig) -> None:
         _require_divides_batch("algo.value_minibatches", self.value_minibatches, env)
@@ -251,23 +196,11 @@ class PGConfig(RegressedCriticConfig):
 class TRPOConfig(RegressedCriticConfig):
     """TRPO: a natural-gradient policy step inside the trust region mean KL <= max_kl."""
 
-    max_kl: float = MISSING
-    cg_iterations: int = MISSING
-    cg_damping: float = MISSING
-    line_search_steps: int = MISSING
-    backtrack_coef: float = MISSING
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _require(self.max_kl > 0, "algo.max_kl", "a number > 0", self.max_kl)
-        _require(self.cg_iterations >= 1, "algo.cg_iterations", "an integer >= 1", self.cg_iterations)
-        _require(self.cg_damping >= 0, "algo.cg_damping", "a number >= 0", self.cg_damping)
-        _require(
-            self.line_search_steps >= 1, "algo.line_search_steps", "an integer >= 1", self.line_search_steps
-        )
-        _require(
-            0 < self.backtrack_coef < 1, "algo.backtrack_coef", "a number in (0, 1)", self.backtrack_coef
-        )
+    max_kl: float = setting(check=POSITIVE)
+    cg_iterations: int = setting(check=AT_LEAST_ONE)
+    cg_damping: float = setting(check=NON_NEGATIVE)
+    line_search_steps: int = setting(check=AT_LEAST_ONE)
+    backtrack_coef: float = setting(check=number_in(0, 1, open_low=True, open_high=True))
 
 
 @dataclass
@@ -282,23 +215,10 @@ class GRPOConfig(EpochKeys, AlgoConfig):
 
     recurrent: ClassVar[bool] = False  # its masked steps would cut sequences
 
-    group_size: int = MISSING
-    clip_eps: float = MISSING
-    kl_coef: float = MISSING
-    ref_update_every: int = MISSING
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _require(self.group_size >= 2, "algo.group_size", "an integer >= 2", self.group_size)
-        self._check_epoch_keys()
-        _require(self.clip_eps > 0, "algo.clip_eps", "a number > 0", self.clip_eps)
-        _require(self.kl_coef >= 0, "algo.kl_coef", "a number >= 0", self.kl_coef)
-        _require(
-            self.ref_update_every >= 0,
-            "algo.ref_update_every",
-            "an integer >= 0 (0 keeps the initial policy as reference)",
-            self.ref_update_every,
-        )
+    group_size: int = setting(check=integer_at_least(2))
+    clip_eps: float = setting(check=POSITIVE)
+    kl_coef: float = setting(check=NON_NEGATIVE)
+    ref_update_every: int = setting(check=integer_at_least(0, "0 keeps the initial policy as reference"))
 
     def check_env(self, env: EnvConfig) -> None:
         if env.num_envs % self.group_size:
@@ -322,33 +242,22 @@ ALGO_SCHEMAS: dict[str, type[AlgoConfig]] = {
     "grpo": GRPOConfig,
 }
 
+LAYER_SIZES = Check(lambda sizes: all(size >= 1 for size in sizes), "a list of integers >= 1")
+
 
 @dataclass
-class AgentConfig:
+class AgentConfig(CheckedFields):
     """Network shapes: actor and critic MLPs, after an optional shared trunk (encoder, recurrent core)."""
 
-    actor_hidden: list[int] = field(default_factory=lambda: [64, 64])
-    critic_hidden: list[int] = field(default_factory=lambda: [64, 64])
-    activation: str = "tanh"
-    log_std_init: float = 0.0
-    encoder: str = "flat"
-    recurrent: str = "none"
-    recurrent_size: int = 128
+    key_prefix: ClassVar[str] = "agent."
 
-    def __post_init__(self) -> None:
-        for key in ("actor_hidden", "critic_hidden"):
-            sizes = getattr(self, key)
-            _require(all(s >= 1 for s in sizes), f"agent.{key}", "a list of integers >= 1", list(sizes))
-        _require(
-            self.activation in ACTIVATIONS,
-            "agent.activation",
-            "|".join(ACTIVATIONS),
-            self.activation,
-        )
-        _require(self.encoder in ENCODERS, "agent.encoder", "|".join(ENCODERS), self.encoder)
-        cores = "|".join(RECURRENT_CORES)
-        _require(self.recurrent in RECURRENT_CORES, "agent.recurrent", cores, self.recurrent)
-        _require(self.recurrent_size >= 1, "agent.recurrent_size", "an integer >= 1", self.recurrent_size)
+    actor_hidden: list[int] = setting(factory=lambda: [64, 64], check=LAYER_SIZES)
+    critic_hidden: list[int] = setting(factory=lambda: [64, 64], check=LAYER_SIZES)
+    activation: str = setting("tanh", check=one_of(ACTIVATIONS))
+    log_std_init: float = 0.0
+    encoder: str = setting("flat", check=one_of(ENCODERS))
+    recurrent: str = setting("none", check=one_of(RECURRENT_CORES))
+    recurrent_size: int = setting(128, check=AT_LEAST_ONE)
 
     @property
     def shared_trunk(self) -> bool:
@@ -356,62 +265,48 @@ class AgentConfig:
 
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(CheckedFields):
     """How often to save, and how many periodic checkpoints to keep beside ``last.pt``."""
 
-    interval: int = 10
-    keep: int = 3
+    key_prefix: ClassVar[str] = "checkpoint."
 
-    def __post_init__(self) -> None:
-        _require(
-            self.interval >= 0,
-            "checkpoint.interval",
-            "an integer >= 0 (iterations; 0 saves only at the end)",
-            self.interval,
-        )
-        _require(self.keep >= 0, "checkpoint.keep", "an integer >= 0", self.keep)
+    interval: int = setting(10, check=integer_at_least(0, "iterations; 0 saves only at the end"))
+    keep: int = setting(3, check=integer_at_least(0))
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(CheckedFields):
     """The evaluation that ends every training run."""
 
-    episodes: int = 10
-    deterministic: bool = True
+    key_prefix: ClassVar[str] = "eval."
 
-    def __post_init__(self) -> None:
-        _require(self.episodes >= 0, "eval.episodes", "an integer >= 0 (0 skips it)", self.episodes)
+    episodes: int = setting(10, check=integer_at_least(0, "0 skips it"))
+    deterministic: bool = True
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(CheckedFields):
     """The whole run: one of each group plus the run-level keys."""
 
     env: EnvConfig = MISSING
     algo: AlgoConfig = MISSING
     agent: AgentConfig = field(default_factory=AgentConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    seed: int = 0
-    device: str = "auto"
-    torch_threads: int = 1
-    total_timesteps: int = MISSING
-    progress: bool = True
-    resume: str | None = None
-    resume_allow_changes: bool = False
-    seeds_per_job: int = 1
+    checkpoint: CheckpointConfig = setting(factory=CheckpointConfig, role=Role.OPERATIONAL)
+    eval: EvalConfig = setting(factory=EvalConfig, role=Role.EVALUATION)
+    seed: int = setting(0, check=integer_at_least(0), role=Role.REPLICATE)
+    device: str = setting("auto", check=one_of(DEVICES), role=Role.OPERATIONAL)
+    torch_threads: int = setting(
+        1, check=integer_at_least(0, "0 keeps torch's default"), role=Role.OPERATIONAL
+    )
+    total_timesteps: int = setting(role=Role.LENGTH)  # at least one batch: checked below
+    progress: bool = setting(True, role=Role.OPERATIONAL)
+    resume: str | None = setting(None, role=Role.OPERATIONAL)
+    resume_allow_changes: bool = setting(False, role=Role.OPERATIONAL)
+    seeds_per_job: int = setting(1, check=AT_LEAST_ONE, role=Role.REPLICATE)
 
     def __post_init__(self) -> None:
-        _require(self.device in DEVICES, "device", "|".join(DEVICES), self.device)
-        _require(self.seeds_per_job >= 1, "seeds_per_job", "an integer >= 1", self.seeds_per_job)
-        _require(
-            self.torch_threads >= 0,
-            "torch_threads",
-            "an integer >= 0 (0 keeps torch's default)",
-            self.torch_threads,
-        )
-        _require(self.seed >= 0, "seed", "an integer >= 0", self.seed)
-        _require(
+        super().__post_init__()
+        require(
             self.total_timesteps >= self.batch_size,
             "total_timesteps",
             f"an integer >= env.num_envs * env.num_steps = {self.batch_size}",
@@ -425,7 +320,7 @@ class TrainConfig:
         agent, name = self.agent, self.algo.name
         if agent.shared_trunk:
             able = [variant for variant, schema in ALGO_SCHEMAS.items() if schema.shared_trunk]
-            _require(
+            require(
                 type(self.algo).shared_trunk,
                 "algo",
                 f"{'|'.join(able)} with a shared trunk (agent.encoder={agent.encoder}, "
@@ -433,7 +328,7 @@ class TrainConfig:
                 name,
             )
         if agent.encoder == "nature_cnn":
-            _require(
+            require(
                 not self.env.normalize_obs,
                 "env.normalize_obs",
                 "false with agent.encoder=nature_cnn (it scales pixels to [0, 1] itself)",
@@ -442,14 +337,14 @@ class TrainConfig:
         if agent.recurrent == "none":
             return
         able = [variant for variant, schema in ALGO_SCHEMAS.items() if schema.recurrent]
-        _require(type(self.algo).recurrent, "algo", f"{'|'.join(able)} with agent.recurrent", name)
-        _require(
+        require(type(self.algo).recurrent, "algo", f"{'|'.join(able)} with agent.recurrent", name)
+        require(
             self.env.vectorization != "vector_entry_point",
             "env.vectorization",
             "auto|sync|async with agent.recurrent (its sequences need same-step autoreset)",
             self.env.vectorization,
         )
-        _require(
+        require(
             self.env.num_steps % self.sequence_chunks == 0,
             "algo.num_minibatches",
             f"with agent.recurrent, a number M whose ceil(M / env.num_envs) divides env.num_steps = "
@@ -470,93 +365,43 @@ class TrainConfig:
         return self.env.num_envs * self.env.num_steps
 
 
-# The keys at the top of the training config, and its groups (which select presets; ``tuned`` and
-# ``hparams_search`` only load them).
+# The keys at the top of the training config.
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
-CONFIG_GROUPS = ("algo", "agent", "env", "tuned", "hparams_search")
 
 
-def schema_defaults() -> dict[str, Any]:
-    """Every key of the root and env schemas that has a default, flattened (``algo.*`` has
-    none there: each variant has its own schema)."""
-    schema = OmegaConf.merge(OmegaConf.structured(TrainConfig), {"env": OmegaConf.structured(EnvConfig)})
-    defaults = cast(dict[str, Any], OmegaConf.to_container(schema, throw_on_missing=False))
-    return {key: value for key, value in flatten(defaults).items() if value != MISSING}
+@functools.cache
+def role_of(flat_key: str) -> Role:
+    """The role of a flat key (``algo.clip_eps``, ``checkpoint.keep``): its group's, where the
+    group has one (it covers every key under it), else its own field's. A key that no schema
+    has (one of a run saved by an older ppo-cli, an entry of ``env.kwargs``) counts as shaping
+    what is learned, the safe side for resume and for comparisons."""
+    role = Role.LEARNING
+    schemas: list[type] = [TrainConfig]
+    for name in flat_key.split("."):
+        found = [(schema, f) for schema in schemas for f in dataclasses.fields(schema) if f.name == name]
+        if not found:
+            break
+        schema, key_field = found[0]
+        role = role_of_field(key_field)
+        if role is not Role.LEARNING:
+            break
+        schemas = _schemas_under(schema, name)
+    return role
 
 
-def env_config_of(saved: dict[str, Any]) -> EnvConfig:
-    """The EnvConfig of a run's saved (plain) config; keys added since it was saved take their
-    defaults."""
-    env_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EnvConfig), saved))
-    assert isinstance(env_cfg, EnvConfig)
-    return env_cfg
+def _schemas_under(schema: type, name: str) -> list[type]:
+    """The schemas of the group ``name`` of ``schema``: every variant's for ``algo``, whose keys
+    differ by variant; none for a plain key or a free-form mapping."""
+    hint = typing.get_type_hints(schema)[name]
+    if hint is AlgoConfig:
+        return list(ALGO_SCHEMAS.values())
+    return [hint] if isinstance(hint, type) and dataclasses.is_dataclass(hint) else []
 
 
-_to_integer = IntegerNode._validate_and_convert_impl  # OmegaConf's own: ints and numeric strings
-
-
-def _integral_float_to_integer(self: IntegerNode, value: Any) -> int:
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    return _to_integer(self, value)
-
-
-def register_schemas() -> None:
-    """Make the schemas known to Hydra: ``train.yaml`` starts from ``train_schema``, and each
-    ``algo/<name>.yaml`` from ``/schemas/algo/<name>`` (a group of its own, so that ``--help``
-    and error messages list only the YAML presets as choices).
-
-    Integer keys also take integral floats (``total_timesteps=1e6``, ``2.0``): Hydra's override
-    parser and OmegaConf's YAML loader read ``1e6`` as a float, which OmegaConf's integer nodes
-    refuse, on the command line, in sweeps and in YAML presets alike; only that node can accept
-    it everywhere. Other floats (``1.5``) are refused as before.
-    """
-    IntegerNode._validate_and_convert_impl = _integral_float_to_integer  # type: ignore[method-assign]
-    store = ConfigStore.instance()
-    store.store(name="train_schema", node=TrainConfig)
-    for name, schema in ALGO_SCHEMAS.items():
-        store.store(group="schemas/algo", name=name, node=schema)
-
-
-def to_train_config(cfg: DictConfig) -> TrainConfig:
-    """Turn a composed config into checked dataclasses (raises ConfigError on bad values)."""
-    reject_unknown_keys(cfg)
-    train_cfg = OmegaConf.to_object(cfg)
-    assert isinstance(train_cfg, TrainConfig), type(train_cfg)
-    return train_cfg
-
-
-def reject_unknown_keys(node: DictConfig, prefix: str = "") -> None:
-    """Refuse keys the node's schema does not define.
-
-    Hydra lets ``+key=value`` add a key even to a structured config, and ``to_object`` would then
-    drop it silently; a typo must be an error instead. Each node is checked against its own
-    schema (the chosen algo variant's, not the base class's); free-form mappings (``env.kwargs``)
-    are not checked.
-    """
-    schema = OmegaConf.get_type(node)
-    if not (isinstance(schema, type) and dataclasses.is_dataclass(schema)):
-        return
-    fields = {f.name for f in dataclasses.fields(schema)}
-    for key in node:
-        name = str(key)
-        if name not in fields:
-            raise unknown_key_error(f"{prefix}{name}", schema)
-        child = node._get_node(name)
-        if isinstance(child, DictConfig) and not child._is_missing():
-            reject_unknown_keys(child, f"{prefix}{name}.")
-
-
-def unknown_key_error(full_key: str, schema: type | None) -> ConfigError:
-    """'<key>: not a config key; allowed keys under <parent>: ...'; ``schema`` is the parent's type."""
-    parent = full_key.rpartition(".")[0]
-    if not (isinstance(schema, type) and dataclasses.is_dataclass(schema)):
-        return ConfigError(
-            full_key, f"not a config key (to add an entry to the mapping {parent} write +{full_key}=...)"
-        )
-    allowed = ", ".join(sorted(f.name for f in dataclasses.fields(schema)))
-    where = f" under {parent}" if parent else ""
-    return ConfigError(full_key, f"not a config key; allowed keys{where}: {allowed}")
+def hyperparameters(plain_config: dict[str, Any]) -> dict[str, Any]:
+    """The flat keys and values of a plain config that are columns of TensorBoard's HParams
+    table: all but those that do not change what is learned (checkpoints, progress, device...)."""
+    return {key: value for key, value in flatten(plain_config).items() if role_of(key).hparam}
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -27,9 +27,10 @@ from ppo_cli.checkpoint import (
     newest_valid_checkpoint,
     resolve_checkpoint,
 )
-from ppo_cli.config import EnvConfig, env_config_of
+from ppo_cli.config import EnvConfig
 from ppo_cli.envs import action_masks, close_envs, finished_episodes, make_vector_env
 from ppo_cli.errors import UserError
+from ppo_cli.hydra_config import env_config_of
 from ppo_cli.logger import write_json
 from ppo_cli.policy import agent_from_checkpoint
 from ppo_cli.resume import run_dir_of

@@ -42,8 +42,9 @@ from ppo_cli.checkpoint import (
     newest_valid_checkpoint,
     remove_stale_temp_files,
 )
-from ppo_cli.config import CONFIG_GROUPS, TRAIN_KEYS, flatten, schema_defaults
+from ppo_cli.config import TRAIN_KEYS, flatten, role_of
 from ppo_cli.errors import ConfigError, UserError
+from ppo_cli.hydra_config import CONFIG_GROUPS, schema_defaults
 
 if TYPE_CHECKING:  # the objects resume_state is handed; importing them would import torch
     from ppo_cli.checkpointer import Checkpointer
@@ -54,11 +55,6 @@ log = logging.getLogger(__name__)
 
 AUTO = "auto"
 RESUME_KEYS = ("resume", "resume_allow_changes")
-
-# Keys that may differ between the checkpoint's config and the resumed one without
-# resume_allow_changes: how long to train and how to checkpoint, evaluate, report and where to
-# compute. Every other key shapes the model, the envs or the updates.
-FREE_ON_RESUME = ("total_timesteps", "checkpoint.", "eval.", "progress", "torch_threads", "device", "resume")
 
 KEY_PATH = re.compile(r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z0-9][A-Za-z0-9_-]*)*")  # no _target_, no hydra/x
 PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a file in ppo-cli's config tree, not a path
@@ -227,13 +223,14 @@ def find_checkpoint(resume: str, run_dir: Path) -> tuple[Path, dict[str, Any]] |
 
 
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``key: old -> new`` for each key outside FREE_ON_RESUME whose value differs. A key that
-    did not exist when the run was saved (added by a later ppo-cli) had its default then."""
+    """``key: old -> new`` for each key that shapes the model, the envs or the updates (not free
+    on resume: see ``config.role_of``) whose value differs. A key that did not exist when the run
+    was saved (added by a later ppo-cli) had its default then."""
     old, new = {**schema_defaults(), **flatten(saved)}, flatten(current)
     return [
         f"{key}: {old.get(key, '<unset>')} -> {new.get(key, '<unset>')}"
         for key in sorted(old.keys() | new.keys())
-        if not key.startswith(FREE_ON_RESUME) and old.get(key) != new.get(key)
+        if not role_of(key).free_on_resume and old.get(key) != new.get(key)
     ]
 
 

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from ppo_cli import rundir
 from ppo_cli.checkpointer import Checkpointer
-from ppo_cli.config import TrainConfig, flatten
+from ppo_cli.config import TrainConfig, hyperparameters
 from ppo_cli.distributed import DataParallel
 from ppo_cli.errors import EnvError, Interrupted, NonFiniteError
 from ppo_cli.evaluate import EVAL_SEED_OFFSET, evaluate
@@ -42,14 +42,6 @@ from ppo_cli.signals import GracefulStop, training_stop
 log = logging.getLogger(__name__)
 
 HPARAMS_METRICS = ["eval/episodic_return", "charts/episodic_return"]  # columns of TensorBoard's HParams
-# Config keys that do not change what is learned, left out of the HParams table.
-OPERATIONAL_KEYS = ("progress", "torch_threads", "device", "resume", "checkpoint.")
-
-
-def _hyperparameters(plain_config: dict[str, Any]) -> dict[str, Any]:
-    return {
-        key: value for key, value in flatten(plain_config).items() if not key.startswith(OPERATIONAL_KEYS)
-    }
 
 
 def train(cfg: TrainConfig, run_dir: Path, label: str = "") -> dict[str, Any]:
@@ -136,7 +128,7 @@ def _run_logger(
     resumed_at = state.global_step if resumed else None
     config_yaml = OmegaConf.to_yaml(plain_config)
     logger = RunLogger(run_dir, config_yaml, cfg.total_timesteps, cfg.progress, resumed_at, label)
-    logger.hparams(_hyperparameters(plain_config), HPARAMS_METRICS, logger.first_step)
+    logger.hparams(hyperparameters(plain_config), HPARAMS_METRICS, logger.first_step)
     return logger
 
 

@@ -17,7 +17,8 @@ from hydra import compose, initialize_config_dir
 from ppo_cli import cli
 from ppo_cli.agent import ActorCritic
 from ppo_cli.batch import Batch
-from ppo_cli.config import AlgoConfig, TrainConfig, to_train_config
+from ppo_cli.config import AlgoConfig, TrainConfig
+from ppo_cli.hydra_config import to_train_config
 
 
 def compose_config(*overrides: str) -> TrainConfig:

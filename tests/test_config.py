@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from support import compose_config, one_line_failure
 
 from ppo_cli import cli
+from ppo_cli.config import ALGO_SCHEMAS, flatten, role_of
 
 CONFIG_DIR = cli.find_config_dir()
 ENV_PRESETS = sorted(p.stem for p in (Path(CONFIG_DIR) / "env").glob("*.yaml"))
@@ -105,6 +106,26 @@ BAD_INPUTS = [
         "unsupported operand type(s) for -: 'float' and 'str'",
     ),
 ]
+
+
+def test_each_key_s_role_decides_resume_comparisons_and_hparams() -> None:
+    """Which keys may change on resume, tell experiments apart in ppo-compare and are HParams
+    columns; a key no schema has (from an older ppo-cli, or a mapping's entry) shapes what is
+    learned unless its group says otherwise."""
+    config = OmegaConf.to_container(OmegaConf.structured(compose_config("env=CartPole")))
+    assert isinstance(config, dict)
+    algo_keys = {f"algo.{name}" for schema in ALGO_SCHEMAS.values() for name in schema.__dataclass_fields__}
+    unknown = {"checkpoint.old", "eval.old", "algo.old", "old", "env.kwargs.size"}
+    keys = set(flatten(config)) | algo_keys | unknown
+    operational = {"progress", "torch_threads", "device", "resume", "resume_allow_changes"}
+    operational |= {"checkpoint.interval", "checkpoint.keep", "checkpoint.old"}
+    evaluation = {"eval.episodes", "eval.deterministic", "eval.old"}
+    free = {key for key in keys if role_of(key).free_on_resume}
+    not_factors = {key for key in keys if not role_of(key).factor}
+    not_hparams = {key for key in keys if not role_of(key).hparam}
+    assert free == operational | evaluation | {"total_timesteps"}
+    assert not_factors == operational | evaluation | {"seed", "seeds_per_job"}
+    assert not_hparams == operational
 
 
 @pytest.mark.parametrize(("overrides", "expected"), BAD_INPUTS, ids=[" ".join(o) for o, _ in BAD_INPUTS])
