@@ -18,7 +18,7 @@ from torch import nn
 from ppo_cli import losses
 from ppo_cli.agent import ActorCritic, Evaluation
 from ppo_cli.batch import Batch
-from ppo_cli.config import ActorCriticConfig, AlgoConfig, GRPOConfig, RegressedCriticConfig, SurrogateConfig
+from ppo_cli.config import ActorCriticConfig, AlgoConfig, EpochKeys, RegressedCriticConfig, SurrogateConfig
 from ppo_cli.distributed import SINGLE_PROCESS, DataParallel
 from ppo_cli.distributions import ActionDistribution
 from ppo_cli.errors import NonFiniteError
@@ -106,14 +106,18 @@ class SurrogateUpdater(Updater):
     measured once, after the update, over the whole batch: how far this iteration moved the policy.
     """
 
-    cfg: SurrogateConfig | GRPOConfig
+    @property
+    def epochs(self) -> EpochKeys:
+        """The variant's epoch keys (its schema has them: clip, penalty, grpo)."""
+        assert isinstance(self.cfg, EpochKeys), type(self.cfg)
+        return self.cfg
 
     @abstractmethod
     def minibatch_loss(self, out: Evaluation, mb: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(loss to minimise, {name: term to log}) for the minibatch ``mb``."""
 
     def update(self, batch: Batch) -> dict[str, float]:
-        cfg = self.cfg
+        cfg = self.epochs
         logged: list[torch.Tensor] = []  # one row of logged terms per minibatch
         names: list[str] = []
         stopped_early = False
