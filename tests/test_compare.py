@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import csv
+import json
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from matplotlib import colors as mcolors
 from matplotlib import image
+from matplotlib.collections import PolyCollection
+from matplotlib.figure import Figure
 from scipy import stats
-from support import console_script, ppo_train, run
+from support import console_script, one_line_failure, ppo_train, run
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.tensorboard import SummaryWriter
 
+from ppo_cli import aggregate, cli, compare, figures
 from ppo_cli.compare import CURVE_POINTS, Run, differing_keys, group_runs, mean_curve, resolve_key
 
 
@@ -66,9 +73,9 @@ def test_ppo_compare_writes_a_figure_and_tables_that_match_the_events(
         finals = np.array([_scalars(d, "eval/episodic_return")[-1][1] for d in run_dirs])
         assert float(row["final mean"]) == pytest.approx(finals.mean(), abs=0.006)
         assert float(row["IQM"]) == pytest.approx(stats.trim_mean(finals, 0.25), abs=0.006)
-        assert float(row["95% CI low"]) <= float(row["final mean"]) <= float(row["95% CI high"])
-        assert finals.min() - 0.006 <= float(row["95% CI low"])
-        assert float(row["95% CI high"]) <= finals.max() + 0.006
+        assert float(row["mean 95% CI low"]) <= float(row["final mean"]) <= float(row["mean 95% CI high"])
+        assert finals.min() - 0.006 <= float(row["mean 95% CI low"])
+        assert float(row["mean 95% CI high"]) <= finals.max() + 0.006
         reached = []
         for d in run_dirs:
             first = _first_wall_time(d)
@@ -168,3 +175,95 @@ def test_mean_curve_averages_runs_on_their_common_steps() -> None:
     assert steps[0] == 5 and steps[-1] == 25  # where both runs have data
     np.testing.assert_allclose(mean, (steps + 100) / 2)
     assert np.all(low <= mean + 1e-9) and np.all(mean <= high + 1e-9)
+
+
+def _write_run(
+    run_dir: Path, env: str, algo: str, seed: int, curve: list[float], final: float, seconds_per_point: float = 1.0
+) -> None:
+    """A run as ppo-compare reads it, without training: ``curve`` as charts/episodic_return at
+    steps 0, 10k, 20k, ... logged ``seconds_per_point`` apart, ``final`` as eval/episodic_return."""
+    start = 1_700_000_000.0 + 1000 * seed
+    with SummaryWriter(str(run_dir)) as writer:
+        for i, value in enumerate(curve):
+            writer.add_scalar("charts/episodic_return", value, i * 10_000, walltime=start + i * seconds_per_point)
+        writer.add_scalar("eval/episodic_return", final, (len(curve) - 1) * 10_000, walltime=start + len(curve))
+    config = {"env": {"id": env}, "algo": {"name": algo}, "seed": seed}
+    (run_dir / "summary.json").write_text(json.dumps({"status": "completed", "config": config}))
+
+
+def _synthetic_sweep(root: Path, envs: dict[str, float], seeds: dict[str, int]) -> dict[tuple[str, str], list[float]]:
+    """Runs of each algo in ``seeds`` (that many seeds) on each env (returns scaled by its factor);
+    ``{(env, algo): final scores}``."""
+    finals: dict[tuple[str, str], list[float]] = {}
+    for env, scale in envs.items():
+        for offset, (algo, count) in enumerate(seeds.items()):
+            for seed in range(count):
+                final = scale * (1 + offset + 0.1 * seed)
+                curve = list(np.linspace(0, final, 11) + seed)
+                _write_run(root / f"{env}-{algo}-{seed}", env, algo, seed, curve, final)
+                finals.setdefault((env, algo), []).append(final)
+    return finals
+
+
+@pytest.fixture
+def captured_figures(monkeypatch: pytest.MonkeyPatch) -> list[Figure]:
+    """The figures compare() saves (closed for pyplot, their artists still there to inspect)."""
+    kept: list[Figure] = []
+    save = figures.save
+
+    def keep(figure: Figure, path: Path, formats: Any) -> list[Path]:
+        kept.append(figure)
+        return save(figure, path, formats)
+
+    monkeypatch.setattr(figures, "save", keep)
+    return kept
+
+
+def _svg_texts(path: Path) -> str:
+    return " ".join(re.findall(r"<text[^>]*>([^<]*)</text>", path.read_text()))
+
+
+def _table(path: Path) -> dict[str, dict[str, str]]:
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    return {row.get("group") or row["method"]: row for row in rows}
+
+
+def test_figure_in_every_format_asked_with_readable_axes_and_iqm_intervals(tmp_path: Path) -> None:
+    """One command end to end (a subprocess costs seconds here): formats, labels, IQM intervals,
+    and the one warning line for the group under 3 seeds, whose intervals stay empty."""
+    finals = _synthetic_sweep(tmp_path / "runs", {"CartPole-v1": 100.0}, {"clip": 4, "penalty": 3, "trpo": 2})
+    out = tmp_path / "out"
+    result = run(
+        [console_script("ppo-compare"), str(tmp_path / "runs"), "--format", "png,pdf,svg", "--out", str(out)],
+        cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    (warning,) = result.stderr.strip().splitlines()
+    assert warning.startswith("ppo-compare: group 'trpo' has 2 runs: no 95% interval"), warning
+    assert (out / "comparison.png").read_bytes().startswith(b"\x89PNG")
+    assert (out / "comparison.pdf").read_bytes().startswith(b"%PDF")
+    assert "<svg" in (out / "comparison.svg").read_text()[:1000]
+    assert not list(out.glob(".*tmp*"))  # written through temp files, none left
+    texts = _svg_texts(out / "comparison.svg")
+    assert "Environment steps" in texts and "Episodic return" in texts and "charts/" not in texts
+    assert re.search(r"\b100k\b", texts)  # steps 0 to 100,000: ticks as 0, 20k, ..., 100k
+    table = _table(out / "comparison.csv")
+    for algo in ("clip", "penalty"):
+        scores = np.array(finals[("CartPole-v1", algo)])
+        row = table[algo]
+        assert float(row["IQM"]) == pytest.approx(stats.trim_mean(scores, 0.25), abs=0.006)
+        assert scores.min() - 0.006 <= float(row["IQM 95% CI low"]) < float(row["IQM"])
+        assert float(row["IQM"]) < float(row["IQM 95% CI high"]) <= scores.max() + 0.006
+    intervals = [f"{statistic} 95% CI {bound}" for statistic in ("mean", "IQM") for bound in ("low", "high")]
+    assert [table["trpo"][column] for column in intervals] == [""] * 4
+    assert "| IQM | IQM 95% CI low | IQM 95% CI high |" in (out / "comparison.md").read_text()
+
+
+def test_no_band_under_three_seeds(tmp_path: Path, captured_figures: list[Figure]) -> None:
+    _synthetic_sweep(tmp_path, {"CartPole-v1": 100.0}, {"clip": 3, "penalty": 2})
+    compare.compare([tmp_path])
+    ((axes,),) = [figure.axes for figure in captured_figures]
+    assert [line.get_label() for line in axes.lines] == ["clip", "penalty"]
+    (band,) = [c for c in axes.collections if isinstance(c, PolyCollection)]  # clip's only
+    assert band.get_facecolor()[0][:3] == pytest.approx(mcolors.to_rgb(axes.lines[0].get_color()))
