@@ -398,11 +398,15 @@ def _compare_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threshold", type=float, help="also report steps and wall time to reach this value")
     parser.add_argument("--out", type=Path, help="output directory (default: the first path)")
     parser.add_argument(
-        "--format", default="png", help="figure formats, one or several of png, pdf, svg (e.g. png,pdf)"
+        "--format",
+        default="png",
+        metavar="FORMATS",
+        help="figure formats, one or several of png, pdf, svg (e.g. png,pdf; default png)",
     )
     parser.add_argument(
         "--x",
         default="steps",
+        metavar="{steps,time}",
         help="x axis: steps (environment steps, default) or time (wall clock since each run's start)",
     )
     parser.add_argument(

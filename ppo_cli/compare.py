@@ -378,12 +378,11 @@ def compare(
         raise UserError(f"{', '.join(map(str, paths))}: no readable runs (each one skipped is named above)")
     if not all(final_tag in run.last_values for run in runs):
         final_tag = metric  # e.g. runs without a final evaluation: their last training point
-    keys = grouping_keys(runs, group_by)
-    method_keys = [key for key in keys if key != ENV_KEY]
+    method_keys = [key for key in grouping_keys(runs, group_by) if key != ENV_KEY]
     rng = np.random.default_rng(seed)
     results = [
         summarize(label, group, final_tag, threshold, rng, _label(method_keys, group[0].config))
-        for label, group in sorted(group_runs(runs, keys).items())
+        for label, group in sorted(group_runs(runs, group_by).items())
     ]
     _warn_few_runs(results)
     out = paths[0] if out is None else out
