@@ -242,6 +242,7 @@ def _table(path: Path) -> dict[str, dict[str, str]]:
     return {row.get("group") or row["method"]: row for row in rows}
 
 
+@pytest.mark.slow
 def test_figure_in_every_format_asked_with_readable_axes_and_iqm_intervals(tmp_path: Path) -> None:
     """One command end to end (a subprocess costs seconds here): formats, labels, IQM intervals,
     and the one warning line for the group under 3 seeds, whose intervals stay empty."""
