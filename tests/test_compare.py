@@ -338,10 +338,16 @@ def test_readable_axis_labels() -> None:
     assert figures.time_unit(36_000) == (3600.0, "h")
 
 
-def test_aggregate_across_two_envs(tmp_path: Path, captured_figures: list[Figure]) -> None:
+def test_aggregate_across_two_envs(
+    tmp_path: Path, captured_figures: list[Figure], caplog: pytest.LogCaptureFixture
+) -> None:
     envs = {"CartPole-v1": 100.0, "Pendulum-v1": -10.0}
     finals = _synthetic_sweep(tmp_path, envs, {"clip": 4, "penalty": 3})
+    _write_run(tmp_path / "trpo", "CartPole-v1", "trpo", 0, [0.0, 1.0], 1e6)  # on one env only
     compare.compare([tmp_path], group_by=["algo"], formats=("svg",))
+    assert (
+        "left out of the aggregate (not run on every env: CartPole-v1, Pendulum-v1): trpo" in caplog.messages
+    )
     curves, aggregate_figure = captured_figures
     assert [axes.get_title() for axes in curves.axes] == list(envs)  # a panel per env, not mixed
     assert "Performance profile" in _svg_texts(tmp_path / "aggregate.svg")
@@ -350,6 +356,7 @@ def test_aggregate_across_two_envs(tmp_path: Path, captured_figures: list[Figure
     low = {env: min(min(finals[(env, a)]) for a in ("clip", "penalty")) for env in envs}
     high = {env: max(max(finals[(env, a)]) for a in ("clip", "penalty")) for env in envs}
     table = _table(tmp_path / "aggregate.csv")
+    assert sorted(table) == ["clip", "penalty"]
     for algo in ("clip", "penalty"):
         normalised = np.concatenate(
             [(np.array(finals[(env, algo)]) - low[env]) / (high[env] - low[env]) for env in envs]
