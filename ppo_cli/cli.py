@@ -374,7 +374,9 @@ def _compare_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ppo-compare",
         description="Learning curves (mean over seeds, 95% bootstrap band) and a results table, "
-        "grouped by config keys; writes comparison.png, comparison.md and comparison.csv.",
+        "grouped by config keys; writes comparison.png (or --format), comparison.md and "
+        "comparison.csv, and across several envs aggregate.png, .md and .csv (IQM with stratified "
+        "bootstrap CIs, performance profiles).",
     )
     parser.add_argument("paths", type=Path, nargs="+", help="run directories, or directories holding runs")
     parser.add_argument(
@@ -395,22 +397,49 @@ def _compare_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--threshold", type=float, help="also report steps and wall time to reach this value")
     parser.add_argument("--out", type=Path, help="output directory (default: the first path)")
+    parser.add_argument(
+        "--format",
+        default="png",
+        metavar="FORMATS",
+        help="figure formats, one or several of png, pdf, svg (e.g. png,pdf; default png)",
+    )
+    parser.add_argument(
+        "--x",
+        default="steps",
+        metavar="{steps,time}",
+        help="x axis: steps (environment steps, default) or time (wall clock since each run's start)",
+    )
+    parser.add_argument(
+        "--smooth",
+        type=float,
+        default=0.0,
+        metavar="WEIGHT",
+        help="smooth each run's curve as TensorBoard's slider does (debiased EMA of the logged "
+        "points), weight in [0, 1), e.g. 0.6 (default 0: none); tables use the raw values",
+    )
+    parser.add_argument(
+        "--seed-lines",
+        action="store_true",
+        help="also draw each run's own curve, faint, under its group's mean",
+    )
     return parser
 
 
 def _compare_task() -> None:
-    from ppo_cli.compare import compare
+    from ppo_cli.compare import check_options, compare
 
     args = _compare_parser().parse_args()
+    formats = check_options(args.format, args.x, args.smooth)
     logging.basicConfig(format="ppo-compare: %(message)s")  # warnings (a run skipped) on stderr
-    results = compare(args.paths, args.group_by, args.metric, args.final, args.threshold, args.out)
-    out = args.out or args.paths[0]
-    for result in results:
-        print(
-            f"{result.label}: {len(result.runs)} runs, final {result.mean:.2f} "
-            f"(IQM {result.iqm:.2f}, 95% CI {result.ci_low:.2f} to {result.ci_high:.2f})"
-        )
-    print(f"wrote {out / 'comparison.png'}, comparison.md, comparison.csv")
+    results, written = compare(
+        args.paths, args.group_by, args.metric, args.final, args.threshold, args.out,
+        formats=formats, x=args.x, smooth=args.smooth, seed_lines=args.seed_lines,
+    )  # fmt: skip
+    for r in results:
+        interval = "" if r.ci_low is None else f", 95% CI {r.ci_low:.2f} to {r.ci_high:.2f}"
+        iqm_interval = "" if r.iqm_low is None else f", 95% CI {r.iqm_low:.2f} to {r.iqm_high:.2f}"
+        print(f"{r.label}: {len(r.runs)} runs, final {r.mean:.2f}{interval} (IQM {r.iqm:.2f}{iqm_interval})")
+    print(f"wrote {written[0]}, {', '.join(path.name for path in written[1:])}")
 
 
 def compare_main() -> None:
