@@ -450,8 +450,8 @@ def _export_task() -> None:
 
     args = _export_parser().parse_args()
     logging.basicConfig(format="ppo-export: %(message)s")  # warnings (a checkpoint skipped) on stderr
-    out = export_checkpoint(args.path, args.format, args.out, args.deterministic, args.action_mask)
-    print(f"wrote {out}")
+    out, signature = export_checkpoint(args.path, args.format, args.out, args.deterministic, args.action_mask)
+    print(f"wrote {out}: {signature}")
 
 
 def export_main() -> None:

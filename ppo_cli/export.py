@@ -60,15 +60,12 @@ class ExportedPolicy(nn.Module):
 
     @property
     def input_names(self) -> list[str]:
-        return ["obs", *(["state"] if self.network.core is not None else []), *self._mask_name]
+        recurrent = self.network.core is not None
+        return ["obs", *(["state"] if recurrent else []), *(["action_mask"] if self.masked else [])]
 
     @property
     def output_names(self) -> list[str]:
         return ["action", *(["next_state"] if self.network.core is not None else [])]
-
-    @property
-    def _mask_name(self) -> list[str]:
-        return ["action_mask"] if self.masked else []
 
     def forward(self, obs: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         rest = iter(extra)
@@ -89,12 +86,28 @@ class ExportedPolicy(nn.Module):
             inputs.append(torch.ones(EXAMPLE_BATCH, network.actor_out_dim, dtype=torch.bool))
         return tuple(inputs)
 
+    def signature(self, example: tuple[torch.Tensor, ...]) -> str:
+        """``obs (B, 4) float32 -> action (B,) int64``: the names, shapes and dtypes a user feeds
+        and gets (B: any batch size), read from a call on ``example``."""
+        outputs = self(*example)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+
+        inputs = ", ".join(map(_described, self.input_names, example))
+        return f"{inputs} -> {', '.join(map(_described, self.output_names, outputs))}"
+
+
+def _described(name: str, tensor: torch.Tensor) -> str:
+    """``action (B,) int64``: a batch of any size B."""
+    dims = ", ".join(["B", *map(str, tensor.shape[1:])])
+    return f"{name} ({dims if tensor.dim() > 1 else 'B,'}) {str(tensor.dtype).removeprefix('torch.')}"
+
 
 def export_policy(
     agent: TrainedAgent, out: Path, fmt: str, deterministic: bool = True, masked: bool = False
-) -> ExportedPolicy:
+) -> str:
     """Write ``agent``'s policy to ``out`` in format ``fmt`` (a key of :data:`SUFFIXES`), through a
-    temporary file and a rename, so that ``out`` is never half written. Returns the module traced."""
+    temporary file and a rename, so that ``out`` is never half written. Returns its signature
+    (:meth:`ExportedPolicy.signature`)."""
     if masked and agent.network.continuous:
         raise UserError("--action-mask: the agent's actions are continuous; masks apply to discrete ones")
     if not out.parent.is_dir():  # before tracing, which takes seconds
@@ -111,7 +124,7 @@ def export_policy(
         raise UserError(f"{out}: cannot write ({exc.strerror or exc})") from None
     finally:
         tmp.unlink(missing_ok=True)
-    return policy
+    return policy.signature(example)
 
 
 @contextmanager
@@ -159,10 +172,11 @@ def _write_onnx(policy: ExportedPolicy, example: tuple[torch.Tensor, ...], path:
 
 def export_checkpoint(
     target: Path, fmt: str, out: Path | None = None, deterministic: bool = True, masked: bool = False
-) -> Path:
+) -> tuple[Path, str]:
     """Export the agent of a run directory (its newest readable checkpoint, as ``ppo-eval``
     picks it) or of a checkpoint file; by default to ``policy[-stochastic].<suffix>`` in the run
-    directory. Returns the path written. Nothing is read from the run but weights and plain data."""
+    directory. Returns the path written and its signature. Nothing is read from the run but
+    weights and plain data."""
     if fmt not in SUFFIXES:
         raise UserError(f"--format: got {fmt!r}, allowed: {', '.join(SUFFIXES)}")
     checkpoint, payload = checkpoint_to_evaluate(Path(target))
@@ -170,5 +184,4 @@ def export_checkpoint(
     if out is None:
         name = "policy" + ("" if deterministic else "-stochastic")
         out = output_dir(checkpoint) / f"{name}.{SUFFIXES[fmt]}"
-    export_policy(agent, out, fmt, deterministic, masked)
-    return out
+    return out, export_policy(agent, out, fmt, deterministic, masked)

@@ -23,7 +23,8 @@ from ppo_cli.train import train
 # torch calls TorchScript deprecated, yet reads it: loading the files is what deployments do.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 
-FORMATS = ["torchscript", "onnx"]
+# torch's ONNX exporter takes seconds per file (torch.export, then the translation): slow tier.
+FORMATS = ["torchscript", pytest.param("onnx", marks=pytest.mark.slow)]
 TINY = (
     "env.num_envs=2",
     "env.num_steps=16",
@@ -75,7 +76,8 @@ def pendulum_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_exported_discrete_policy_takes_load_agents_actions(cartpole_run: Path, fmt: str) -> None:
-    out = export_checkpoint(cartpole_run, fmt)
+    out, signature = export_checkpoint(cartpole_run, fmt)
+    assert signature == "obs (B, 4) float32 -> action (B,) int64"
     assert out == cartpole_run / f"policy.{fmt}"
     obs = random_obs(64, 4)
     expected = load_agent(cartpole_run).act(obs, deterministic=True)
@@ -89,7 +91,8 @@ def test_exported_discrete_policy_takes_load_agents_actions(cartpole_run: Path, 
 def test_exported_continuous_policy_takes_load_agents_clipped_means(
     pendulum_checkpoint: Path, fmt: str, tmp_path: Path
 ) -> None:
-    out = export_checkpoint(pendulum_checkpoint, fmt, tmp_path / f"pendulum.{fmt}")
+    out, signature = export_checkpoint(pendulum_checkpoint, fmt, tmp_path / f"pendulum.{fmt}")
+    assert signature == "obs (B, 3) float32 -> action (B, 1) float32"
     obs = random_obs(64, 3)
     expected = load_agent(pendulum_checkpoint).act(obs, deterministic=True)
     assert (np.abs(expected) == 2.0).any() and (np.abs(expected) < 2.0).any()  # clipped, and not
@@ -104,7 +107,7 @@ def test_stochastic_export_samples_around_the_mean_within_the_bounds(
 ) -> None:
     """--stochastic: the same observation gives different actions, centred on the deterministic one
     (the untrained Pendulum agent's mean is near 0, its std exp(log_std_init) = 1)."""
-    out = export_checkpoint(
+    out, _ = export_checkpoint(
         pendulum_checkpoint.parent, fmt, tmp_path / f"stochastic.{fmt}", deterministic=False
     )
     obs = np.repeat(random_obs(1, 3), 2000, axis=0)
@@ -113,7 +116,7 @@ def test_stochastic_export_samples_around_the_mean_within_the_bounds(
     assert np.all(np.abs(actions) <= 2.0)
     assert 0.5 < actions.std() < 1.0  # N(mean, 1) clipped to [-2, 2]: 0.88 near mean 0
     assert abs(actions.mean() - mean[0]) < 0.1
-    default = export_checkpoint(cartpole_run, fmt, deterministic=False)
+    default, _ = export_checkpoint(cartpole_run, fmt, deterministic=False)
     assert default == cartpole_run / f"policy-stochastic.{fmt}"
     (discrete,) = run_exported(default, fmt, obs=np.repeat(random_obs(1, 4), 200, axis=0))
     assert set(discrete.tolist()) == {0, 1}
@@ -130,7 +133,11 @@ def test_exported_recurrent_policy_carries_its_state(fmt: str, tmp_path: Path) -
         network.actor.linear_layers[-1].weight.mul_(100.0)
     agent = TrainedAgent(network, (3,), {}, 0)
     out = tmp_path / f"lstm.{fmt}"
-    export_policy(agent, out, fmt)
+    signature = export_policy(agent, out, fmt)
+    assert (
+        signature
+        == "obs (B, 3) float32, state (B, 16) float32 -> action (B, 2) float32, next_state (B, 16) float32"
+    )
     state = agent.initial_state(5)
     exported_state = state.numpy().copy()
     for step in range(4):
@@ -150,7 +157,8 @@ def test_exported_masked_policy_takes_the_allowed_actions(fmt: str, tmp_path: Pa
     network = ActorCritic(gym.spaces.Box(-1.0, 1.0, (5,)), space, AgentConfig(actor_hidden=[8]))
     agent = TrainedAgent(network, (5,), {}, 0)
     out = tmp_path / f"masked.{fmt}"
-    export_policy(agent, out, fmt, masked=True)
+    signature = export_policy(agent, out, fmt, masked=True)
+    assert signature == "obs (B, 5) float32, action_mask (B, 7) bool -> action (B, 2) int64"
     obs = random_obs(32, 5)
     masks = np.random.default_rng(2).random((32, 7)) < 0.5
     masks[:, [0, 3]] = True  # one allowed action per component at least
@@ -170,7 +178,7 @@ def test_exported_cnn_policy_takes_uint8_pixels(fmt: str, tmp_path: Path) -> Non
         network.actor.linear_layers[-1].weight.mul_(100.0)
     agent = TrainedAgent(network, (2, 36, 36), {}, 0)
     out = tmp_path / f"cnn.{fmt}"
-    export_policy(agent, out, fmt)
+    assert export_policy(agent, out, fmt) == "obs (B, 2, 36, 36) uint8 -> action (B,) int64"
     pixels = np.random.default_rng(3).integers(0, 256, (16, 2, 36, 36), dtype=np.uint8)
     (actions,) = run_exported(out, fmt, obs=pixels)
     expected = agent.act(pixels)
@@ -214,7 +222,7 @@ def test_ppo_export_console_script_writes_the_policy_into_the_run(cartpole_run: 
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stderr == ""
     out = cartpole_run / "policy.torchscript"
-    assert result.stdout == f"wrote {out}\n"
+    assert result.stdout == f"wrote {out}: obs (B, 4) float32 -> action (B,) int64\n"
     obs = random_obs(8, 4)
     np.testing.assert_array_equal(
         run_exported(out, "torchscript", obs=obs)[0], load_agent(cartpole_run).act(obs)
