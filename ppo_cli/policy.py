@@ -7,6 +7,8 @@ action = agent.act(obs, deterministic=True)
 A recurrent agent (agent=lstm|gru) acts from a state that each call updates:
 state = agent.initial_state()        # at the start of every episode
 action = agent.act(obs, state=state)
+
+Code written for Stable-Baselines3 can call ``action, state = agent.predict(obs, state)`` instead.
 """
 
 from __future__ import annotations
