@@ -293,13 +293,17 @@ class ActorCritic(nn.Module):
         return Evaluation(log_prob, entropy, self.critic(features).squeeze(-1), params)
 
     def env_action(self, action: torch.Tensor) -> np.ndarray:
+        """The action as the environment takes it (:meth:`env_action_tensor`), in numpy."""
+        return self.env_action_tensor(action).cpu().numpy()
+
+    def env_action_tensor(self, action: torch.Tensor) -> torch.Tensor:
         """The action as the environment takes it: clipped to the bounds for Box spaces, shifted
-        by the space's ``start`` for discrete ones."""
+        by the space's ``start`` for discrete ones. A tensor: exported policies trace this."""
         if self.continuous:
-            action = torch.clamp(action, self.action_low, self.action_high)
-            return action.cpu().numpy()
-        actions = action.cpu().numpy()
-        return actions if self.action_start is None else actions + self.action_start
+            return torch.clamp(action, self.action_low, self.action_high)
+        if self.action_start is None:
+            return action
+        return action + torch.as_tensor(self.action_start, device=action.device)
 
 
 def discrete_distribution(action_space: gym.spaces.Space) -> Categorical | MultiCategorical:

@@ -447,5 +447,46 @@ def compare_main() -> None:
     _run_cli(_compare_task, "ppo-compare")
 
 
+def _export_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ppo-export",
+        description="Write a trained policy as one self-contained file (TorchScript or ONNX): the "
+        "observation normalisation, the networks and the action mapping inside.",
+    )
+    parser.add_argument(
+        "path", type=Path, help="a run directory (its newest readable checkpoint) or a checkpoint file"
+    )
+    parser.add_argument("--format", required=True, metavar="torchscript|onnx", help="the file format")
+    parser.add_argument(
+        "--out", type=Path, help="the file to write (default: <run dir>/policy.torchscript or policy.onnx)"
+    )
+    parser.add_argument(
+        "--stochastic",
+        dest="deterministic",
+        action="store_false",
+        help="sample actions instead of taking the mode (argmax / mean)",
+    )
+    parser.add_argument(
+        "--action-mask",
+        action="store_true",
+        help="add an input 'action_mask' (allowed discrete actions), for agents trained with masks",
+    )
+    return parser
+
+
+def _export_task() -> None:
+    from ppo_cli.export import export_checkpoint  # torch's exporters: only when exporting
+
+    args = _export_parser().parse_args()
+    logging.basicConfig(format="ppo-export: %(message)s")  # warnings (a checkpoint skipped) on stderr
+    out, signature = export_checkpoint(args.path, args.format, args.out, args.deterministic, args.action_mask)
+    print(f"wrote {out}: {signature}")
+
+
+def export_main() -> None:
+    """``ppo-export <run dir or checkpoint> --format torchscript|onnx``: a policy for deployment."""
+    _run_cli(_export_task, "ppo-export")
+
+
 if __name__ == "__main__":
     train_main()

@@ -73,3 +73,4 @@ def _exit(prog: str, interrupted: Interrupted) -> None:
 train_main = _entry_point("train_main", "ppo-train", "torch._dynamo", supervised=True)
 eval_main = _entry_point("eval_main", "ppo-eval")
 compare_main = _entry_point("compare_main", "ppo-compare")
+export_main = _entry_point("export_main", "ppo-export")

@@ -7,6 +7,8 @@ action = agent.act(obs, deterministic=True)
 A recurrent agent (agent=lstm|gru) acts from a state that each call updates:
 state = agent.initial_state()        # at the start of every episode
 action = agent.act(obs, state=state)
+
+Code written for Stable-Baselines3 can call ``action, state = agent.predict(obs, state)`` instead.
 """
 
 from __future__ import annotations
@@ -85,6 +87,34 @@ class TrainedAgent:
         tensor, single = self._prepare(obs)
         values = self.network.step_value(tensor, self._state(state, single)).cpu().numpy()
         return float(values[0]) if single else values
+
+    def predict(
+        self,
+        observation: np.ndarray,
+        state: torch.Tensor | None = None,
+        episode_start: np.ndarray | bool | None = None,
+        deterministic: bool = True,
+        action_mask: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, torch.Tensor | None]:
+        """``(action, state)``, as Stable-Baselines3's ``model.predict`` returns them, so code
+        written for SB3 runs with a ppo-cli agent: :meth:`act` for ``observation`` (one or a
+        batch), and the recurrent state after it (None for feed-forward agents).
+
+        Unlike :meth:`act` it leaves ``state`` unchanged and returns the next one. As in SB3, a
+        recurrent agent starts from zeros when ``state`` is None, and ``episode_start`` (a bool,
+        or one per env) zeroes the state of the envs whose episode starts with ``observation``.
+        Differences from SB3: ``deterministic`` defaults to True (the policy's mode, as
+        ``ppo-eval`` acts); the state is a tensor (:meth:`initial_state`), not a tuple of arrays;
+        ``action_mask`` takes the allowed actions, as sb3-contrib's ``MaskablePPO`` does.
+        """
+        if self.network.core is None:
+            return self.act(observation, deterministic, action_mask), None
+        single = np.ndim(observation) == len(self.obs_shape)
+        state = self.initial_state(None if single else len(observation)) if state is None else state.clone()
+        if episode_start is not None:
+            starts = torch.as_tensor(np.asarray(episode_start, dtype=bool), device=state.device)
+            state[starts] = 0.0
+        return self.act(observation, deterministic, action_mask, state), state
 
 
 def load_agent(path: str | Path, device: str = "cpu") -> TrainedAgent:
