@@ -153,11 +153,13 @@ def _train_job(
             directory.accept()
             write_summary(run_dir, {"status": "failed", "global_step": 0, "error": one_line_error(exc)})
         raise
-    label = sweep.configure_job(train_cfg, cast(DictConfig, HydraConfig.get())) if multirun else ""
+    hydra_cfg = cast(DictConfig, HydraConfig.get())
+    label = sweep.configure_job(train_cfg, hydra_cfg) if multirun else ""
+    swept = sweep.job_swept_keys(hydra_cfg) if multirun else []
     if train_cfg.seeds_per_job > 1:
         directory.accept()
-        return sweep.train_seeds(train_cfg, run_dir, label)
-    return train(train_cfg, run_dir, label)
+        return sweep.train_seeds(train_cfg, run_dir, label, swept)
+    return train(train_cfg, run_dir, label, swept)
 
 
 def _record_command(run_dir: Path, cfg: DictConfig) -> None:
