@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
+import re
+import select
 import shutil
+import struct
 import subprocess
 import sys
+import termios
+import time
+import tty
 import zipfile
 from pathlib import Path
 
@@ -104,6 +112,55 @@ def test_ppo_eval_replays_the_run_evaluation_by_default(
     stochastic = evaluate_checkpoint(last, episodes=4, deterministic=False, seed=7)
     assert stochastic["deterministic"] is False and stochastic["seed"] == 7
     assert len(stochastic["returns"]) == 4
+
+
+def on_a_terminal(command: list[str], cwd: Path, timeout: float = 120) -> tuple[int, str]:
+    """Run ``command`` with stdout and stderr on one pseudo-terminal, as in a user's shell (raw
+    mode: what the program writes, unchanged); (exit code, everything it wrote there)."""
+    controller, terminal = pty.openpty()
+    tty.setraw(terminal)
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # 0 x 0 otherwise
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with subprocess.Popen(command, cwd=cwd, env=env, stdout=terminal, stderr=terminal) as process:
+        os.close(terminal)
+        output = bytearray()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:  # read as it comes: a full terminal would block it
+            try:
+                chunk = os.read(controller, 65536) if select.select([controller], [], [], 1)[0] else b""
+            except OSError:  # the terminal closed: the process is gone
+                break
+            output += chunk
+            if not chunk and process.poll() is not None:
+                break
+        process.kill()
+        code = process.wait(timeout=10)
+    os.close(controller)
+    return code, output.decode(errors="replace")
+
+
+@pytest.mark.parametrize("progress", ["true", "false"])
+@pytest.mark.slow
+def test_progress_reaches_train_log_and_the_bar_ends_at_the_budget(progress: str, tmp_path: Path) -> None:
+    """Every 5% a line in train.log, bar or not; the bar ends full (3 iterations of 32 steps
+    overshoot the 80 asked for: its total becomes 96), and no log line is written onto it."""
+    run_dir = tmp_path / "run"
+    code, terminal = on_a_terminal(
+        [console_script("ppo-train"), "env.num_envs=2", "env.num_steps=16", "total_timesteps=80",
+         "eval.episodes=0", f"progress={progress}", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert code == 0, terminal[-2000:]
+    log_lines = re.findall(r"step (\d+)/(\d+)  SPS", (run_dir / "train.log").read_text())
+    assert log_lines == [("32", "80"), ("64", "80"), ("96", "96")]
+    bars = re.findall(r"([\d.]+)/([\d.]+) \[", terminal)  # every state the bar was drawn in
+    if progress == "false":
+        assert bars == []
+        return
+    assert [float(n) for n in bars[-1]] == [96, 96]
+    for line in terminal.split("\n"):
+        shown = line.rstrip("\r").rsplit("\r", 1)[-1]  # what stays visible of a redrawn line
+        assert not ("%|" in shown and "[ppo_cli" in shown), line
 
 
 @pytest.mark.slow
