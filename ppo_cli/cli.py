@@ -334,6 +334,12 @@ def _eval_parser() -> argparse.ArgumentParser:
     )
     mode.add_argument("--deterministic", action="store_true", help="take the mode (argmax / mean)")
     parser.add_argument("--video", action="store_true", help="record every episode to <run dir>/videos/*.mp4")
+    parser.add_argument(
+        "--video-episodes",
+        type=int,
+        metavar="N",
+        help="record only the first N episodes (implies --video; all episodes are still scored)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="env seed (default: the run's seed + 10000)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument(
@@ -350,8 +356,16 @@ def _eval_parser() -> argparse.ArgumentParser:
 def _eval_task() -> None:
     args = _eval_parser().parse_args()
     logging.basicConfig(format="ppo-eval: %(message)s")  # warnings (a checkpoint skipped) on stderr
+    video = args.video or args.video_episodes is not None
     report = evaluate_checkpoint(
-        args.path, args.episodes, args.deterministic, args.seed, args.video, args.device, tuple(args.modules)
+        args.path,
+        args.episodes,
+        args.deterministic,
+        args.seed,
+        video,
+        args.device,
+        tuple(args.modules),
+        args.video_episodes,
     )
     mode = "deterministic" if report["deterministic"] else "stochastic"
     print(f"{report['env_id']} at step {report['global_step']} ({report['checkpoint']})")

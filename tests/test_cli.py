@@ -322,6 +322,7 @@ def _custom_env_checkpoint(path: Path, source: Path) -> None:
 EVAL_BAD_INPUTS = [
     (["DIR/nope"], "DIR/nope: no such checkpoint (give a run directory or a .pt file)"),
     (["RUN", "--episodes", "0"], "--episodes: got 0, allowed: an integer >= 1"),
+    (["RUN", "--video-episodes", "0"], "--video-episodes: got 0, allowed: an integer >= 1"),
     (["DIR/evil.pt"], "DIR/evil.pt: not a readable ppo-cli checkpoint"),
     (["DIR/custom.pt"], "env.id: 'my_envs.package:Custom-v0' needs module 'my_envs.package' imported"),
     (["DIR/custom.pt", "--import", "my_envs.package"], "--import: cannot import 'my_envs.package'"),
@@ -372,6 +373,28 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     return run_dir
+
+
+@pytest.mark.slow
+def test_ppo_eval_records_the_first_video_episodes_and_prints_no_display_errors(
+    tiny_run: Path, tmp_path: Path
+) -> None:
+    """``--video-episodes 2`` (which implies --video) records 2 of the 3 episodes it scores; on a
+    headless machine (no DISPLAY, no XDG_RUNTIME_DIR) SDL, under pygame's renderers, prints no
+    "XDG_RUNTIME_DIR is invalid" line (nor ALSA's): stderr stays empty."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    unset = {"DISPLAY", "WAYLAND_DISPLAY", "XDG_RUNTIME_DIR", "SDL_VIDEODRIVER", "SDL_AUDIODRIVER"}
+    headless = {key: value for key, value in os.environ.items() if key not in unset}
+    result = subprocess.run(
+        [console_script("ppo-eval"), str(run_dir), "--episodes", "3", "--video-episodes", "2"],
+        cwd=tmp_path, env=headless, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr == ""
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert report["episodes"] == len(report["returns"]) == 3
+    assert [Path(video).name for video in report["videos"]] == ["eval-episode-0.mp4", "eval-episode-1.mp4"]
 
 
 @pytest.mark.slow
