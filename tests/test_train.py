@@ -140,6 +140,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 @pytest.mark.parametrize("algo", ["clip", "penalty", "a2c", "pg", "trpo", "grpo"])
+@pytest.mark.slow
 def test_every_tag_a_variant_logs_is_listed_in_the_readme_under_its_section(
     algo: str, tmp_path: Path
 ) -> None:
