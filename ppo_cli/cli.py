@@ -153,11 +153,13 @@ def _train_job(
             directory.accept()
             write_summary(run_dir, {"status": "failed", "global_step": 0, "error": one_line_error(exc)})
         raise
-    label = sweep.configure_job(train_cfg, cast(DictConfig, HydraConfig.get())) if multirun else ""
+    hydra_cfg = cast(DictConfig, HydraConfig.get())
+    label = sweep.configure_job(train_cfg, hydra_cfg) if multirun else ""
+    swept = sweep.job_swept_keys(hydra_cfg) if multirun else []
     if train_cfg.seeds_per_job > 1:
         directory.accept()
-        return sweep.train_seeds(train_cfg, run_dir, label)
-    return train(train_cfg, run_dir, label)
+        return sweep.train_seeds(train_cfg, run_dir, label, swept)
+    return train(train_cfg, run_dir, label, swept)
 
 
 def _record_command(run_dir: Path, cfg: DictConfig) -> None:
@@ -332,6 +334,12 @@ def _eval_parser() -> argparse.ArgumentParser:
     )
     mode.add_argument("--deterministic", action="store_true", help="take the mode (argmax / mean)")
     parser.add_argument("--video", action="store_true", help="record every episode to <run dir>/videos/*.mp4")
+    parser.add_argument(
+        "--video-episodes",
+        type=int,
+        metavar="N",
+        help="record only the first N episodes (implies --video; all episodes are still scored)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="env seed (default: the run's seed + 10000)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument(
@@ -348,8 +356,16 @@ def _eval_parser() -> argparse.ArgumentParser:
 def _eval_task() -> None:
     args = _eval_parser().parse_args()
     logging.basicConfig(format="ppo-eval: %(message)s")  # warnings (a checkpoint skipped) on stderr
+    video = args.video or args.video_episodes is not None
     report = evaluate_checkpoint(
-        args.path, args.episodes, args.deterministic, args.seed, args.video, args.device, tuple(args.modules)
+        args.path,
+        args.episodes,
+        args.deterministic,
+        args.seed,
+        video,
+        args.device,
+        tuple(args.modules),
+        args.video_episodes,
     )
     mode = "deterministic" if report["deterministic"] else "stochastic"
     print(f"{report['env_id']} at step {report['global_step']} ({report['checkpoint']})")

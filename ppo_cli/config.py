@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -398,10 +399,23 @@ def _schemas_under(schema: type, name: str) -> list[type]:
     return [hint] if isinstance(hint, type) and dataclasses.is_dataclass(hint) else []
 
 
-def hyperparameters(plain_config: dict[str, Any]) -> dict[str, Any]:
+# HParams columns shown first after those a sweep varies: what tells runs apart at a glance.
+LEADING_HPARAMS = ("env.id", "algo.name", "seed")
+# The key that tells a config group's presets apart, for a sweep over presets (``algo=clip,pg``).
+GROUP_KEYS = {"env": "env.id", "algo": "algo.name", "agent": "agent.recurrent"}
+
+
+def hyperparameters(plain_config: dict[str, Any], swept: Iterable[str] = ()) -> dict[str, Any]:
     """The flat keys and values of a plain config that are columns of TensorBoard's HParams
-    table: all but those that do not change what is learned (checkpoints, progress, device...)."""
-    return {key: value for key, value in flatten(plain_config).items() if role_of(key).hparam}
+    table: all but those that do not change what is learned (checkpoints, progress, device...).
+
+    In the order the dashboard shows them, since it shows only the first few columns at once:
+    the keys ``swept`` names (those a sweep varies; a config group stands for its
+    :data:`GROUP_KEYS` key), then :data:`LEADING_HPARAMS`, then the rest in schema order.
+    """
+    flat = {key: value for key, value in flatten(plain_config).items() if role_of(key).hparam}
+    leading = [GROUP_KEYS.get(key, key) for key in swept] + list(LEADING_HPARAMS)
+    return {**{key: flat[key] for key in leading if key in flat}, **flat}
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -71,12 +71,14 @@ def evaluate(
     seed: int,
     device: torch.device,
     video_dir: Path | None = None,
+    video_episodes: int | None = None,
 ) -> Episodes:
     """Play ``episodes`` complete episodes, normalisation statistics frozen.
 
     Episodes run on parallel envs, each with a fixed quota decided up front. Taking "the first N
     episodes to finish" instead would favour short episodes and bias the mean. With ``video_dir``
-    the episodes are played one after the other on one env and each is recorded to an mp4 there.
+    the episodes are played one after the other on one env and the first ``video_episodes`` (all,
+    when None) are each recorded to an mp4 there.
     """
     num_envs = 1 if video_dir is not None else min(episodes, MAX_PARALLEL_EPISODES)
     quota = np.full(num_envs, episodes // num_envs)
@@ -84,7 +86,8 @@ def evaluate(
     returns: list[float] = []
     lengths: list[int] = []
     counted = np.zeros(num_envs, dtype=int)
-    envs = RecordEpisodeStatistics(_eval_envs(env_cfg, num_envs, episodes, video_dir, agent.core is not None))
+    recorded = episodes if video_episodes is None else min(video_episodes, episodes)
+    envs = RecordEpisodeStatistics(_eval_envs(env_cfg, num_envs, recorded, video_dir, agent.core is not None))
     shape = envs.single_observation_space.shape
     if shape is None or int(np.prod(shape)) != agent.obs_dim:
         envs.close()
@@ -112,18 +115,26 @@ def evaluate(
 
 
 def _eval_envs(
-    env_cfg: EnvConfig, num_envs: int, episodes: int, video_dir: Path | None, sequences: bool
+    env_cfg: EnvConfig, num_envs: int, recorded: int, video_dir: Path | None, sequences: bool
 ) -> gym.vector.VectorEnv:
+    """The evaluation envs; with ``video_dir``, one env whose first ``recorded`` episodes are
+    recorded there."""
     if video_dir is None:
         return make_vector_env(env_cfg, num_envs=num_envs, sequences=sequences)
     if not os.environ.get("DISPLAY"):
         # MuJoCo renders through an X display by default; headless machines need EGL (read when
         # mujoco is first imported, i.e. when the first MuJoCo env is made, which is below).
         os.environ.setdefault("MUJOCO_GL", "egl")
+    # Frames are drawn into arrays, never a window, and nothing plays sound: SDL's dummy drivers
+    # (read when pygame initialises, in the first render) keep pygame's classic-control and Box2D
+    # renderers from looking for a desktop session and printing "XDG_RUNTIME_DIR is invalid" or
+    # ALSA's errors on a headless machine.
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+    os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
     recorder = partial(
         RecordVideo,
         video_folder=str(video_dir),
-        episode_trigger=lambda episode: episode < episodes,  # not the episode the last autoreset starts
+        episode_trigger=lambda episode: episode < recorded,  # not the episode the last autoreset starts
         name_prefix="eval",
         disable_logger=True,
     )
@@ -166,17 +177,21 @@ def evaluate_checkpoint(
     video: bool = False,
     device: str = "cpu",
     trusted_modules: tuple[str, ...] = (),
+    video_episodes: int | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a run directory's (or a checkpoint file's) agent; videos go to the run
-    directory's ``videos/``. The report is returned, not written (:func:`write_report`), so that
-    a score is never lost to a run directory that cannot be written. ``deterministic`` None acts
-    as the run's own evaluation did (its ``eval.deterministic``).
+    """Evaluate a run directory's (or a checkpoint file's) agent; videos (of the first
+    ``video_episodes`` episodes, or all) go to the run directory's ``videos/``. The report is
+    returned, not written (:func:`write_report`), so that a score is never lost to a run directory
+    that cannot be written. ``deterministic`` None acts as the run's own evaluation did (its
+    ``eval.deterministic``).
 
     Nothing read from the run is executed: the checkpoint loads as weights only, and an env id of
     the form ``module:Env`` is refused unless the user names that module in ``trusted_modules``.
     """
     if episodes < 1:
         raise UserError(f"--episodes: got {episodes}, allowed: an integer >= 1")
+    if video_episodes is not None and video_episodes < 1:
+        raise UserError(f"--video-episodes: got {video_episodes}, allowed: an integer >= 1")
     checkpoint, payload = checkpoint_to_evaluate(Path(target))
     trained = agent_from_checkpoint(payload, checkpoint, device)
     env_cfg = env_config_of(trained.config["env"])
@@ -186,8 +201,9 @@ def evaluate_checkpoint(
         deterministic = bool(trained.config["eval"]["deterministic"])
     video_dir = output_dir(checkpoint) / "videos" / time.strftime("eval-%Y%m%d-%H%M%S") if video else None
     with _rendering_failure_explained(env_cfg.id, video_dir):
+        torch_device = torch.device(device)
         result = evaluate(
-            trained.network, env_cfg, episodes, deterministic, seed, torch.device(device), video_dir
+            trained.network, env_cfg, episodes, deterministic, seed, torch_device, video_dir, video_episodes
         )
     return {
         "checkpoint": str(checkpoint),

@@ -31,6 +31,7 @@ from ppo_cli.errors import ConfigError
 from ppo_cli.losses import explained_variance
 from ppo_cli.normalization import RewardScaler
 from ppo_cli.rollout import Collector, RolloutStorage
+from ppo_cli.tags import metric_tag
 from ppo_cli.update import Updater
 
 RECENT_EPISODES = 20  # episodes averaged for the progress bar and the summary
@@ -136,10 +137,10 @@ class IterationResult:
     report: IterationReport
 
     def scalars(self, sps: float) -> dict[str, float]:
-        """The iteration as TensorBoard scalars (CleanRL's tag names, so curves overlay), with
-        ``sps`` env steps per second so far."""
-        scalars = {f"losses/{key}": value for key, value in self.metrics.items()}
-        scalars["losses/explained_variance"] = self.report.explained_variance
+        """The iteration as TensorBoard scalars (CleanRL's tag names, so curves overlay; the
+        updater's metrics sectioned by ``tags.metric_tag``), with ``sps`` env steps per second so far."""
+        metrics = {**self.metrics, "explained_variance": self.report.explained_variance}
+        scalars = {metric_tag(name): value for name, value in metrics.items()}
         scalars["charts/learning_rate"] = self.learning_rate
         scalars["charts/SPS"] = sps
         scalars.update(self.report.episodes.mean_scalars())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +13,14 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ppo_cli import supervisor
 from ppo_cli.errors import UserError
 from ppo_cli.rundir import write_text_atomic
 
 SUMMARY = "summary.json"
-TEXT_REPORTS = 20  # progress lines per run when there is no progress bar
+TEXT_REPORTS = 20  # progress lines per run (one every 5% of the budget)
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +28,11 @@ log = logging.getLogger(__name__)
 class RunLogger:
     """TensorBoard writer plus console progress.
 
-    On a terminal, progress is a live bar; otherwise (a batch job, a sweep, a pipe) it is a log line
-    at every 5% of the run, which also lands in the run's ``train.log``.
+    Progress is a log line at every 5% of the run, which lands in the run's ``train.log`` (so
+    ``tail -f train.log`` follows a run) and on the console; on a terminal there is also a live
+    bar, and while it is shown log lines are written above it (``logging_redirect_tqdm``), never
+    onto it. The last iteration may overshoot the budget: the bar's total then grows to the steps
+    trained, so that it ends full.
     """
 
     def __init__(
@@ -60,7 +65,11 @@ class RunLogger:
         )
         self.total_steps = total_steps
         self.label = label
-        self.next_report = (resumed_at or 0) + total_steps / TEXT_REPORTS
+        self.report_every = total_steps / TEXT_REPORTS
+        self.next_report = self._report_after(resumed_at or 0)
+        self._console = ExitStack()
+        if not self.bar.disable:  # log lines go above the bar while it is shown
+            self._console.enter_context(logging_redirect_tqdm())
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         """Log ``{tag: value}`` at ``step`` (environment steps), all in one event: readers see the
@@ -68,23 +77,22 @@ class RunLogger:
         values_pb = [Summary.Value(tag=tag, simple_value=float(value)) for tag, value in values.items()]
         self._add_summary(Summary(value=values_pb), step)
 
+    def _report_after(self, step: int) -> float:
+        """The step of the first progress line after ``step``: the next multiple of 5%."""
+        return (step // self.report_every + 1) * self.report_every
+
     def progress(self, step: int, sps: float, mean_return: float | None) -> None:
         recent = "n/a" if mean_return is None else f"{mean_return:.1f}"
-        if self.bar.disable:
-            if step >= self.next_report:
-                log.info(
-                    "%sstep %d/%d  SPS %.0f  recent return %s",
-                    self.label,
-                    step,
-                    self.total_steps,
-                    sps,
-                    recent,
-                )
-                self.next_report += self.total_steps / TEXT_REPORTS
-            return
-        self.bar.n = step
-        self.bar.set_postfix(SPS=f"{sps:.0f}", ret=recent, refresh=False)
-        self.bar.refresh()
+        self.total_steps = max(self.total_steps, step)  # the last iteration may overshoot
+        if step >= self.next_report:
+            line = "%sstep %d/%d  SPS %.0f  recent return %s"
+            log.info(line, self.label, step, self.total_steps, sps, recent)
+            self.next_report = self._report_after(step)
+        if not self.bar.disable:
+            self.bar.total = self.total_steps
+            self.bar.n = step
+            self.bar.set_postfix(SPS=f"{sps:.0f}", ret=recent, refresh=False)
+            self.bar.refresh()
 
     def hparams(self, hyperparameters: dict[str, Any], metric_tags: list[str], step: int) -> None:
         """Register this run in TensorBoard's HParams dashboard: its hyperparameters (flat keys)
@@ -110,6 +118,7 @@ class RunLogger:
 
     def close(self) -> None:
         self.bar.close()
+        self._console.close()
         self.writer.flush()
         self.writer.close()
 

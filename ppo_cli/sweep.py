@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -54,6 +55,7 @@ SUMMARY_CSV = "sweep_summary.csv"
 SUMMARY_MD = "sweep_summary.md"
 # <sweep dir>/.jobs/: <num>.json (the job started), <num>.crash (its fatal signal), <num>.error
 JOBS_DIR = ".jobs"
+SWEPT = "swept.json"  # in JOBS_DIR: the keys the sweep varies, for each job's HParams columns
 BASIC_SWEEPER = f"{BasicSweeper.__module__}.{BasicSweeper.__name__}"
 FINAL_STATUSES = ("completed", "failed", "interrupted")
 # faulthandler's first line, "Fatal Python error: <name>", for each signal it catches.
@@ -97,20 +99,49 @@ _planned: dict[int, str] | None = None
 _outcome: SweepOutcome | None = None
 
 
+def _sweep_arguments(config: DictConfig) -> list[str]:
+    """The launching process's sweep as sweeper arguments: ``hydra.sweeper.params`` (a search
+    space in the config, e.g. Optuna's), then the command line's overrides."""
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    arguments = [f"{key}={value}" for key, value in params.items()]
+    return arguments + OmegaConf.to_container(config.hydra.overrides.task)  # type: ignore[operator]
+
+
 def planned_jobs(config: DictConfig) -> dict[int, str] | None:
     """``{job number: overrides}`` of every job the basic sweeper will launch, in its order (the
     numbers Hydra gives the jobs); None for a sweeper that decides as it goes (Optuna)."""
     if OmegaConf.select(config, "hydra.sweeper._target_") != BASIC_SWEEPER:
         return None
-    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
-    arguments = [f"{key}={value}" for key, value in params.items()]
-    arguments += OmegaConf.to_container(config.hydra.overrides.task)  # type: ignore[arg-type]
     try:
-        overrides = OverridesParser.create().parse_overrides(arguments)
+        overrides = OverridesParser.create().parse_overrides(_sweep_arguments(config))
         batches = BasicSweeper.split_arguments(overrides, None)
     except HydraException:  # e.g. glob() over a config group, which needs Hydra's config loader
         return None
     return {num: " ".join(job) for num, job in enumerate(job for batch in batches for job in batch)}
+
+
+def swept_keys(config: DictConfig) -> list[str]:
+    """The keys (or config groups) the launching process's sweep gives several values
+    (``seed=0,1,2``, ``algo=clip,pg``, an Optuna interval), in the order given."""
+    try:
+        overrides = OverridesParser.create().parse_overrides(_sweep_arguments(config))
+    except HydraException:
+        return []
+    return list(dict.fromkeys(o.key_or_group for o in overrides if o.is_sweep_override()))
+
+
+def job_swept_keys(hydra_cfg: DictConfig) -> list[str]:
+    """In a job: the keys its sweep varies, as the launching process recorded them in
+    ``<sweep dir>/.jobs/swept.json`` (a job may run in another process or on another machine);
+    where that record cannot be read, the keys the job's own overrides set, which include them."""
+    try:
+        recorded = json.loads((Path(hydra_cfg.sweep.dir) / JOBS_DIR / SWEPT).read_text())["keys"]
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = None
+    if isinstance(recorded, list):
+        return [str(key) for key in recorded]
+    job_overrides = OmegaConf.to_container(hydra_cfg.overrides.task)
+    return [str(o).partition("=")[0].lstrip("+~") for o in job_overrides]  # type: ignore[union-attr]
 
 
 def crash_signal(crash_file: Path) -> str | None:
@@ -244,6 +275,8 @@ class SweepSummary(Callback):
         jobs_dir = _sweep_dir / JOBS_DIR
         for stale in jobs_dir.glob("*") if jobs_dir.is_dir() else ():  # an earlier sweep in this dir
             stale.unlink()
+        jobs_dir.mkdir(parents=True, exist_ok=True)
+        write_json(jobs_dir / SWEPT, {"keys": swept_keys(config)})  # for its jobs' HParams columns
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.hydra.mode != RunMode.MULTIRUN:
@@ -309,7 +342,9 @@ def configure_job(cfg: TrainConfig, hydra_cfg: DictConfig) -> str:
     return f"job {hydra_cfg.job.num} ({hydra_cfg.job.override_dirname}) "
 
 
-def train_seeds(cfg: TrainConfig, job_dir: Path, label: str = "") -> dict[str, Any]:
+def train_seeds(
+    cfg: TrainConfig, job_dir: Path, label: str = "", swept: Sequence[str] = ()
+) -> dict[str, Any]:
     """Train ``cfg.seeds_per_job`` seeds, each in ``job_dir/seed_<s>/``; the job's summary holds
     each seed's final evaluation and their mean (``eval_mean``, the job's objective).
 
@@ -322,7 +357,7 @@ def train_seeds(cfg: TrainConfig, job_dir: Path, label: str = "") -> dict[str, A
     try:
         for seed in seeds:
             seed_cfg = dataclasses.replace(cfg, seed=seed)
-            result = train(seed_cfg, job_dir / f"seed_{seed}", f"{label}seed {seed} ")
+            result = train(seed_cfg, job_dir / f"seed_{seed}", f"{label}seed {seed} ", swept)
             per_seed[str(seed)] = result.get("eval_mean", result.get("recent_episodic_return"))
             summary["global_step"] += result["global_step"]
         summary.update(status="completed", eval_mean=float(sum(per_seed.values()) / len(per_seed)))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
@@ -44,14 +44,15 @@ log = logging.getLogger(__name__)
 HPARAMS_METRICS = ["eval/episodic_return", "charts/episodic_return"]  # columns of TensorBoard's HParams
 
 
-def train(cfg: TrainConfig, run_dir: Path, label: str = "") -> dict[str, Any]:
+def train(cfg: TrainConfig, run_dir: Path, label: str = "", swept: Sequence[str] = ()) -> dict[str, Any]:
     """Train an agent as ``cfg`` says, writing everything under ``run_dir``; returns the summary.
 
     SIGINT / SIGTERM stop the run at the end of the current iteration with a checkpoint (see
     ``signals.py``). Whatever ends the run, ``summary.json`` records how: ``completed``,
     ``interrupted``, or ``failed`` with the error; exceptions then propagate. A resume that is
     refused (a changed config, a checkpoint that does not fit) leaves the summary as it was.
-    ``label`` prefixes the progress lines (the job, in a sweep).
+    ``label`` prefixes the progress lines (the job, in a sweep); ``swept`` names the keys the
+    sweep varies, the first columns of TensorBoard's HParams table.
 
     The run holds ``run_dir`` throughout (see ``rundir.py``: another process there is refused) and
     writes into it only once accepted: after the resume checks, or when a new run fails.
@@ -61,11 +62,16 @@ def train(cfg: TrainConfig, run_dir: Path, label: str = "") -> dict[str, Any]:
     """
     parallel = DataParallel.current()
     with rundir.hold(run_dir, lock=parallel.is_main) as directory:
-        return _train_held(cfg, run_dir, label, parallel, directory)
+        return _train_held(cfg, run_dir, label, swept, parallel, directory)
 
 
 def _train_held(
-    cfg: TrainConfig, run_dir: Path, label: str, parallel: DataParallel, directory: rundir.RunDirectory
+    cfg: TrainConfig,
+    run_dir: Path,
+    label: str,
+    swept: Sequence[str],
+    parallel: DataParallel,
+    directory: rundir.RunDirectory,
 ) -> dict[str, Any]:
     plain_config = cast(dict[str, Any], OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
     start = time.perf_counter()
@@ -93,7 +99,7 @@ def _train_held(
                 kept = previous_summary.keys() - {"status", "config", "wall_time_s"}
                 summary.update({key: previous_summary[key] for key in kept})
             else:
-                logger = _run_logger(cfg, run_dir, plain_config, state, resumed is not None, label)
+                logger = _run_logger(cfg, run_dir, plain_config, state, resumed is not None, label, swept)
                 summary.update(_run(cfg, state, checkpointer, logger, stop, summary))
         summary["status"] = "completed"
     except (Interrupted, KeyboardInterrupt) as exc:
@@ -121,6 +127,7 @@ def _run_logger(
     state: TrainingState,
     resumed: bool,
     label: str,
+    swept: Sequence[str],
 ) -> RunLogger | None:
     """Rank 0's TensorBoard writer and progress bar (the other ranks write nothing)."""
     if not state.parallel.is_main:
@@ -128,7 +135,7 @@ def _run_logger(
     resumed_at = state.global_step if resumed else None
     config_yaml = OmegaConf.to_yaml(plain_config)
     logger = RunLogger(run_dir, config_yaml, cfg.total_timesteps, cfg.progress, resumed_at, label)
-    logger.hparams(hyperparameters(plain_config), HPARAMS_METRICS, logger.first_step)
+    logger.hparams(hyperparameters(plain_config, swept), HPARAMS_METRICS, logger.first_step)
     return logger
 
 

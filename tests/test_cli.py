@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
+import re
+import select
 import shutil
+import struct
 import subprocess
 import sys
+import termios
+import time
+import tty
 import zipfile
 from pathlib import Path
 
@@ -104,6 +112,55 @@ def test_ppo_eval_replays_the_run_evaluation_by_default(
     stochastic = evaluate_checkpoint(last, episodes=4, deterministic=False, seed=7)
     assert stochastic["deterministic"] is False and stochastic["seed"] == 7
     assert len(stochastic["returns"]) == 4
+
+
+def on_a_terminal(command: list[str], cwd: Path, timeout: float = 120) -> tuple[int, str]:
+    """Run ``command`` with stdout and stderr on one pseudo-terminal, as in a user's shell (raw
+    mode: what the program writes, unchanged); (exit code, everything it wrote there)."""
+    controller, terminal = pty.openpty()
+    tty.setraw(terminal)
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # 0 x 0 otherwise
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with subprocess.Popen(command, cwd=cwd, env=env, stdout=terminal, stderr=terminal) as process:
+        os.close(terminal)
+        output = bytearray()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:  # read as it comes: a full terminal would block it
+            try:
+                chunk = os.read(controller, 65536) if select.select([controller], [], [], 1)[0] else b""
+            except OSError:  # the terminal closed: the process is gone
+                break
+            output += chunk
+            if not chunk and process.poll() is not None:
+                break
+        process.kill()
+        code = process.wait(timeout=10)
+    os.close(controller)
+    return code, output.decode(errors="replace")
+
+
+@pytest.mark.parametrize("progress", ["true", "false"])
+@pytest.mark.slow
+def test_progress_reaches_train_log_and_the_bar_ends_at_the_budget(progress: str, tmp_path: Path) -> None:
+    """Every 5% a line in train.log, bar or not; the bar ends full (3 iterations of 32 steps
+    overshoot the 80 asked for: its total becomes 96), and no log line is written onto it."""
+    run_dir = tmp_path / "run"
+    code, terminal = on_a_terminal(
+        [console_script("ppo-train"), "env.num_envs=2", "env.num_steps=16", "total_timesteps=80",
+         "eval.episodes=0", f"progress={progress}", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert code == 0, terminal[-2000:]
+    log_lines = re.findall(r"step (\d+)/(\d+)  SPS", (run_dir / "train.log").read_text())
+    assert log_lines == [("32", "80"), ("64", "80"), ("96", "96")]
+    bars = re.findall(r"([\d.]+)/([\d.]+) \[", terminal)  # every state the bar was drawn in
+    if progress == "false":
+        assert bars == []
+        return
+    assert [float(n) for n in bars[-1]] == [96, 96]
+    for line in terminal.split("\n"):
+        shown = line.rstrip("\r").rsplit("\r", 1)[-1]  # what stays visible of a redrawn line
+        assert not ("%|" in shown and "[ppo_cli" in shown), line
 
 
 @pytest.mark.slow
@@ -265,6 +322,7 @@ def _custom_env_checkpoint(path: Path, source: Path) -> None:
 EVAL_BAD_INPUTS = [
     (["DIR/nope"], "DIR/nope: no such checkpoint (give a run directory or a .pt file)"),
     (["RUN", "--episodes", "0"], "--episodes: got 0, allowed: an integer >= 1"),
+    (["RUN", "--video-episodes", "0"], "--video-episodes: got 0, allowed: an integer >= 1"),
     (["DIR/evil.pt"], "DIR/evil.pt: not a readable ppo-cli checkpoint"),
     (["DIR/custom.pt"], "env.id: 'my_envs.package:Custom-v0' needs module 'my_envs.package' imported"),
     (["DIR/custom.pt", "--import", "my_envs.package"], "--import: cannot import 'my_envs.package'"),
@@ -315,6 +373,28 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     return run_dir
+
+
+@pytest.mark.slow
+def test_ppo_eval_records_the_first_video_episodes_and_prints_no_display_errors(
+    tiny_run: Path, tmp_path: Path
+) -> None:
+    """``--video-episodes 2`` (which implies --video) records 2 of the 3 episodes it scores; on a
+    headless machine (no DISPLAY, no XDG_RUNTIME_DIR) SDL, under pygame's renderers, prints no
+    "XDG_RUNTIME_DIR is invalid" line (nor ALSA's): stderr stays empty."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    unset = {"DISPLAY", "WAYLAND_DISPLAY", "XDG_RUNTIME_DIR", "SDL_VIDEODRIVER", "SDL_AUDIODRIVER"}
+    headless = {key: value for key, value in os.environ.items() if key not in unset}
+    result = subprocess.run(
+        [console_script("ppo-eval"), str(run_dir), "--episodes", "3", "--video-episodes", "2"],
+        cwd=tmp_path, env=headless, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr == ""
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert report["episodes"] == len(report["returns"]) == 3
+    assert [Path(video).name for video in report["videos"]] == ["eval-episode-0.mp4", "eval-episode-1.mp4"]
 
 
 @pytest.mark.slow

@@ -11,6 +11,8 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 from support import compose_config, ppo_train
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 from ppo_cli.sweep import SUMMARY_CSV, SUMMARY_MD, collect_jobs, record_failure, train_seeds
 
@@ -50,6 +52,32 @@ def test_joblib_runs_a_2x2_sweep_in_parallel_processes(tmp_path: Path) -> None:
         assert float(row["eval_mean"]) == pytest.approx(job_summary["eval_mean"])
     # Progress gives way to log lines naming their job.
     assert "job 3 (" in result.stdout
+
+
+def _hparams_columns(run_dir: Path) -> list[str]:
+    """The HParams dashboard's columns of a run, in the order its event file lists them."""
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    data = events.PluginTagToContent("hparams")["_hparams_/experiment"]
+    return [info.name for info in plugin_data_pb2.HParamsPluginData.FromString(data).experiment.hparam_infos]
+
+
+@pytest.mark.slow
+def test_hparams_columns_start_with_the_keys_the_sweep_varies(tmp_path: Path) -> None:
+    """A key set alike for every job (algo.gae_lambda) is not among them; a swept config group
+    stands for the key that tells its presets apart (agent -> agent.recurrent)."""
+    sweep_dir = tmp_path / "sweep"
+    result = ppo_train(
+        "-m", "env=Acrobot", "algo.gae_lambda=0.9", "agent=mlp,lstm", "env.num_envs=2", "env.num_steps=16",
+        "total_timesteps=32", "eval.episodes=0", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = sorted(p.parent for p in sweep_dir.glob("*/summary.json"))
+    assert len(runs) == 2
+    for run in runs:
+        columns = _hparams_columns(run)
+        assert columns[:4] == ["agent.recurrent", "env.id", "algo.name", "seed"]
+        assert len(columns) == len(set(columns)) > 20  # each key once, the rest after them
 
 
 @pytest.mark.parametrize("launcher", ["basic", "joblib"])

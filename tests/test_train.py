@@ -119,10 +119,12 @@ def test_run_dir_holds_events_checkpoints_and_summary(tmp_path: Path) -> None:
         "losses/approx_kl",
         "losses/clipfrac",
         "losses/explained_variance",
-        "losses/kl_k1",
-        "losses/kl_k2",
-        "losses/kl_k3",
-        "losses/kl_exact",
+        "kl/k1",
+        "kl/k2",
+        "kl/k3",
+        "kl/exact",
+        "diagnostics/minibatch_updates",
+        "diagnostics/early_stop",
         "eval/episodic_return",
     }
     assert expected <= tags.keys()
@@ -132,6 +134,30 @@ def test_run_dir_holds_events_checkpoints_and_summary(tmp_path: Path) -> None:
     initial_lr = tags["charts/learning_rate"][0][1]
     assert initial_lr == pytest.approx(small_cartpole().algo.learning_rate)
     assert tags["charts/learning_rate"][-1][1] == pytest.approx(initial_lr / 16)
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.mark.parametrize("algo", ["clip", "penalty", "a2c", "pg", "trpo", "grpo"])
+@pytest.mark.slow
+def test_every_tag_a_variant_logs_is_listed_in_the_readme_under_its_section(
+    algo: str, tmp_path: Path
+) -> None:
+    """Only CleanRL's names and loss terms under losses/: KL estimates under kl/, the update's
+    bookkeeping under diagnostics/; the README's list names every tag of every variant."""
+    cfg = compose_config(
+        f"algo={algo}", "env.num_envs=4", "env.num_steps=16", "total_timesteps=64", "eval.episodes=1"
+    )
+    train(cfg, tmp_path)
+    tags = scalars(tmp_path).keys()
+    cleanrl = {"policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac"}
+    losses = {tag.removeprefix("losses/") for tag in tags if tag.startswith("losses/")}
+    assert losses <= cleanrl | {"explained_variance", "surrogate_loss"}
+    assert {"kl/k1", "kl/k2", "kl/k3", "kl/exact"} <= tags
+    assert {tag.partition("/")[0] for tag in tags} <= {"charts", "losses", "kl", "diagnostics", "eval"}
+    readme = README.read_text()
+    assert [tag for tag in sorted(tags) if f"`{tag}`" not in readme] == []
 
 
 @pytest.mark.slow
@@ -199,7 +225,7 @@ def test_async_vector_env_gives_the_same_run_as_sync(tmp_path: Path) -> None:
 def test_penalty_logs_beta_and_saves_it_in_checkpoints(tmp_path: Path) -> None:
     cfg = compose_config("algo=penalty", "total_timesteps=2048", "eval.episodes=0", "algo.num_minibatches=4")
     train(cfg, tmp_path)
-    betas = [value for _, value in scalars(tmp_path)["losses/kl_beta"]]
+    betas = [value for _, value in scalars(tmp_path)["kl/beta"]]
     assert len(betas) == 8
     assert betas[0] == pytest.approx(1.0)
     # Each logged beta is the previous one doubled, halved or kept (the adaptive rule).
@@ -357,6 +383,8 @@ def test_hparams_are_written_into_the_run_itself(tmp_path: Path) -> None:
     }
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
     assert [m.name.tag for m in experiment.metric_infos] == ["eval/episodic_return", "charts/episodic_return"]
+    # What tells runs apart comes first: the dashboard shows only the first few columns at once.
+    assert [h.name for h in experiment.hparam_infos][:3] == ["env.id", "algo.name", "seed"]
     start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
     hparams = start.session_start_info.hparams
     assert hparams["algo.name"].string_value == "clip"

@@ -237,7 +237,7 @@ def test_grpo_trains_only_the_policy_against_a_frozen_reference(small_agent_cfg:
 
     metrics = updater.update(batch)
 
-    assert metrics["ref_kl"] > 0  # measured against the initial policy, which has moved
+    assert metrics["kl_reference"] > 0  # measured against the initial policy, which has moved
     assert all(torch.equal(a, b) for a, b in zip(critic_before, agent.critic.parameters(), strict=True))
     assert all(torch.equal(reference_before[k], v) for k, v in updater.reference.state_dict().items())
     assert not any(p.requires_grad for p in updater.reference.parameters())

@@ -56,7 +56,7 @@ class GRPOUpdater(SurrogateUpdater):
         terms = {
             "policy_loss": surrogate + self.cfg.kl_coef * ref_kl,
             "surrogate_loss": surrogate,
-            "ref_kl": ref_kl,
+            "kl_reference": ref_kl,
             "entropy": out.entropy.mean(),
             "clipfrac": losses.clip_fraction(out.log_prob.detach(), mb.log_probs, eps),
         }
