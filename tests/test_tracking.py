@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import compose_config
+from support import compose_config, one_line_failure
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from ppo_cli import cli
 from ppo_cli.config import TrainConfig
-from ppo_cli.errors import ConfigError
-from ppo_cli.tracking import TRACKING_FILE
 from ppo_cli.train import train
 
 TINY = ("env=CartPole", "env.num_envs=2", "env.num_steps=16", "total_timesteps=64", "eval.episodes=1")
@@ -68,11 +67,12 @@ def tensorboard_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def stored_run_id(run_dir: Path) -> str:
-    run_id = json.loads((run_dir / TRACKING_FILE).read_text())["run_id"]
+    run_id = json.loads((run_dir / "tracking.json").read_text())["run_id"]
     assert isinstance(run_id, str)
     return run_id
 
 
+@pytest.mark.slow  # a tiny run, but the tracker's import and store take seconds
 def test_mlflow_mirrors_scalars_params_and_final_files(
     mlflow_store: tuple[str, Path], tmp_path: Path
 ) -> None:
@@ -104,6 +104,7 @@ def test_mlflow_mirrors_scalars_params_and_final_files(
     assert json.loads(Path(summary).read_text())["status"] == "completed"
 
 
+@pytest.mark.slow  # a tiny run, but the tracker's import and store take seconds
 def test_mlflow_resumed_run_appends_to_the_same_run(mlflow_store: tuple[str, Path], tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
@@ -169,6 +170,7 @@ def train_with_wandb(cfg: TrainConfig, run_dir: Path) -> None:
     wandb.teardown()
 
 
+@pytest.mark.slow  # a tiny run, but the tracker's import and store take seconds
 def test_wandb_offline_mirrors_scalars_and_config_and_resumes_the_same_run(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     overrides = (*TINY, "tracking=wandb", "tracking.wandb.mode=offline")
@@ -198,9 +200,14 @@ def test_wandb_offline_mirrors_scalars_and_config_and_resumes_the_same_run(tmp_p
 
 
 def test_tracker_without_its_package_is_refused_before_the_run(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now fails: as if not installed
-    expected = r"^tracking: wandb needs its package.*pip install 'ppo-cli\[wandb\]'"
-    with pytest.raises(ConfigError, match=expected):
-        compose_config(*TINY, "tracking=wandb")
+    run_dir = tmp_path / "run"
+    argv = ["ppo-train", *TINY, "tracking=wandb", f"hydra.run.dir={run_dir}"]
+    code, line = one_line_failure(cli.train_main, argv, monkeypatch, capsys)
+    assert code == 2
+    assert line == (
+        "ppo-train: error: tracking: wandb needs its package, not installed: pip install 'ppo-cli[wandb]'"
+    )
+    assert not (run_dir / "checkpoints").exists()  # stopped before training
