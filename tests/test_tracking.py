@@ -23,6 +23,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from ppo_cli import cli
 from ppo_cli.config import TrainConfig
+from ppo_cli.errors import UserError
+from ppo_cli.resume import saved_overrides
 from ppo_cli.train import train
 
 TINY = ("env=CartPole", "env.num_envs=2", "env.num_steps=16", "total_timesteps=64", "eval.episodes=1")
@@ -211,3 +213,19 @@ def test_tracker_without_its_package_is_refused_before_the_run(
         "ppo-train: error: tracking: wandb needs its package, not installed: pip install 'ppo-cli[wandb]'"
     )
     assert not (run_dir / "checkpoints").exists()  # stopped before training
+
+
+def test_a_resume_keeps_the_tracker_chosen_by_plain_preset_name(tmp_path: Path) -> None:
+    """The saved command line is untrusted data: ``tracking=<preset>`` is read back, a path in its
+    place (which could load a YAML file from elsewhere) is refused."""
+    saved = tmp_path / ".hydra" / "overrides.yaml"
+    saved.parent.mkdir()
+    saved.write_text("- tracking=mlflow\n- tracking.mlflow.experiment_name=cartpole\n")
+    assert [line for line, _ in saved_overrides(tmp_path)] == [
+        "tracking=mlflow",
+        "tracking.mlflow.experiment_name=cartpole",
+    ]
+    saved.write_text("- tracking=../../elsewhere/x\n")
+    refused = r"refusing entry 'tracking=\.\./\.\./elsewhere/x': a preset is named"
+    with pytest.raises(UserError, match=refused):
+        saved_overrides(tmp_path)
