@@ -77,11 +77,18 @@ def start(cfg: TrackingConfig, run_dir: Path, resumed: bool) -> Tracker | None:
 
 def finish(run_dir: Path, summary_file: Path, status: str) -> None:
     """Close the run's tracker, if it has one, with its final files: called once ``summary.json``
-    holds the outcome, which is after the ``RunLogger`` has closed."""
+    holds the outcome, which is after the ``RunLogger`` has closed.
+
+    A tracker that fails here (a server gone, a full disk) costs a warning, not the run: the
+    outcome is already on disk, and an exception here would hide the one that ended a failed run."""
     tracker = _running.pop(run_dir.resolve(), None)
-    if tracker is not None:
-        candidates = [summary_file, *(run_dir / name for name in FINAL_FILES)]
+    if tracker is None:
+        return
+    candidates = [summary_file, *(run_dir / name for name in FINAL_FILES)]
+    try:
         tracker.finish(run_dir, [path for path in candidates if path.is_file()], status)
+    except Exception as exc:  # whatever the tracker's library raises
+        log.warning("tracking: run %s was not closed (%s: %s)", tracker.run_id, type(exc).__name__, exc)
 
 
 def stored_run_id(run_dir: Path, backend: str) -> str | None:

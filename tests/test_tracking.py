@@ -24,6 +24,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from ppo_cli import cli
 from ppo_cli.config import TrainConfig
 from ppo_cli.errors import UserError
+from ppo_cli.logger import summary_final
 from ppo_cli.resume import saved_overrides
 from ppo_cli.train import train
 
@@ -229,3 +230,23 @@ def test_a_resume_keeps_the_tracker_chosen_by_plain_preset_name(tmp_path: Path) 
     refused = r"refusing entry 'tracking=\.\./\.\./elsewhere/x': a preset is named"
     with pytest.raises(UserError, match=refused):
         saved_overrides(tmp_path)
+
+
+class UnreachableTracker:
+    run_id = "abc123"
+
+    def finish(self, run_dir: Path, files: list[Path], status: str) -> None:
+        raise ConnectionError("tracking server gone")
+
+
+def test_a_tracker_that_fails_at_the_end_costs_a_warning_not_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """summary.json already holds the outcome; raising here would hide a failed run's own error."""
+    from ppo_cli import tracking  # imported here: the other tests fail one by one before it exists
+
+    monkeypatch.setitem(tracking._running, tmp_path.resolve(), UnreachableTracker())
+    summary_final(tmp_path, {"status": "completed"})
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"status": "completed"}
+    assert "tracking: run abc123 was not closed (ConnectionError: tracking server gone)" in caplog.text
+    assert tmp_path.resolve() not in tracking._running
