@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ppo_cli.checkpoint import LAST, checkpoint_dir
 from ppo_cli.errors import UserError
 from ppo_cli.rundir import LOG_FILE, write_text_atomic
 
@@ -33,10 +32,9 @@ log = logging.getLogger(__name__)
 
 TRACKING_FILE = "tracking.json"  # {"backend": ..., "run_id": ...}: the run a resume continues
 RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # the file is untrusted input: an id, nothing else
-# Mirrored when the run ends, those that exist (best.pt: evaluation during training; eval.json:
-# ppo-eval's report). summary.json is named by the caller, which owns it.
-CHECKPOINTS = checkpoint_dir(Path()).name
-FINAL_FILES = (LOG_FILE, "eval.json", f"{CHECKPOINTS}/{LAST}", f"{CHECKPOINTS}/best.pt")
+# Mirrored when the run ends, those that exist (eval.json: ppo-eval's report), with summary.json
+# (which the caller names) and the checkpoints last.pt and best.pt.
+FINAL_FILES = (LOG_FILE, "eval.json")
 
 
 class Tracker(Protocol):
@@ -84,7 +82,10 @@ def finish(run_dir: Path, summary_file: Path, status: str) -> None:
     tracker = _running.pop(run_dir.resolve(), None)
     if tracker is None:
         return
-    candidates = [summary_file, *(run_dir / name for name in FINAL_FILES)]
+    from ppo_cli.checkpoint import LAST, checkpoint_dir  # torch and gymnasium: not at import
+
+    checkpoints = [checkpoint_dir(run_dir) / name for name in (LAST, "best.pt")]  # best: eval.interval
+    candidates = [summary_file, *(run_dir / name for name in FINAL_FILES), *checkpoints]
     try:
         tracker.finish(run_dir, [path for path in candidates if path.is_file()], status)
     except Exception as exc:  # whatever the tracker's library raises
