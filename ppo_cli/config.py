@@ -313,8 +313,8 @@ class WandbConfig(CheckedFields):
 @dataclass
 class TrackingConfig(CheckedFields):
     """An experiment tracker that mirrors TensorBoard's scalars, the hyperparameters and the final
-    files (``tracking.py``). Its package is an optional extra: a missing one is refused here,
-    before anything is written, rather than after the run directory was taken."""
+    files (``tracking.py``). Its package is an optional extra: a missing one is refused with the
+    other bad values, before any env is built, rather than when the tracker starts mid-run."""
 
     key_prefix: ClassVar[str] = "tracking."
 

@@ -10,7 +10,7 @@ tracks, as only rank 0 has a ``RunLogger``.
 
 Both packages are optional extras and imported only here, when a run starts a tracker, so that
 ``ppo-train`` without tracking never pays their import time. ``config.TrackingConfig`` refuses a
-backend whose package is missing before anything is written.
+backend whose package is missing when the config is checked, before any env is built.
 """
 
 from __future__ import annotations
