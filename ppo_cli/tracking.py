@@ -121,12 +121,12 @@ class MlflowTracker:
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
-        self.client = MlflowClient(settings.tracking_uri)
         try:
+            self.client = MlflowClient(settings.tracking_uri)
             self.run_id = self._continue(run_id) or self._create(settings, name)
         except MlflowException as exc:
-            where = settings.tracking_uri or self.client.tracking_uri
-            raise UserError(f"tracking.mlflow.tracking_uri: {where}: {exc.message.splitlines()[0]}") from None
+            where, problem = settings.tracking_uri or "MLflow's default store", exc.message.strip()
+            raise UserError(f"tracking.mlflow.tracking_uri: {where}: {problem.splitlines()[0]}") from None
 
     def _continue(self, run_id: str | None) -> str | None:
         if run_id is None:

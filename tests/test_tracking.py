@@ -216,6 +216,17 @@ def test_tracker_without_its_package_is_refused_before_the_run(
     assert not (run_dir / "checkpoints").exists()  # stopped before training
 
 
+@pytest.mark.slow  # a tiny run, but the tracker's import and store take seconds
+def test_a_tracking_uri_mlflow_cannot_use_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["ppo-train", *TINY, "tracking=mlflow", "tracking.mlflow.tracking_uri=foo://x"]
+    code, line = one_line_failure(cli.train_main, [*argv, f"hydra.run.dir={tmp_path}"], monkeypatch, capsys)
+    assert code == 2
+    assert line.startswith("ppo-train: error: tracking.mlflow.tracking_uri: foo://x: ")
+    assert "unsupported URI 'foo://x'" in line
+
+
 def test_a_resume_keeps_the_tracker_chosen_by_plain_preset_name(tmp_path: Path) -> None:
     """The saved command line is untrusted data: ``tracking=<preset>`` is read back, a path in its
     place (which could load a YAML file from elsewhere) is refused."""
