@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import typing
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ ACTIVATIONS = ("tanh", "relu")
 ENCODERS = ("flat", "nature_cnn")
 RECURRENT_CORES = ("none", "lstm", "gru")
 KL_ESTIMATORS = ("k1", "k2", "k3", "exact")
+TRACKERS = {"none": None, "mlflow": "mlflow", "wandb": "wandb"}  # backend -> its package (and extra)
+WANDB_MODES = ("online", "offline")
 
 POSITIVE = number_above(0)
 NON_NEGATIVE = number_at_least(0)
@@ -286,6 +289,51 @@ class EvalConfig(CheckedFields):
 
 
 @dataclass
+class MlflowConfig(CheckedFields):
+    """Where ``tracking=mlflow`` records the run."""
+
+    key_prefix: ClassVar[str] = "tracking.mlflow."
+
+    tracking_uri: str | None = None
+    experiment_name: str = setting("ppo-cli", check=Check(bool, "a non-empty name"))
+    artifact_location: str | None = None
+
+
+@dataclass
+class WandbConfig(CheckedFields):
+    """Where ``tracking=wandb`` records the run."""
+
+    key_prefix: ClassVar[str] = "tracking.wandb."
+
+    project: str = setting("ppo-cli", check=Check(bool, "a non-empty name"))
+    entity: str | None = None
+    mode: str = setting("online", check=one_of(WANDB_MODES))
+    dir: str | None = None
+
+
+@dataclass
+class TrackingConfig(CheckedFields):
+    """An experiment tracker that mirrors TensorBoard's scalars, the hyperparameters and the final
+    files (``tracking.py``). Its package is an optional extra: a missing one is refused with the
+    other bad values, before any env is built, rather than when the tracker starts mid-run."""
+
+    key_prefix: ClassVar[str] = "tracking."
+
+    backend: str = setting("none", check=one_of(tuple(TRACKERS)))
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        package = TRACKERS[self.backend]
+        if package is not None and importlib.util.find_spec(package) is None:
+            raise ConfigError(
+                "tracking",
+                f"{self.backend} needs its package, not installed: pip install 'ppo-cli[{package}]'",
+            )
+
+
+@dataclass
 class TrainConfig(CheckedFields):
     """The whole run: one of each group plus the run-level keys."""
 
@@ -294,6 +342,7 @@ class TrainConfig(CheckedFields):
     agent: AgentConfig = field(default_factory=AgentConfig)
     checkpoint: CheckpointConfig = setting(factory=CheckpointConfig, role=Role.OPERATIONAL)
     eval: EvalConfig = setting(factory=EvalConfig, role=Role.EVALUATION)
+    tracking: TrackingConfig = setting(factory=TrackingConfig, role=Role.OPERATIONAL)
     seed: int = setting(0, check=integer_at_least(0), role=Role.REPLICATE)
     device: str = setting("auto", check=one_of(DEVICES), role=Role.OPERATIONAL)
     torch_threads: int = setting(

@@ -20,7 +20,7 @@ from ppo_cli.errors import ConfigError
 
 # The groups of the training config, which select presets (``tuned`` and ``hparams_search`` only
 # load them).
-CONFIG_GROUPS = ("algo", "agent", "env", "tuned", "hparams_search")
+CONFIG_GROUPS = ("algo", "agent", "env", "tuned", "hparams_search", "tracking")
 
 
 def schema_defaults() -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Where a run reports: TensorBoard scalars, a console progress bar, and ``summary.json``."""
+"""Where a run reports: TensorBoard scalars (mirrored to an experiment tracker when
+``tracking`` names one), a console progress bar, and ``summary.json``."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import logging
 import sys
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.tensorboard import SummaryWriter
@@ -15,9 +16,12 @@ from torch.utils.tensorboard.summary import hparams
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ppo_cli import supervisor
+from ppo_cli import supervisor, tracking
 from ppo_cli.errors import UserError
 from ppo_cli.rundir import write_text_atomic
+
+if TYPE_CHECKING:
+    from ppo_cli.config import TrackingConfig
 
 SUMMARY = "summary.json"
 TEXT_REPORTS = 20  # progress lines per run (one every 5% of the budget)
@@ -43,13 +47,17 @@ class RunLogger:
         progress: bool,
         resumed_at: int | None = None,
         label: str = "",
+        tracking_config: TrackingConfig | None = None,
     ) -> None:
-        """``label`` starts every progress line (in a sweep: which job).
+        """``label`` starts every progress line (in a sweep: which job). ``tracking_config``:
+        the experiment tracker that mirrors the scalars and hyperparameters (``tracking.py``).
 
         ``resumed_at``: the global step of the checkpoint a resumed run continues from. Events a
         killed run logged after that step are hidden (TensorBoard's ``purge_step``) and logged again
         by the resumed run, so every curve has each step exactly once."""
         self.first_step = first_step = 0 if resumed_at is None else resumed_at + 1
+        resumed = resumed_at is not None
+        self.tracker = None if tracking_config is None else tracking.start(tracking_config, run_dir, resumed)
         self.writer = SummaryWriter(
             log_dir=str(run_dir), purge_step=None if resumed_at is None else first_step
         )
@@ -76,6 +84,8 @@ class RunLogger:
         same scalars as from one ``add_scalar`` per tag, which costs ten times more per iteration."""
         values_pb = [Summary.Value(tag=tag, simple_value=float(value)) for tag, value in values.items()]
         self._add_summary(Summary(value=values_pb), step)
+        if self.tracker is not None:
+            self.tracker.log_metrics(values, step)
 
     def _report_after(self, step: int) -> float:
         """The step of the first progress line after ``step``: the next multiple of 5%."""
@@ -102,6 +112,8 @@ class RunLogger:
         experiment, start, _ = hparams(values, dict.fromkeys(metric_tags, 0.0))
         for summary in (experiment, start):
             self._add_summary(summary, step)
+        if self.tracker is not None:
+            self.tracker.log_params(hyperparameters)
 
     def hparams_completed(self, step: int) -> None:
         """Mark the run as finished successfully in the HParams dashboard."""
@@ -147,9 +159,13 @@ def summary_started(run_dir: Path, summary: dict[str, Any]) -> None:
 
 
 def summary_final(run_dir: Path, summary: dict[str, Any]) -> None:
-    """Write the run's outcome into ``summary.json``; the supervisor has nothing left to record."""
+    """Write the run's outcome into ``summary.json``, then hand it with the run's other final files
+    to its tracker; the supervisor has nothing left to record."""
     write_summary(run_dir, summary)
-    supervisor.run_ended()
+    try:
+        tracking.finish(run_dir, run_dir / SUMMARY, summary["status"])
+    finally:
+        supervisor.run_ended()
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:

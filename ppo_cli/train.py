@@ -134,7 +134,9 @@ def _run_logger(
         return None
     resumed_at = state.global_step if resumed else None
     config_yaml = OmegaConf.to_yaml(plain_config)
-    logger = RunLogger(run_dir, config_yaml, cfg.total_timesteps, cfg.progress, resumed_at, label)
+    logger = RunLogger(
+        run_dir, config_yaml, cfg.total_timesteps, cfg.progress, resumed_at, label, cfg.tracking
+    )
     logger.hparams(hyperparameters(plain_config, swept), HPARAMS_METRICS, logger.first_step)
     return logger
 

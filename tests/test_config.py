@@ -119,6 +119,9 @@ def test_each_key_s_role_decides_resume_comparisons_and_hparams() -> None:
     keys = set(flatten(config)) | algo_keys | unknown
     operational = {"progress", "torch_threads", "device", "resume", "resume_allow_changes"}
     operational |= {"checkpoint.interval", "checkpoint.keep", "checkpoint.old"}
+    operational |= {"tracking.backend", "tracking.mlflow.tracking_uri", "tracking.mlflow.experiment_name"}
+    operational |= {"tracking.mlflow.artifact_location", "tracking.wandb.project", "tracking.wandb.entity"}
+    operational |= {"tracking.wandb.mode", "tracking.wandb.dir"}
     evaluation = {"eval.episodes", "eval.deterministic", "eval.old"}
     free = {key for key in keys if role_of(key).free_on_resume}
     not_factors = {key for key in keys if not role_of(key).factor}
