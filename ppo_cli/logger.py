@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from ppo_cli import supervisor
 from ppo_cli.errors import UserError
+from ppo_cli.provenance import provenance
 from ppo_cli.rundir import write_text_atomic
 
 SUMMARY = "summary.json"
@@ -125,6 +126,12 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
         write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
     except OSError as exc:
         raise UserError(f"{path}: cannot write ({exc.strerror or exc})") from None
+
+
+def new_summary(config: dict[str, Any]) -> dict[str, Any]:
+    """``summary.json`` as a run starts: running, at step 0, with its config and what made it
+    (versions, git commit, host, command line: ``provenance.py``)."""
+    return {"status": "running", "global_step": 0, "config": config, **provenance()}
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
