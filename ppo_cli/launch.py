@@ -7,7 +7,10 @@ of the start (``benchmarks/RESULTS.md``). So each entry point raises the thresho
 youngest generation while it imports (collections stay, just rarer: pausing the collector
 altogether saves a little more time but keeps the import garbage in memory), then
 ``gc.freeze()`` moves everything imported into a generation the collector never visits again
-(the remedy CPython documents for long-lived objects), and restores the thresholds.
+(the remedy CPython documents for long-lived objects), and restores the thresholds. What a
+command imports to do its work is imported here, not where cli.py uses it, except when ppo-train
+is only asked a question (``--help``, ``--cfg``, a completion query: ``cli.answers_at_once``),
+which Hydra answers from the configs without torch or gymnasium.
 
 Before that, ``ppo-train`` splits into a supervisor and the trainer (``supervisor.py``), and
 SIGINT / SIGTERM get a handler (``signals.py``) from the first instant: one that stops the command
