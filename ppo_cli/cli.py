@@ -322,10 +322,11 @@ def answers_at_once(argv: list[str]) -> bool:
     """Whether ppo-train's command line only asks Hydra a question (``--help``, ``--hydra-help``,
     ``--cfg``, ``--info``, ``--shell-completion``), which Hydra answers from the configs alone:
     then neither torch nor gymnasium is imported, so the answer comes at once (a completion query
-    runs at every TAB). A ``resume=`` takes the long way: its overrides are read from the run."""
+    runs at every TAB). With ``resume=``, all but ``--help`` take the long way: the answer depends
+    on the overrides read from the run."""
     args, _ = get_args_parser().parse_known_args(argv)
-    asks = args.help or args.hydra_help or args.cfg or args.info or args.shell_completion
-    return bool(asks) and not any(arg.startswith("resume=") for arg in argv)
+    asks = args.hydra_help or args.cfg or args.info or args.shell_completion
+    return args.help or (bool(asks) and not any(arg.startswith("resume=") for arg in argv))
 
 
 COMPLETION_COMMANDS = ("install", "uninstall", "query")
