@@ -9,6 +9,8 @@ is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import math
 import os
@@ -346,7 +348,23 @@ def _answer(argv: list[str]) -> None:
         extra = [Path(args.config_dir)] if args.config_dir else []
         print(help_text([Path(find_config_dir()), *extra]))
         return
+    if args.shell_completion and commands[0].startswith("query="):
+        with contextlib.redirect_stdout(io.StringIO()) as answer:
+            _train_task()
+        print(_without_internal_groups(answer.getvalue()), end="")
+        return
     _train_task()
+
+
+def _without_internal_groups(completions: str) -> str:
+    """Hydra's completion candidates (space-separated, one line for bash, one per line for fish)
+    less the groups that only load presets (``tuned=``, ``schemas/...``): not a user's to pick."""
+    lines = []
+    for line in completions.splitlines():
+        words = [w for w in line.split(" ") if w != "tuned=" and not w.startswith("schemas/")]
+        if any(words):
+            lines.append(" ".join(words))
+    return "".join(f"{line}\n" for line in lines)
 
 
 def _exit_with_failed_jobs(outcome: sweep.SweepOutcome, cause: str = "") -> None:

@@ -67,3 +67,15 @@ def test_a_bare_shell_completion_says_what_to_add_in_one_line(
     assert code == 2
     assert line.startswith("ppo-train: error: --shell-completion: add one of install=bash")
     assert 'eval "$(ppo-train -sc install=bash)"' in line
+
+
+def test_completion_offers_the_groups_a_user_picks_only(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("COMP_LINE", "ppo-train ")
+    monkeypatch.setenv("COMP_POINT", "10")
+    monkeypatch.setattr(sys, "argv", ["ppo-train", "-sc", "query=bash"])
+    cli.train_main()
+    offered = capsys.readouterr().out.split()
+    assert {"algo=", "agent=", "env=", "hparams_search=", "seed=", "total_timesteps="} <= set(offered)
+    assert "tuned=" not in offered and not [word for word in offered if word.startswith("schemas/")]
