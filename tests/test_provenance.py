@@ -38,6 +38,7 @@ def checkout(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow  # a CLI subprocess training
 def test_a_run_logs_its_presets_warns_of_a_missing_tuned_file_and_records_provenance(checkout: Path) -> None:
     result = ppo_train("algo=penalty", "env=Pendulum", *TINY, cwd=checkout, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
