@@ -9,6 +9,8 @@ is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import math
 import os
@@ -19,7 +21,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import hydra
 import yaml
@@ -30,14 +32,18 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from ppo_cli import rundir, sweep
-from ppo_cli.distributed import DataParallel, process_group
+from ppo_cli import rundir
 from ppo_cli.errors import ConfigError, EnvError, Interrupted, UserError
-from ppo_cli.evaluate import evaluate_checkpoint, write_report
+from ppo_cli.help_page import help_text
 from ppo_cli.hydra_config import register_schemas, to_train_config, unknown_key_error
-from ppo_cli.logger import write_summary
-from ppo_cli.resume import expand_resume_argv
-from ppo_cli.train import train
+from ppo_cli.provenance import log_presets
+
+# The modules that import torch and gymnasium are imported by the functions that train or evaluate:
+# --help, --cfg, --info and completion queries answer without them (``answers_at_once``). For a
+# run, launch.py imports them up front.
+if TYPE_CHECKING:
+    from ppo_cli import sweep
+    from ppo_cli.distributed import DataParallel
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +108,9 @@ def _train_task(cfg: DictConfig) -> float | None:
     Under torchrun every rank runs this; rank 0's Hydra chose the run directory, the others' made
     none (see ``distributed.py``), and only rank 0 holds it and reports.
     """
+    from ppo_cli import sweep
+    from ppo_cli.distributed import DataParallel
+
     hydra_cfg = HydraConfig.get()
     parallel = DataParallel.current()
     run_dir = parallel.main_run_dir(Path(hydra_cfg.runtime.output_dir))
@@ -111,6 +120,7 @@ def _train_task(cfg: DictConfig) -> float | None:
             directory = stack.enter_context(rundir.hold(run_dir, lock=parallel.is_main))
             if parallel.is_main:
                 stack.enter_context(rundir.deferred_log(run_dir, directory))
+                log_presets(hydra_cfg)
                 directory.when_accepted(partial(_record_command, run_dir, cfg))
             try:
                 summary = _train_job(cfg, run_dir, directory, parallel, multirun)
@@ -144,6 +154,10 @@ def _train_job(
     """Check the config, then train one seed (``train`` accepts the run once its checks pass) or
     several (each in a directory of its own). A config that is refused is recorded as a failed run
     only where no run was before."""
+    from ppo_cli import sweep
+    from ppo_cli.logger import write_summary
+    from ppo_cli.train import train
+
     try:
         train_cfg = to_train_config(cfg)
         if parallel.active and train_cfg.seeds_per_job > 1:
@@ -283,6 +297,13 @@ def _run_cli(task: Callable[[], Any], prog: str) -> None:
 
 
 def _train_with_resume() -> None:
+    if answers_at_once(sys.argv[1:]):
+        _answer(sys.argv[1:])
+        return
+    from ppo_cli import sweep
+    from ppo_cli.distributed import process_group
+    from ppo_cli.resume import expand_resume_argv
+
     argv = expand_resume_argv(sys.argv[1:])
     refuse_hidden_configs(argv)
     with process_group(argv) as parallel:  # a group of one, outside torchrun
@@ -301,10 +322,59 @@ def _train_with_resume() -> None:
         _exit_with_failed_jobs(outcome)
 
 
+def answers_at_once(argv: list[str]) -> bool:
+    """Whether ppo-train's command line only asks Hydra a question (``--help``, ``--hydra-help``,
+    ``--cfg``, ``--info``, ``--shell-completion``), which Hydra answers from the configs alone:
+    then neither torch nor gymnasium is imported, so the answer comes at once (a completion query
+    runs at every TAB). With ``resume=``, all but ``--help`` take the long way: the answer depends
+    on the overrides read from the run."""
+    args, _ = get_args_parser().parse_known_args(argv)
+    asks = args.hydra_help or args.cfg or args.info or args.shell_completion
+    return args.help or (bool(asks) and not any(arg.startswith("resume=") for arg in argv))
+
+
+COMPLETION_COMMANDS = ("install", "uninstall", "query")
+
+
+def _answer(argv: list[str]) -> None:
+    """Let Hydra answer the question on ``argv`` (see :func:`answers_at_once`)."""
+    refuse_hidden_configs(argv)
+    args = get_args_parser().parse_args(argv)
+    commands = [o for o in args.overrides if o.partition("=")[0] in COMPLETION_COMMANDS]
+    if args.shell_completion and len(commands) != 1:  # Hydra's own answer is a traceback
+        raise UserError(
+            "--shell-completion: add one of install=bash|zsh|fish, uninstall=<shell>, query=<shell>; "
+            'to install it for bash: eval "$(ppo-train -sc install=bash)"'
+        )
+    if args.help:  # ppo-train's own page (help_page.py), not Hydra's
+        extra = [Path(args.config_dir)] if args.config_dir else []
+        print(help_text([Path(find_config_dir()), *extra]))
+        return
+    if args.shell_completion and commands[0].startswith("query="):
+        with contextlib.redirect_stdout(io.StringIO()) as answer:
+            _train_task()
+        print(_without_internal_groups(answer.getvalue()), end="")
+        return
+    _train_task()
+
+
+def _without_internal_groups(completions: str) -> str:
+    """Hydra's completion candidates (space-separated, one line for bash, one per line for fish)
+    less the groups that only load presets (``tuned=``, ``schemas/...``): not a user's to pick."""
+    lines = []
+    for line in completions.splitlines():
+        words = [w for w in line.split(" ") if w != "tuned=" and not w.startswith("schemas/")]
+        if any(words):
+            lines.append(" ".join(words))
+    return "".join(f"{line}\n" for line in lines)
+
+
 def _exit_with_failed_jobs(outcome: sweep.SweepOutcome, cause: str = "") -> None:
+    from ppo_cli.sweep import SUMMARY_MD
+
     print(
         f"ppo-train: error: {outcome.failed} of {outcome.jobs} jobs did not complete{cause}; "
-        f"see {outcome.sweep_dir / sweep.SUMMARY_MD}",
+        f"see {outcome.sweep_dir / SUMMARY_MD}",
         file=sys.stderr,
     )
     sys.exit(1)
@@ -354,6 +424,8 @@ def _eval_parser() -> argparse.ArgumentParser:
 
 
 def _eval_task() -> None:
+    from ppo_cli.evaluate import evaluate_checkpoint, write_report
+
     args = _eval_parser().parse_args()
     logging.basicConfig(format="ppo-eval: %(message)s")  # warnings (a checkpoint skipped) on stderr
     video = args.video or args.video_episodes is not None

@@ -7,7 +7,10 @@ of the start (``benchmarks/RESULTS.md``). So each entry point raises the thresho
 youngest generation while it imports (collections stay, just rarer: pausing the collector
 altogether saves a little more time but keeps the import garbage in memory), then
 ``gc.freeze()`` moves everything imported into a generation the collector never visits again
-(the remedy CPython documents for long-lived objects), and restores the thresholds.
+(the remedy CPython documents for long-lived objects), and restores the thresholds. What a
+command imports to do its work is imported here, not where cli.py uses it, except when ppo-train
+is only asked a question (``--help``, ``--cfg``, a completion query: ``cli.answers_at_once``),
+which Hydra answers from the configs without torch or gymnasium.
 
 Before that, ``ppo-train`` splits into a supervisor and the trainer (``supervisor.py``), and
 SIGINT / SIGTERM get a handler (``signals.py``) from the first instant: one that stops the command
@@ -30,7 +33,12 @@ from ppo_cli.signals import STOP_SIGNALS, SUPERVISOR_ECHO_S, GracefulStop, Stdou
 IMPORT_THRESHOLD = 10_000  # allocations between collections of the youngest generation (default 700)
 
 
-def _entry_point(name: str, prog: str, *modules: str, supervised: bool = False) -> Callable[[], None]:
+def _entry_point(
+    name: str, prog: str, *modules: str, supervised: bool = False, questions: bool = False
+) -> Callable[[], None]:
+    """``modules``: what the command imports to do its work, imported here up front, unless
+    (``questions``) its command line only asks Hydra a question (``cli.answers_at_once``)."""
+
     def main() -> None:
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # until handlers are in place
         try:
@@ -47,9 +55,11 @@ def _entry_point(name: str, prog: str, *modules: str, supervised: bool = False) 
         thresholds = gc.get_threshold()
         gc.set_threshold(IMPORT_THRESHOLD, *thresholds[1:])
         try:
-            for module in modules:
-                importlib.import_module(module)
-            command = getattr(importlib.import_module("ppo_cli.cli"), name)
+            cli = importlib.import_module("ppo_cli.cli")
+            if not (questions and cli.answers_at_once(sys.argv[1:])):
+                for module in modules:
+                    importlib.import_module(module)
+            command = getattr(cli, name)
         except Interrupted as exc:  # a second signal (cli.py, which reports the others, is not imported)
             _exit(prog, exc)
         finally:
@@ -69,8 +79,17 @@ def _exit(prog: str, interrupted: Interrupted) -> None:
     sys.exit(interrupted.exit_code)
 
 
-# torch.optim imports torch._dynamo at the first optimizer step; ppo-train imports it up front.
-train_main = _entry_point("train_main", "ppo-train", "torch._dynamo", supervised=True)
-eval_main = _entry_point("eval_main", "ppo-eval")
+# What a training run imports (cli.py imports it only there), up front; torch.optim imports
+# torch._dynamo at the first optimizer step.
+train_main = _entry_point(
+    "train_main",
+    "ppo-train",
+    "torch._dynamo",
+    "ppo_cli.train",
+    "ppo_cli.sweep",
+    supervised=True,
+    questions=True,
+)
+eval_main = _entry_point("eval_main", "ppo-eval", "ppo_cli.evaluate")
 compare_main = _entry_point("compare_main", "ppo-compare")
 export_main = _entry_point("export_main", "ppo-export")

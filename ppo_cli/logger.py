@@ -18,6 +18,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ppo_cli import supervisor, tracking
 from ppo_cli.errors import UserError
+from ppo_cli.provenance import provenance
 from ppo_cli.rundir import write_text_atomic
 
 if TYPE_CHECKING:
@@ -146,6 +147,12 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
         write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
     except OSError as exc:
         raise UserError(f"{path}: cannot write ({exc.strerror or exc})") from None
+
+
+def new_summary(config: dict[str, Any]) -> dict[str, Any]:
+    """``summary.json`` as a run starts: running, at step 0, with its config and what made it
+    (versions, git commit, host, command line: ``provenance.py``)."""
+    return {"status": "running", "global_step": 0, "config": config, **provenance()}
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:

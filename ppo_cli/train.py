@@ -35,7 +35,7 @@ from ppo_cli.iteration import (
     seed_everything,
     training_envs,
 )
-from ppo_cli.logger import RunLogger, read_summary, summary_final, summary_started
+from ppo_cli.logger import RunLogger, new_summary, read_summary, summary_final, summary_started
 from ppo_cli.resume import resume_command, resume_state
 from ppo_cli.signals import GracefulStop, training_stop
 
@@ -75,7 +75,7 @@ def _train_held(
 ) -> dict[str, Any]:
     plain_config = cast(dict[str, Any], OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
     start = time.perf_counter()
-    summary: dict[str, Any] = {"status": "running", "global_step": 0, "config": plain_config}
+    summary = new_summary(plain_config)
     previous_summary = read_summary(run_dir)
     new_run = not rundir.holds_run(run_dir)
     try:

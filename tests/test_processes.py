@@ -178,6 +178,7 @@ def test_a_reader_that_goes_away_stops_the_run_as_sigpipe(tmp_path: Path) -> Non
     run_dir = tmp_path / "run"
     process = _start(["env=CartPole", "total_timesteps=1000000", f"hydra.run.dir={run_dir}"], tmp_path)
     assert process.stdout is not None
+    assert "presets: " in process.stdout.readline()  # the run's first line
     assert "step" in process.stdout.readline()  # the first progress line; then the reader leaves
     process.stdout.close()
     process.wait(timeout=60)
