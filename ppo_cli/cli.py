@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from ppo_cli import rundir, sweep
+from ppo_cli.checkpoint import CHOSEN, resolve_checkpoint
 from ppo_cli.distributed import DataParallel, process_group
 from ppo_cli.errors import ConfigError, EnvError, Interrupted, UserError
 from ppo_cli.evaluate import evaluate_checkpoint, write_report
@@ -321,6 +322,13 @@ def _eval_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "path", type=Path, help="a run directory (its checkpoints/last.pt) or a checkpoint file"
     )
+    parser.add_argument(
+        "--checkpoint",
+        choices=CHOSEN,
+        default="last",
+        help="of a run directory: last (default; its newest readable checkpoint) or best (best.pt, "
+        "the agent of its best evaluation during training)",
+    )
     parser.add_argument("--episodes", type=int, default=10, help="complete episodes to play (default 10)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
@@ -348,8 +356,9 @@ def _eval_parser() -> argparse.ArgumentParser:
 def _eval_task() -> None:
     args = _eval_parser().parse_args()
     logging.basicConfig(format="ppo-eval: %(message)s")  # warnings (a checkpoint skipped) on stderr
+    path = resolve_checkpoint(args.path, "best") if args.checkpoint == "best" else args.path
     report = evaluate_checkpoint(
-        args.path, args.episodes, args.deterministic, args.seed, args.video, args.device, tuple(args.modules)
+        path, args.episodes, args.deterministic, args.seed, args.video, args.device, tuple(args.modules)
     )
     mode = "deterministic" if report["deterministic"] else "stochastic"
     print(f"{report['env_id']} at step {report['global_step']} ({report['checkpoint']})")
