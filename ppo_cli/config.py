@@ -270,7 +270,7 @@ class CheckpointConfig(CheckedFields):
 
     key_prefix: ClassVar[str] = "checkpoint."
 
-    interval: int = setting(10, check=integer_at_least(0, "iterations; 0 saves only at the end"))
+    interval: int = setting(50, check=integer_at_least(0, "iterations; 0 saves only at the end"))
     keep: int = setting(3, check=integer_at_least(0))
 
 
@@ -281,7 +281,7 @@ class EvalConfig(CheckedFields):
     key_prefix: ClassVar[str] = "eval."
 
     episodes: int = setting(10, check=integer_at_least(0, "0 skips every evaluation"))
-    interval: int = setting(10, check=integer_at_least(0, "iterations; 0 evaluates only at the end"))
+    interval: int = setting(50, check=integer_at_least(0, "iterations; 0 evaluates only at the end"))
     deterministic: bool = True
 
 

@@ -1,6 +1,7 @@
 """A training run from start to end, as a plain function that reads in the order of the algorithm.
 
-build (or resume) -> (iteration -> log -> checkpoint) x iterations -> evaluate -> summary
+build (or resume) -> (iteration -> log -> [evaluate] -> checkpoint) x iterations -> evaluate
+-> checkpoint -> summary
 
 One iteration (``iteration.py``) is the same for every variant of the family; what differs is
 asked of the variant (``algos/``). The checkpoint's layout is ``checkpointer.py``'s, the resume

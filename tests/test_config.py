@@ -119,7 +119,7 @@ def test_each_key_s_role_decides_resume_comparisons_and_hparams() -> None:
     keys = set(flatten(config)) | algo_keys | unknown
     operational = {"progress", "torch_threads", "device", "resume", "resume_allow_changes"}
     operational |= {"checkpoint.interval", "checkpoint.keep", "checkpoint.old"}
-    evaluation = {"eval.episodes", "eval.deterministic", "eval.old"}
+    evaluation = {"eval.episodes", "eval.interval", "eval.deterministic", "eval.old"}
     free = {key for key in keys if role_of(key).free_on_resume}
     not_factors = {key for key in keys if not role_of(key).factor}
     not_hparams = {key for key in keys if not role_of(key).hparam}

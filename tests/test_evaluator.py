@@ -42,6 +42,7 @@ def evaluated_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_the_eval_curve_has_a_point_per_interval_and_best_pt_holds_its_best(evaluated_run: Path) -> None:
     tags = _scalars(evaluated_run)
     # Iterations 2, 4 and 6, then the final evaluation at the last step.
@@ -65,6 +66,7 @@ def test_the_eval_curve_has_a_point_per_interval_and_best_pt_holds_its_best(eval
     assert found is not None and found[0].name == "last.pt"
 
 
+@pytest.mark.slow
 def test_best_pt_loads_and_replays_its_score(
     evaluated_run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -105,6 +107,7 @@ def test_a_run_without_best_pt_is_one_line(
         load_agent(tmp_path, checkpoint="newest")
 
 
+@pytest.mark.slow
 def test_resuming_from_best_pt_is_refused_in_one_line(
     evaluated_run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -117,6 +120,7 @@ def test_resuming_from_best_pt_is_refused_in_one_line(
     )
 
 
+@pytest.mark.slow
 def test_training_is_the_same_with_and_without_evaluations_on_the_way(tmp_path: Path) -> None:
     """Evaluations sample their actions here (the draws a greedy one would not make), at every
     iteration: the run trains exactly as one that evaluates only at the end, and ends with the
@@ -128,8 +132,6 @@ def test_training_is_the_same_with_and_without_evaluations_on_the_way(tmp_path: 
     (evaluating, evaluating_tags), (plain, plain_tags) = runs[1], runs[0]
     assert len(evaluating_tags["eval/episodic_return"]) == ITERATIONS
     assert len(plain_tags["eval/episodic_return"]) == 1
-    assert evaluating_tags["eval/episodic_return"][-1] == plain_tags["eval/episodic_return"][-1]
-    assert evaluating["eval_mean"] == plain["eval_mean"]
     training_tags = {tag for tag in plain_tags if tag != "charts/SPS" and not tag.startswith("eval/")}
     assert training_tags == {
         tag for tag in evaluating_tags if tag != "charts/SPS" and not tag.startswith("eval/")
@@ -140,3 +142,5 @@ def test_training_is_the_same_with_and_without_evaluations_on_the_way(tmp_path: 
     for name, tensor in last[0]["agent"].items():
         assert torch.equal(tensor, last[1]["agent"][name]), name
     assert torch.equal(last[0]["rng"]["torch"], last[1]["rng"]["torch"])
+    assert evaluating_tags["eval/episodic_return"][-1] == plain_tags["eval/episodic_return"][-1]
+    assert evaluating["eval_mean"] == plain["eval_mean"]
