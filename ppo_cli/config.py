@@ -270,7 +270,7 @@ class CheckpointConfig(CheckedFields):
 
     key_prefix: ClassVar[str] = "checkpoint."
 
-    interval: int = setting(50, check=integer_at_least(0, "iterations; 0 saves only at the end"))
+    interval: int = setting(10, check=integer_at_least(0, "iterations; 0 saves only at the end"))
     keep: int = setting(3, check=integer_at_least(0))
 
 
