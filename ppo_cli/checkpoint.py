@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
 LAST = "last.pt"
+BEST = "best.pt"  # the agent of the best evaluation so far: for ppo-eval and load_agent, never resumed
+CHOSEN = {"last": LAST, "best": BEST}  # what a run directory's checkpoint may be chosen by
 PERIODIC = re.compile(r"step_(\d+)\.pt")
 TEMP_GLOB = ".*.tmp-*"
 
@@ -97,6 +99,15 @@ def save_checkpoint(payload: dict[str, Any], run_dir: Path, keep: int, periodic:
     return last
 
 
+def save_best(payload: dict[str, Any], run_dir: Path) -> Path:
+    """Write ``best.pt``: the agent alone (no optimizer, envs or random generators), so that
+    nothing resumes from it; it is neither periodic nor ``last.pt``, so it is never pruned."""
+    path = checkpoint_dir(run_dir) / BEST
+    kept = "the previous best.pt is intact" if path.exists() else "no best.pt was written yet"
+    save_atomic({"format_version": FORMAT_VERSION, **payload}, path, kept)
+    return path
+
+
 def periodic_checkpoints(directory: Path) -> list[Path]:
     """Periodic checkpoints, oldest first."""
     found = [p for p in directory.glob("step_*.pt") if PERIODIC.fullmatch(p.name)]
@@ -123,11 +134,23 @@ def newest_valid_checkpoint(directory: Path) -> tuple[Path, dict[str, Any]] | No
     return None
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or a run directory (meaning its ``checkpoints/last.pt``)."""
+def resolve_checkpoint(path: str | Path, chosen: str = "last") -> Path:
+    """A checkpoint file, or a run directory's ``checkpoints/last.pt`` (``chosen="last"``) or
+    ``checkpoints/best.pt`` (``"best"``)."""
     path = Path(path)
+    if chosen not in CHOSEN:
+        raise UserError(f"checkpoint: got {chosen!r}, allowed: {'|'.join(CHOSEN)}")
     if path.is_dir():
-        path = checkpoint_dir(path) / LAST
+        path = checkpoint_dir(path) / CHOSEN[chosen]
+        if chosen == "best" and not path.is_file():
+            raise UserError(
+                f"{path}: no best checkpoint yet (evaluations during training write it: every "
+                "eval.interval iterations and at the end, unless eval.episodes=0); use the last one"
+            )
+    elif chosen != "last" and path.is_file():
+        raise UserError(
+            f"{path}: a checkpoint file is used as it is; choosing {chosen} needs a run directory"
+        )
     if not path.is_file():
         raise UserError(f"{path}: no such checkpoint (give a run directory or a .pt file)")
     return path

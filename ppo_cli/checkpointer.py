@@ -5,12 +5,15 @@ one and puts it back into a :class:`~ppo_cli.iteration.TrainingState`:
 
     {"config", "spaces",                       # what the run is, checked on resume and by ppo-eval
      "agent", "optimizer", "updater",          # the same on every rank
-     "global_step", "iteration", "recent_returns",
+     "global_step", "iteration", "recent_returns", "best_eval",
      "collector", "rng", "reward_scaler",      # rank 0's own parts (PER_RANK_KEYS)
      "other_ranks": [{collector, rng, reward_scaler} of rank 1, 2, ...]}   # under torchrun only
 
 Only rank 0 writes; the other ranks send it their own parts. A run resumed by more ranks than
 wrote it restarts the envs of ranks the checkpoint holds nothing for, from a derived seed.
+
+``best.pt`` holds the first group and the counters only (:meth:`Checkpointer.save_best`): an
+agent to evaluate, not a state to resume.
 """
 
 from __future__ import annotations
@@ -23,7 +26,14 @@ import numpy as np
 import torch
 
 from ppo_cli import supervisor
-from ppo_cli.checkpoint import LAST, checkpoint_dir, describe_spaces, load_matching, save_checkpoint
+from ppo_cli.checkpoint import (
+    LAST,
+    checkpoint_dir,
+    describe_spaces,
+    load_matching,
+    save_best,
+    save_checkpoint,
+)
 from ppo_cli.errors import UserError
 from ppo_cli.iteration import TrainingState, seed_everything
 from ppo_cli.packing import packed_optimizer_state
@@ -56,20 +66,32 @@ class Checkpointer:
         self.last_saved = save_checkpoint(payload, self.run_dir, self.keep, periodic)
         supervisor.checkpoint_saved(self.last_saved, state.global_step)
 
-    def payload(self, state: TrainingState) -> dict[str, Any]:
-        """This rank's whole checkpoint payload (rank 0's is the one written)."""
+    def save_best(self, state: TrainingState) -> Path:
+        """Write ``best.pt``: the agent that scored ``state.best_eval``, with its step and score
+        (rank 0 only: the evaluations are its own, and the agent is the same on every rank)."""
+        return save_best(self.agent_payload(state), self.run_dir)
+
+    def agent_payload(self, state: TrainingState) -> dict[str, Any]:
+        """What ppo-eval and load_agent read: the run's config and spaces, the agent, the counters."""
         envs = state.collector.envs
         return {
             "config": self.plain_config,
             "spaces": describe_spaces(envs.single_observation_space, envs.single_action_space),
             "agent": state.agent.state_dict(),
+            "global_step": state.global_step,
+            "iteration": state.iteration,
+            "best_eval": state.best_eval,
+        }
+
+    def payload(self, state: TrainingState) -> dict[str, Any]:
+        """This rank's whole checkpoint payload (rank 0's is the one written)."""
+        return {
+            **self.agent_payload(state),
             "optimizer": state.optimizer.state_dict(),
             "reward_scaler": None if state.reward_scaler is None else state.reward_scaler.state_dict(),
             "updater": state.updater.state_dict(),
             "collector": state.collector.state_dict(),
             "rng": rng_state(),
-            "global_step": state.global_step,
-            "iteration": state.iteration,
             "recent_returns": list(state.recent_returns),
         }
 
@@ -114,6 +136,7 @@ def _restore_shared(state: TrainingState, payload: dict[str, Any], source: Path)
         ) from None
     state.global_step, state.iteration = int(payload["global_step"]), int(payload["iteration"])
     state.recent_returns.extend(payload["recent_returns"])
+    state.best_eval = payload.get("best_eval")  # absent from checkpoints of versions before it
 
 
 def _own_part(state: TrainingState, payload: dict[str, Any]) -> dict[str, Any] | None:

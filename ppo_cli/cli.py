@@ -393,6 +393,13 @@ def _eval_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "path", type=Path, help="a run directory (its checkpoints/last.pt) or a checkpoint file"
     )
+    parser.add_argument(
+        "--checkpoint",
+        choices=("last", "best"),  # checkpoint.CHOSEN, written out: importing it imports torch
+        default="last",
+        help="of a run directory: last (default; its newest readable checkpoint) or best (best.pt, "
+        "the agent of its best evaluation during training)",
+    )
     parser.add_argument("--episodes", type=int, default=10, help="complete episodes to play (default 10)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
@@ -424,13 +431,15 @@ def _eval_parser() -> argparse.ArgumentParser:
 
 
 def _eval_task() -> None:
+    from ppo_cli.checkpoint import resolve_checkpoint
     from ppo_cli.evaluate import evaluate_checkpoint, write_report
 
     args = _eval_parser().parse_args()
     logging.basicConfig(format="ppo-eval: %(message)s")  # warnings (a checkpoint skipped) on stderr
     video = args.video or args.video_episodes is not None
+    path = resolve_checkpoint(args.path, "best") if args.checkpoint == "best" else args.path
     report = evaluate_checkpoint(
-        args.path,
+        path,
         args.episodes,
         args.deterministic,
         args.seed,

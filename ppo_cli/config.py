@@ -280,11 +280,12 @@ class CheckpointConfig(CheckedFields):
 
 @dataclass
 class EvalConfig(CheckedFields):
-    """The evaluation that ends every training run."""
+    """The evaluations of a run: every ``interval`` iterations, and the one that ends it."""
 
     key_prefix: ClassVar[str] = "eval."
 
-    episodes: int = setting(10, check=integer_at_least(0, "0 skips it"))
+    episodes: int = setting(10, check=integer_at_least(0, "0 skips every evaluation"))
+    interval: int = setting(50, check=integer_at_least(0, "iterations; 0 evaluates only at the end"))
     deterministic: bool = True
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import random
 import shutil
 import time
 from collections.abc import Iterator
@@ -62,7 +63,6 @@ class Episodes(NamedTuple):
         }
 
 
-@torch.no_grad()
 def evaluate(
     agent: ActorCritic,
     env_cfg: EnvConfig,
@@ -79,7 +79,35 @@ def evaluate(
     episodes to finish" instead would favour short episodes and bias the mean. With ``video_dir``
     the episodes are played one after the other on one env and the first ``video_episodes`` (all,
     when None) are each recorded to an mp4 there.
+
+    ``seed`` seeds the envs and every random number drawn (sampled actions), and the caller's
+    random generators are left as they were: an agent scores the same wherever it is evaluated
+    with the same seed (during training, at its end, by ppo-eval), and a run that evaluates on
+    the way trains exactly as one that does not.
     """
+    python, numpy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            return _play(agent, env_cfg, episodes, deterministic, seed, device, video_dir, video_episodes)
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy)
+
+
+@torch.no_grad()
+def _play(
+    agent: ActorCritic,
+    env_cfg: EnvConfig,
+    episodes: int,
+    deterministic: bool,
+    seed: int,
+    device: torch.device,
+    video_dir: Path | None,
+    video_episodes: int | None,
+) -> Episodes:
     num_envs = 1 if video_dir is not None else min(episodes, MAX_PARALLEL_EPISODES)
     quota = np.full(num_envs, episodes // num_envs)
     quota[: episodes % num_envs] += 1

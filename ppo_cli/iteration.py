@@ -78,6 +78,7 @@ class TrainingState:
     global_step: int = 0
     iteration: int = 0
     recent_returns: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_EPISODES))
+    best_eval: dict[str, float] | None = None  # the best evaluation so far, its step (evaluator.py)
 
     @property
     def cfg(self) -> TrainConfig:

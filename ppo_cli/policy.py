@@ -1,7 +1,7 @@
 """The public Python API: load a trained agent and act with it.
 
 from ppo_cli import load_agent
-agent = load_agent("runs/CartPole-v1__clip__s0__20260101-120000")
+agent = load_agent("runs/CartPole-v1__clip__s0__20260101-120000")   # checkpoint="best": best.pt
 action = agent.act(obs, deterministic=True)
 
 A recurrent agent (agent=lstm|gru) acts from a state that each call updates:
@@ -117,9 +117,12 @@ class TrainedAgent:
         return self.act(observation, deterministic, action_mask, state), state
 
 
-def load_agent(path: str | Path, device: str = "cpu") -> TrainedAgent:
-    """Load the agent of a run directory (its ``checkpoints/last.pt``) or of a checkpoint file."""
-    return agent_from_checkpoint(load_checkpoint(path, map_location=device), resolve_checkpoint(path), device)
+def load_agent(path: str | Path, device: str = "cpu", checkpoint: str = "last") -> TrainedAgent:
+    """Load the agent of a run directory or of a checkpoint file. Of a run directory,
+    ``checkpoint`` chooses ``last`` (``checkpoints/last.pt``) or ``best`` (``checkpoints/best.pt``,
+    the agent of the run's best evaluation)."""
+    file = resolve_checkpoint(path, checkpoint)
+    return agent_from_checkpoint(load_checkpoint(file, map_location=device), file, device)
 
 
 def agent_from_checkpoint(payload: dict[str, Any], source: Path, device: str = "cpu") -> TrainedAgent:

@@ -215,7 +215,13 @@ def find_checkpoint(resume: str, run_dir: Path) -> tuple[Path, dict[str, Any]] |
     if resume != AUTO:
         run_dir_of(target)  # exists, and is a run directory or one of its checkpoints
     if target.is_file():
-        return target, load_checkpoint(target)
+        payload = load_checkpoint(target)
+        if "optimizer" not in payload:
+            raise UserError(
+                f"resume: {target} holds the agent only (a best.pt, for ppo-eval and load_agent), "
+                f"not a training state; resume from the run directory: resume={run_dir_of(target)}"
+            )
+        return target, payload
     found = newest_valid_checkpoint(checkpoint_dir(target))
     if found is None and resume != AUTO:
         raise UserError(f"resume: {checkpoint_dir(target) / LAST}: no readable checkpoint in {target}")

@@ -1,8 +1,9 @@
 """Stop at an iteration boundary on SIGINT / SIGTERM, so that the last checkpoint is the current one.
 
 The first signal only raises a flag: the training loop finishes the iteration it is in (a few
-seconds at most), writes a checkpoint, and stops. A second signal, or any signal once the final
-checkpoint is written (during evaluation), stops at once: nothing is lost that a checkpoint holds.
+seconds at most, plus its evaluation if one is due), writes a checkpoint, and stops. A second
+signal, or any signal once the final checkpoint is written, stops at once: nothing is lost that a
+checkpoint holds.
 Cluster schedulers send SIGTERM some time before SIGKILL; Ctrl-C sends SIGINT. A reader that
 goes away (``ppo-train ... | head -1``) is taken as SIGPIPE would be by any Unix tool, but without
 losing the iteration: see :class:`StdoutReaderGone`.

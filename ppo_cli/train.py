@@ -1,6 +1,7 @@
 """A training run from start to end, as a plain function that reads in the order of the algorithm.
 
-build (or resume) -> (iteration -> log -> checkpoint) x iterations -> evaluate -> summary
+build (or resume) -> (iteration -> log -> [evaluate] -> checkpoint) x iterations -> evaluate
+-> checkpoint -> summary
 
 One iteration (``iteration.py``) is the same for every variant of the family; what differs is
 asked of the variant (``algos/``). The checkpoint's layout is ``checkpointer.py``'s, the resume
@@ -25,7 +26,7 @@ from ppo_cli.checkpointer import Checkpointer
 from ppo_cli.config import TrainConfig, hyperparameters
 from ppo_cli.distributed import DataParallel
 from ppo_cli.errors import EnvError, Interrupted, NonFiniteError
-from ppo_cli.evaluate import EVAL_SEED_OFFSET, evaluate
+from ppo_cli.evaluator import Evaluator
 from ppo_cli.iteration import (
     TrainingState,
     build_state,
@@ -149,21 +150,27 @@ def _run(
     stop: GracefulStop,
     summary: dict[str, Any],
 ) -> dict[str, Any]:
-    """Iterate until the step budget is spent or a stop is asked for, then evaluate."""
+    """Iterate (evaluating every ``eval.interval`` iterations) until the step budget is spent or a
+    stop is asked for, then evaluate and save."""
     start_step, train_start = state.global_step, time.perf_counter()
+    evaluator = Evaluator(cfg, checkpointer, logger)
     try:
         while state.global_step < cfg.total_timesteps:
             with _located(state, checkpointer):
                 result = run_iteration(state)
             if logger is not None:
-                sps = (state.global_step - start_step) / (time.perf_counter() - train_start)
+                sps = (state.global_step - start_step) / (
+                    time.perf_counter() - train_start - evaluator.seconds
+                )
                 logger.scalars(result.scalars(sps), state.global_step)
                 logger.progress(state.global_step, sps, recent_mean(state))
             summary["global_step"] = state.global_step
+            evaluator.after_iteration(state)  # before the checkpoint, which keeps the best so far
             _checkpoint_or_stop(cfg, state, checkpointer, logger, stop)
+        evaluation = evaluator.final(state)
         _save(state, checkpointer, logger, periodic=False)
         stop.graceful = False  # from here on nothing remains that a checkpoint would keep
-        train_time = max(time.perf_counter() - train_start, 1e-9)
+        train_time = max(time.perf_counter() - train_start - evaluator.seconds, 1e-9)
         trained = state.global_step - start_step
         log.info("trained %d steps in %.1f s (%.0f SPS)", trained, train_time, trained / train_time)
         result_summary: dict[str, Any] = {
@@ -172,8 +179,8 @@ def _run(
             "sps": round(trained / train_time, 1),
             "recent_episodic_return": recent_mean(state),
         }
-        if logger is not None:  # the evaluation is rank 0's
-            result_summary.update(_final_evaluation(cfg, state, logger))
+        result_summary.update(evaluation)  # rank 0's (the other ranks evaluate nothing)
+        if logger is not None:
             logger.hparams_completed(state.global_step)
         return result_summary
     finally:
@@ -220,24 +227,3 @@ def _save(state: TrainingState, checkpointer: Checkpointer, logger: RunLogger | 
     if logger is not None:
         logger.flush()  # the event files on disk reach at least as far as the checkpoint
     checkpointer.save(state, periodic)
-
-
-def _final_evaluation(cfg: TrainConfig, state: TrainingState, logger: RunLogger) -> dict[str, Any]:
-    """``eval.episodes`` episodes of the trained agent on fresh envs; their mean and spread."""
-    if not cfg.eval.episodes:
-        return {}
-    state.agent.eval()
-    seed = cfg.seed + EVAL_SEED_OFFSET
-    device = state.collector.device
-    returns = evaluate(state.agent, cfg.env, cfg.eval.episodes, cfg.eval.deterministic, seed, device).returns
-    result = {
-        "eval_mean": float(returns.mean()),
-        "eval_std": float(returns.std()),
-        "eval_episodes": len(returns),
-    }
-    tags = {"eval/episodic_return": result["eval_mean"], "eval/episodic_return_std": result["eval_std"]}
-    logger.scalars(tags, state.global_step)
-    log.info(
-        "evaluation over %d episodes: %.2f +/- %.2f", len(returns), result["eval_mean"], result["eval_std"]
-    )
-    return result

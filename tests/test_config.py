@@ -122,7 +122,7 @@ def test_each_key_s_role_decides_resume_comparisons_and_hparams() -> None:
     operational |= {"tracking.backend", "tracking.mlflow.tracking_uri", "tracking.mlflow.experiment_name"}
     operational |= {"tracking.mlflow.artifact_location", "tracking.wandb.project", "tracking.wandb.entity"}
     operational |= {"tracking.wandb.mode", "tracking.wandb.dir"}
-    evaluation = {"eval.episodes", "eval.deterministic", "eval.old"}
+    evaluation = {"eval.episodes", "eval.interval", "eval.deterministic", "eval.old"}
     free = {key for key in keys if role_of(key).free_on_resume}
     not_factors = {key for key in keys if not role_of(key).factor}
     not_hparams = {key for key in keys if not role_of(key).hparam}

@@ -154,3 +154,23 @@ def test_trpo_ranks_take_the_same_trust_region_steps(tmp_path: Path) -> None:
     assert_same_agent(ranks[0]["agent"], ranks[1]["agent"])
     summary = json.loads((only_run_dir(tmp_path) / "summary.json").read_text())
     assert summary["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_rank_0_evaluating_on_the_way_changes_no_rank_s_training(tmp_path: Path) -> None:
+    """Rank 0 evaluates after every iteration, sampling its actions, while rank 1 waits: both
+    ranks end with the weights of the same run evaluated only at the end, which scores the same."""
+    tiny = ["env=CartPole", "env.num_envs=2", "env.num_steps=16", "total_timesteps=256", "eval.episodes=2",
+            "eval.deterministic=false"]  # fmt: skip
+    evaluating = torchrun(
+        tmp_path, *tiny, "eval.interval=1", "hydra.run.dir=evaluating", out="evaluating_ranks"
+    )
+    plain = torchrun(tmp_path, *tiny, "eval.interval=0", "hydra.run.dir=plain", out="plain_ranks")
+    for rank in range(RANKS):
+        assert_same_agent(evaluating[rank]["agent"], plain[rank]["agent"])
+    assert (tmp_path / "evaluating" / "checkpoints" / "best.pt").is_file()
+    scores = [
+        json.loads((tmp_path / run / "summary.json").read_text())["eval_mean"]
+        for run in ("evaluating", "plain")
+    ]
+    assert scores[0] == scores[1]

@@ -140,6 +140,39 @@ def test_sigkill_then_resume_is_the_uninterrupted_run(case: str, tmp_path: Path)
             assert points == expected[tag], tag
 
 
+@pytest.mark.slow
+def test_sigkill_then_resume_logs_the_same_evaluations_and_keeps_the_same_best(tmp_path: Path) -> None:
+    """Evaluations every 2 iterations, checkpoints every 3: the killed run evaluated at iteration 4
+    (and may have written best.pt) after its checkpoint at 3. Resumed, it logs every evaluation
+    point of the run that never stopped, once, and ends with the same best.pt."""
+    overrides = [*CASES["CartPole"], f"total_timesteps={TOTAL}", f"checkpoint.interval={CHECKPOINT_EVERY}"]
+    overrides += ["eval.interval=2", "eval.episodes=2"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert ppo_train(*overrides, f"hydra.run.dir={whole}", cwd=tmp_path).returncode == 0
+    result = run(
+        [sys.executable, "-c", KILL_SCRIPT, str(KILL_AT), *overrides, f"hydra.run.dir={killed}"], tmp_path
+    )
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    assert max(_raw_steps(killed, "eval/episodic_return")) == 4 * STEPS_PER_ITERATION  # after the checkpoint
+    resumed = ppo_train(f"resume={killed}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    expected, got = _scalars(whole), _scalars(killed)
+    eval_steps = [2 * STEPS_PER_ITERATION * i for i in range(1, 8)] + [TOTAL]  # iterations 2..14, the end
+    assert [step for step, _ in expected["eval/episodic_return"]] == eval_steps
+    assert expected.keys() == got.keys()
+    for tag in expected.keys() - {"charts/SPS"}:
+        assert got[tag] == expected[tag], tag
+    best_whole, best_resumed = (
+        ckpt.load_checkpoint(run / "checkpoints" / "best.pt") for run in (whole, killed)
+    )
+    assert best_resumed["global_step"] == best_whole["global_step"]
+    assert best_resumed["best_eval"] == best_whole["best_eval"]
+    for name, tensor in best_whole["agent"].items():
+        assert torch.equal(tensor, best_resumed["agent"][name]), name
+    assert ckpt.load_checkpoint(killed)["best_eval"] == ckpt.load_checkpoint(whole)["best_eval"]
+
+
 def _cartpole(algo: str, *extra: str) -> list[str]:
     return [
         f"algo={algo}",
