@@ -44,7 +44,7 @@ def test_a_run_logs_its_presets_warns_of_a_missing_tuned_file_and_records_proven
     assert result.returncode == 0, result.stderr[-2000:]
     (run_dir,) = (checkout / "runs").iterdir()
     for text in (result.stdout, (run_dir / "train.log").read_text()):
-        assert "presets: algo/penalty.yaml, agent/mlp.yaml, env/Pendulum.yaml\n" in text
+        assert "presets: algo/penalty.yaml, agent/mlp.yaml, env/Pendulum.yaml, tracking/none.yaml\n" in text
         assert "no tuned/penalty_Pendulum.yaml: algo=penalty env=Pendulum" in text
         assert "tuned values for env=Pendulum exist with algo=clip" in text
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -75,15 +75,19 @@ def test_git_state_is_the_commit_and_dirtiness_inside_a_checkout_only(
     [
         (
             ["env=Pendulum"],
-            "algo/clip.yaml, agent/mlp.yaml, env/Pendulum.yaml, tuned/clip_Pendulum.yaml",
+            "algo/clip.yaml, agent/mlp.yaml, env/Pendulum.yaml, tuned/clip_Pendulum.yaml, tracking/none.yaml",
             None,
         ),
         (
             ["algo=trpo", "env=Acrobot"],
-            "algo/trpo.yaml, agent/mlp.yaml, env/Acrobot.yaml",
+            "algo/trpo.yaml, agent/mlp.yaml, env/Acrobot.yaml, tracking/none.yaml",
             "no tuned/trpo_Acrobot.yaml",
         ),
-        (["env=CartPole", "~tuned"], "algo/clip.yaml, agent/mlp.yaml, env/CartPole.yaml", None),
+        (
+            ["env=CartPole", "~tuned"],
+            "algo/clip.yaml, agent/mlp.yaml, env/CartPole.yaml, tracking/none.yaml",
+            None,
+        ),
     ],
 )
 def test_presets_line_names_the_composed_files(
