@@ -102,7 +102,8 @@ def test_mlflow_mirrors_scalars_params_and_final_files(
     assert [step for step, _ in tensorboard["losses/value_loss"]] == STEPS
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"summary.json", "checkpoints"} <= artifacts  # train.log too, written by ppo-train (cli.py)
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == ["checkpoints/last.pt"]
+    checkpoints = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")]
+    assert checkpoints == ["checkpoints/best.pt", "checkpoints/last.pt"]
     summary = client.download_artifacts(run.info.run_id, "summary.json", str(tmp_path))
     assert json.loads(Path(summary).read_text())["status"] == "completed"
 
