@@ -54,7 +54,7 @@ def test_two_ranks_train_one_agent_that_solves_cartpole(tmp_path: Path) -> None:
     num_minibatches per rank, the same global minibatch). It solves CartPole as the single
     process does, the ranks end with identical weights and normalisation statistics, each rank
     stepped half of the run's env steps, and only one run directory is written."""
-    ranks = torchrun(tmp_path, "env=CartPole", "env.num_envs=8")
+    ranks = torchrun(tmp_path, "env=CartPole", "env.num_envs=8", "eval.interval=0")  # the final one counts
     assert_same_agent(ranks[0]["agent"], ranks[1]["agent"])
     run_dir = only_run_dir(tmp_path)
     summary = json.loads((run_dir / "summary.json").read_text())
