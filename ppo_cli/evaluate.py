@@ -63,6 +63,22 @@ class Episodes(NamedTuple):
         }
 
 
+@contextmanager
+def _seeded_generators(seed: int, device: torch.device) -> Iterator[None]:
+    """Python's, numpy's and torch's generators seeded with ``seed`` for the block, then put back
+    as they were."""
+    python, numpy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy)
+
+
 def evaluate(
     agent: ActorCritic,
     env_cfg: EnvConfig,
@@ -85,61 +101,41 @@ def evaluate(
     with the same seed (during training, at its end, by ppo-eval), and a run that evaluates on
     the way trains exactly as one that does not.
     """
-    python, numpy = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
-        try:
-            return _play(agent, env_cfg, episodes, deterministic, seed, device, video_dir, video_episodes)
-        finally:
-            random.setstate(python)
-            np.random.set_state(numpy)
-
-
-@torch.no_grad()
-def _play(
-    agent: ActorCritic,
-    env_cfg: EnvConfig,
-    episodes: int,
-    deterministic: bool,
-    seed: int,
-    device: torch.device,
-    video_dir: Path | None,
-    video_episodes: int | None,
-) -> Episodes:
-    num_envs = 1 if video_dir is not None else min(episodes, MAX_PARALLEL_EPISODES)
-    quota = np.full(num_envs, episodes // num_envs)
-    quota[: episodes % num_envs] += 1
-    returns: list[float] = []
-    lengths: list[int] = []
-    counted = np.zeros(num_envs, dtype=int)
-    recorded = episodes if video_episodes is None else min(video_episodes, episodes)
-    envs = RecordEpisodeStatistics(_eval_envs(env_cfg, num_envs, recorded, video_dir, agent.core is not None))
-    shape = envs.single_observation_space.shape
-    if shape is None or int(np.prod(shape)) != agent.obs_dim:
-        envs.close()
-        raise UserError(
-            f"env.id: {env_cfg.id} observes shape {shape}; the agent takes {agent.obs_dim} values"
+    with _seeded_generators(seed, device), torch.no_grad():
+        num_envs = 1 if video_dir is not None else min(episodes, MAX_PARALLEL_EPISODES)
+        quota = np.full(num_envs, episodes // num_envs)
+        quota[: episodes % num_envs] += 1
+        returns: list[float] = []
+        lengths: list[int] = []
+        counted = np.zeros(num_envs, dtype=int)
+        recorded = episodes if video_episodes is None else min(video_episodes, episodes)
+        envs = RecordEpisodeStatistics(
+            _eval_envs(env_cfg, num_envs, recorded, video_dir, agent.core is not None)
         )
-    state = agent.initial_state(num_envs)  # a recurrent agent's; zeroed where an episode ends
-    try:
-        obs, info = envs.reset(seed=seed)
-        while (counted < quota).any():
-            obs_t = agent.normalize(torch.as_tensor(obs, dtype=torch.float32, device=device))
-            masks = None if agent.continuous else action_masks(info, num_envs, agent.actor_out_dim)
-            mask = None if masks is None else torch.as_tensor(masks, device=device)
-            action = agent.act(obs_t, deterministic=deterministic, mask=mask, state=state)
-            obs, _, terminated, truncated, info = envs.step(agent.env_action(action))
-            state[torch.as_tensor(terminated | truncated, device=device)] = 0.0
-            for env_index, episode_return, length in zip(*finished_episodes(info), strict=True):
-                if counted[env_index] < quota[env_index]:
-                    counted[env_index] += 1
-                    returns.append(float(episode_return))
-                    lengths.append(int(length))
-    finally:
-        close_envs(envs)
-    return Episodes(np.asarray(returns), np.asarray(lengths))
+        shape = envs.single_observation_space.shape
+        if shape is None or int(np.prod(shape)) != agent.obs_dim:
+            envs.close()
+            raise UserError(
+                f"env.id: {env_cfg.id} observes shape {shape}; the agent takes {agent.obs_dim} values"
+            )
+        state = agent.initial_state(num_envs)  # a recurrent agent's; zeroed where an episode ends
+        try:
+            obs, info = envs.reset(seed=seed)
+            while (counted < quota).any():
+                obs_t = agent.normalize(torch.as_tensor(obs, dtype=torch.float32, device=device))
+                masks = None if agent.continuous else action_masks(info, num_envs, agent.actor_out_dim)
+                mask = None if masks is None else torch.as_tensor(masks, device=device)
+                action = agent.act(obs_t, deterministic=deterministic, mask=mask, state=state)
+                obs, _, terminated, truncated, info = envs.step(agent.env_action(action))
+                state[torch.as_tensor(terminated | truncated, device=device)] = 0.0
+                for env_index, episode_return, length in zip(*finished_episodes(info), strict=True):
+                    if counted[env_index] < quota[env_index]:
+                        counted[env_index] += 1
+                        returns.append(float(episode_return))
+                        lengths.append(int(length))
+        finally:
+            close_envs(envs)
+        return Episodes(np.asarray(returns), np.asarray(lengths))
 
 
 def _eval_envs(
