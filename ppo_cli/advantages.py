@@ -47,8 +47,29 @@ def gae(
     return advantages, advantages + values
 
 
+def group_returns(rewards: torch.Tensor, valid: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Each env's episode return R_i = sum of its valid rewards, in float64, shaped (groups, G).
+
+    float64 because these returns are compared for equality (a tied group) and standardised by
+    their spread: in float32 the rounding of a tied group's mean is itself a "spread".
+    """
+    return (rewards.double() * valid).sum(dim=0).view(-1, group_size)
+
+
+def zero_spread(returns: torch.Tensor) -> torch.Tensor:
+    """(groups,) True where every return of the group (a row of :func:`group_returns`) is equal:
+    the group carries no learning signal, its advantages are 0."""
+    return returns.amax(dim=1) == returns.amin(dim=1)
+
+
 def group_relative(
-    rewards: torch.Tensor, valid: torch.Tensor, group_size: int, eps: float = 1e-8
+    rewards: torch.Tensor,
+    valid: torch.Tensor,
+    group_size: int,
+    eps: float = 1e-8,
+    *,
+    leave_one_out: bool = False,
+    divide_by_std: bool = True,
 ) -> torch.Tensor:
     """GRPO's advantages (Shao et al. 2024, "DeepSeekMath", sec. 4.1), for one episode per env.
 
@@ -56,13 +77,24 @@ def group_relative(
     when i // group_size == j // group_size (they started from the same reset seed). With
     R_i = sum_t r_t,i the episode's return, every step of episode i gets
 
-        A_i = (R_i - mean_group(R)) / (std_group(R) + eps)
+        A_i = (R_i - b_i) / (std_group(R) + eps)       (population std; eps = 1e-8)
 
-    so within each group the advantages sum to zero: better-than-the-group episodes are
-    reinforced, worse ones discouraged, with no critic. Invalid steps get 0.
+    with the baseline b_i = mean_group(R), so that within each group the advantages sum to zero:
+    better-than-the-group episodes are reinforced, worse ones discouraged, with no critic.
+    ``leave_one_out`` makes b_i the mean of the *other* G - 1 returns (RLOO, Ahmadian et al.
+    2024), an unbiased baseline: R_i - b_i = G / (G - 1) * (R_i - mean_group(R)).
+    ``divide_by_std=False`` drops the division (Dr. GRPO, Liu et al. 2025: dividing by the std
+    weighs groups that barely differ, too easy or too hard, the most).
+
+    The statistics are computed in float64 and a group whose returns are all equal gets 0
+    exactly (in float32 with eps 1e-8 the rounding of its mean became advantages of about
+    +/-0.75). Invalid steps get 0. Returns the rewards' dtype.
     """
-    valid_f = valid.to(rewards.dtype)
-    returns = (rewards * valid_f).sum(dim=0).view(-1, group_size)
+    returns = group_returns(rewards, valid, group_size)
     centred = returns - returns.mean(dim=1, keepdim=True)
-    standardised = centred / (returns.std(dim=1, unbiased=False, keepdim=True) + eps)
-    return standardised.flatten().unsqueeze(0) * valid_f
+    if leave_one_out:
+        centred = centred * (group_size / (group_size - 1))
+    if divide_by_std:
+        centred = centred / (returns.std(dim=1, unbiased=False, keepdim=True) + eps)
+    advantages = centred.masked_fill(zero_spread(returns).unsqueeze(1), 0.0)
+    return advantages.flatten().unsqueeze(0).to(rewards.dtype) * valid.to(rewards.dtype)

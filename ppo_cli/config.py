@@ -41,6 +41,8 @@ ACTIVATIONS = ("tanh", "relu")
 ENCODERS = ("flat", "nature_cnn")
 RECURRENT_CORES = ("none", "lstm", "gru")
 KL_ESTIMATORS = ("k1", "k2", "k3", "exact")
+GRPO_BASELINES = ("group_mean", "leave_one_out")
+GRPO_ADV_STDS = ("group", "none")
 TRACKERS = {"none": None, "mlflow": "mlflow", "wandb": "wandb"}  # backend -> its package (and extra)
 WANDB_MODES = ("online", "offline")
 
@@ -223,8 +225,20 @@ class GRPOConfig(EpochKeys, AlgoConfig):
     clip_eps: float = setting(check=POSITIVE)
     kl_coef: float = setting(check=NON_NEGATIVE)
     ref_update_every: int = setting(check=integer_at_least(0, "0 keeps the initial policy as reference"))
+    # Defaults here too (equal to grpo.yaml's): a run saved before these keys existed resumes
+    # with them (hydra_config.schema_defaults).
+    baseline: str = setting("group_mean", check=one_of(GRPO_BASELINES))
+    adv_std: str = setting("group", check=one_of(GRPO_ADV_STDS))
+    dynamic_sampling_max_passes: int = setting(0, check=integer_at_least(0, "0 = off"))
 
     def check_env(self, env: EnvConfig) -> None:
+        require(
+            env.vectorization != "vector_entry_point",
+            "env.vectorization",
+            "auto|sync|async with algo=grpo (a group's envs reset from one seed each; "
+            "numpy-vectorised envs share one random generator)",
+            env.vectorization,
+        )
         if env.num_envs % self.group_size:
             raise ConfigError(
                 "algo.group_size",

@@ -23,10 +23,14 @@ from ppo_cli.errors import ConfigError
 CONFIG_GROUPS = ("algo", "agent", "env", "tuned", "hparams_search", "tracking")
 
 
-def schema_defaults() -> dict[str, Any]:
-    """Every key of the root and env schemas that has a default, flattened (``algo.*`` has
-    none there: each variant has its own schema)."""
-    schema = OmegaConf.merge(OmegaConf.structured(TrainConfig), {"env": OmegaConf.structured(EnvConfig)})
+def schema_defaults(algo: Any = None) -> dict[str, Any]:
+    """Every key of the root and env schemas that has a default, and of variant ``algo``'s
+    schema when ``algo`` names one (a saved config's ``algo.name``; each variant has its own),
+    flattened."""
+    groups: dict[str, Any] = {"env": OmegaConf.structured(EnvConfig)}
+    if isinstance(algo, str) and algo in ALGO_SCHEMAS:
+        groups["algo"] = OmegaConf.structured(ALGO_SCHEMAS[algo])
+    schema = OmegaConf.merge(OmegaConf.structured(TrainConfig), groups)
     defaults = cast(dict[str, Any], OmegaConf.to_container(schema, throw_on_missing=False))
     return {key: value for key, value in flatten(defaults).items() if value != MISSING}
 

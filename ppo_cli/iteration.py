@@ -116,15 +116,17 @@ class IterationReport:
     env_steps: int
     episodes: EpisodeLog
     explained_variance: float
+    counts: dict[str, int] = field(default_factory=dict)  # the collector's (Rollout.counts)
 
     @classmethod
     def pooled(cls, reports: list[IterationReport]) -> IterationReport:
-        """All ranks' reports in one: steps summed, episodes pooled (in rank order), explained
-        variance averaged."""
+        """All ranks' reports in one: steps and counts summed, episodes pooled (in rank order),
+        explained variance averaged."""
         return cls(
             env_steps=sum(r.env_steps for r in reports),
             episodes=EpisodeLog.pooled(r.episodes for r in reports),
             explained_variance=float(np.mean([r.explained_variance for r in reports])),
+            counts={name: sum(r.counts[name] for r in reports) for name in reports[0].counts},
         )
 
 
@@ -139,8 +141,9 @@ class IterationResult:
 
     def scalars(self, sps: float) -> dict[str, float]:
         """The iteration as TensorBoard scalars (CleanRL's tag names, so curves overlay; the
-        updater's metrics sectioned by ``tags.metric_tag``), with ``sps`` env steps per second so far."""
-        metrics = {**self.metrics, "explained_variance": self.report.explained_variance}
+        updater's metrics and the collector's counts sectioned by ``tags.metric_tag``), with
+        ``sps`` env steps per second so far."""
+        metrics = {**self.metrics, **self.report.counts, "explained_variance": self.report.explained_variance}
         scalars = {metric_tag(name): value for name, value in metrics.items()}
         scalars["charts/learning_rate"] = self.learning_rate
         scalars["charts/SPS"] = sps
@@ -160,7 +163,7 @@ def run_iteration(state: TrainingState) -> IterationResult:
     batch = Batch.from_storage(rollout.storage, advantages, returns, cfg.sequence_chunks)
     metrics = state.updater.update(batch)
     own = IterationReport(
-        rollout.env_steps, rollout.episodes, explained_variance(batch.values, batch.returns)
+        rollout.env_steps, rollout.episodes, explained_variance(batch.values, batch.returns), rollout.counts
     )
     report = IterationReport.pooled(state.parallel.all_gather(own))
     state.global_step += report.env_steps

@@ -16,7 +16,7 @@ Two autoreset conventions are handled (see ``envs.py``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -77,6 +77,15 @@ class RolloutStorage:
         """V(s_t) as estimated while acting, (T, N)."""
         return self.outputs[..., -1]
 
+    def copy_envs(self, source: RolloutStorage, envs: np.ndarray, from_envs: np.ndarray) -> None:
+        """Overwrite the columns ``envs`` (every step) with the columns ``from_envs`` of
+        ``source``, a storage of the same shape: every (T, N, ...) array and tensor held."""
+        for name, mine in vars(self).items():
+            if isinstance(mine, np.ndarray):
+                mine[:, envs] = getattr(source, name)[:, from_envs]
+            elif isinstance(mine, torch.Tensor):
+                mine[:, torch.from_numpy(envs)] = getattr(source, name)[:, torch.from_numpy(from_envs)]
+
     def upload_env_outputs(self) -> None:
         """Copy the host arrays the envs' results were written into to the device tensors."""
         for tensor, array in (
@@ -100,11 +109,13 @@ def check_finite(field: str, values: np.ndarray) -> None:
 @dataclass
 class Rollout:
     """What one collection produced: the filled storage (overwritten by the next collection), the
-    env steps it took, and the episodes that finished in it."""
+    env steps it took, the episodes that finished in it, and counts a collector reports about
+    its collection (summed over ranks, logged by name: see ``tags.metric_tag``)."""
 
     storage: RolloutStorage
     env_steps: int
     episodes: EpisodeLog
+    counts: dict[str, int] = field(default_factory=dict)
 
 
 class Collector:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -165,3 +167,45 @@ def test_group_relative_random_groups_sum_to_zero() -> None:
     for env in range(12):
         steps = advantages[valid[:, env], env]
         torch.testing.assert_close(steps, steps[:1].expand_as(steps))
+
+
+TIED_OPTIONS: list[dict[str, bool]] = [
+    {},  # GRPO's default first
+    {"divide_by_std": False},
+    {"leave_one_out": True},
+    {"leave_one_out": True, "divide_by_std": False},
+]
+
+
+@pytest.mark.parametrize("group_size", [3, 5, 6, 8, 16])
+def test_group_relative_gives_a_tied_group_exactly_zero(group_size: int) -> None:
+    """Every episode of a group scoring the same non-integer return carries no signal. In
+    float32 with eps 1e-8 the rounding of the group's mean came out as advantages of about
+    +/-0.75 (which values do so depends on the group size: these cover each)."""
+    for options, value, steps in itertools.product(TIED_OPTIONS, (0.12, 0.3, 0.45, 0.47, 0.9), (1, 3)):
+        rewards = torch.full((steps, 2 * group_size), value / steps)  # in one reward, or in several
+        valid = torch.ones(steps, 2 * group_size, dtype=torch.bool)
+        advantages = advantages_module.group_relative(rewards, valid, group_size, **options)
+        assert torch.all(advantages == 0), (options, value, steps)
+
+
+def test_group_relative_baselines_and_std_against_hand_numbers() -> None:
+    """One group of returns (1, 2, 6): mean 3, population std sqrt(14 / 3). Leave-one-out
+    baselines are the means of the other two: (2+6)/2, (1+6)/2, (1+2)/2."""
+    rewards = torch.tensor([[1.0, 2.0, 6.0]])
+    valid = torch.ones(1, 3, dtype=torch.bool)
+    std = (14 / 3) ** 0.5 + 1e-8
+    loo = torch.tensor([1 - 4.0, 2 - 3.5, 6 - 1.5])  # = 3/2 * (R - mean) = (-3, -1.5, 4.5)
+    expected = {
+        (False, True): torch.tensor([-2.0, -1.0, 3.0]) / std,  # GRPO
+        (False, False): torch.tensor([-2.0, -1.0, 3.0]),  # Dr. GRPO
+        (True, False): loo,  # RLOO
+        (True, True): loo / std,
+    }
+    for (leave_one_out, divide_by_std), want in expected.items():
+        got = advantages_module.group_relative(
+            rewards, valid, 3, leave_one_out=leave_one_out, divide_by_std=divide_by_std
+        )
+        torch.testing.assert_close(got[0], want, atol=1e-6, rtol=0)
+        assert got.dtype == torch.float32
+    torch.testing.assert_close(loo, 1.5 * torch.tensor([-2.0, -1.0, 3.0]))

@@ -67,6 +67,21 @@ BAD_INPUTS = [
         "env.normalize_reward: got True, allowed: false with algo=grpo",
     ),
     (["algo=grpo", "algo.gae_lambda=0.9"], "algo.gae_lambda: not a config key; allowed keys under algo:"),
+    (
+        ["algo=grpo", "env.vectorization=vector_entry_point"],
+        "env.vectorization: got 'vector_entry_point', allowed: auto|sync|async with algo=grpo",
+    ),
+    (["algo=grpo", "algo.baseline=value"], "algo.baseline: got 'value', allowed: group_mean|leave_one_out"),
+    (["algo=grpo", "algo.adv_std=batch"], "algo.adv_std: got 'batch', allowed: group|none"),
+    (
+        ["algo=grpo", "algo.dynamic_sampling_max_passes=-1"],
+        "algo.dynamic_sampling_max_passes: got -1, allowed: an integer >= 0 (0 = off)",
+    ),
+    (["algo=clip", "algo.adv_std=none"], "algo.adv_std: not a config key; allowed keys under algo:"),
+    (
+        ["algo=a2c", "algo.dynamic_sampling_max_passes=1"],
+        "algo.dynamic_sampling_max_passes: not a config key; allowed keys under algo:",
+    ),
     (["algo=penalty", "algo.clip_eps=0.1"], "algo.clip_eps: not a config key; allowed keys under algo:"),
     (["algo=clip", "algo.kl_target=0.1"], "algo.kl_target: not a config key; allowed keys under algo:"),
     (["algo=penalty", "algo.kl_estimator=k4"], "algo.kl_estimator: got 'k4', allowed: k1|k2|k3|exact"),

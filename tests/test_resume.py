@@ -466,3 +466,16 @@ def test_keys_added_since_a_run_was_saved_count_as_their_defaults() -> None:
     assert config_changes(saved, current) == []
     current["agent"]["recurrent"] = "lstm"
     assert config_changes(saved, current) == ["agent.recurrent: none -> lstm"]
+
+
+def test_grpo_keys_added_since_a_run_was_saved_count_as_their_defaults() -> None:
+    """A GRPO run saved before algo.baseline, algo.adv_std and algo.dynamic_sampling_max_passes
+    existed resumes with their defaults (its variant's schema holds them); a real change shows."""
+    current = OmegaConf.to_container(OmegaConf.structured(compose_config("algo=grpo")))
+    assert isinstance(current, dict)
+    saved = copy.deepcopy(current)
+    for key in ("baseline", "adv_std", "dynamic_sampling_max_passes"):
+        del saved["algo"][key]
+    assert config_changes(saved, current) == []
+    current["algo"]["adv_std"] = "none"
+    assert config_changes(saved, current) == ["algo.adv_std: group -> none"]

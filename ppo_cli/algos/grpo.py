@@ -4,7 +4,8 @@ standardised within its group of episodes that started from the same state.
 What GRPO does differently from the actor-critic variants, all of it here: one whole episode per env
 per iteration (the rollout is as long as the episode time limit), the envs of a group reset with a
 shared seed (so each env gets a seed of its own), no reward scaling (returns are standardised
-within each group), group-relative advantages, and a loss with a KL to a frozen reference policy.
+within each group), group-relative advantages (with DAPO's resampling of tied groups), and a loss
+with a KL to a frozen reference policy.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from gymnasium.vector import VectorEnv
 
 from ppo_cli import losses
-from ppo_cli.advantages import group_relative
+from ppo_cli.advantages import group_relative, group_returns, zero_spread
 from ppo_cli.agent import ActorCritic, Evaluation
 from ppo_cli.algos.variant import Variant
 from ppo_cli.batch import Batch
@@ -80,31 +81,77 @@ class GRPOUpdater(SurrogateUpdater):
 class GroupCollector(Collector):
     """One whole episode per env per iteration, for GRPO.
 
-    At the start of every iteration all envs are reset; the envs of one group (``group_size``
-    consecutive envs) get the same seed, so they start from the same state and their episodes
-    differ only by the actions sampled. Steps after an env's episode has ended are stored with
-    ``valid = False``; collection stops early once every episode has ended.
+    A pass resets all envs; the envs of one group (``group_size`` consecutive envs) get the same
+    seed, so they start from the same state and their episodes differ only by the actions
+    sampled. Steps after an env's episode has ended are stored with ``valid = False``; a pass
+    stops once every episode has ended.
+
+    DAPO's dynamic sampling (Yu et al. 2025, sec. 3.2), when ``max_passes`` > 0: a group whose
+    returns are all equal (tied) carries no learning signal, its advantages are 0. While the
+    batch holds such groups, up to ``max_passes`` more passes of every env, each from fresh
+    seeds, are played into a spare storage, and their groups with a spread replace the tied
+    ones, whole columns at a time (the batch keeps its shape). Tied groups left when the passes
+    run out stay in the batch and contribute 0. Every pass's steps are env steps taken, and
+    every episode played is reported.
     """
 
     def __init__(
-        self, envs: VectorEnv, agent: ActorCritic, storage: RolloutStorage, *, group_size: int, seed: int
+        self,
+        envs: VectorEnv,
+        agent: ActorCritic,
+        storage: RolloutStorage,
+        *,
+        group_size: int,
+        seed: int,
+        max_passes: int = 0,
     ) -> None:
         super().__init__(envs, agent, storage, device=storage.obs.device, seed=seed)
         self.group_size = group_size
         self.seed = seed
-        self.iteration = 0
+        self.max_passes = max_passes
+        self.passes = 0  # passes played so far: each draws new group seeds
+        self.spare: RolloutStorage | None = None  # where extra passes are played
+        if max_passes:
+            self.spare = RolloutStorage(storage.num_steps, envs.num_envs, agent, self.device)
+            if storage.action_masks is not None:
+                self.spare.track_action_masks()
 
     def group_seeds(self) -> list[int]:
-        """Env i's reset seed this iteration: shared within its group, new every iteration."""
+        """Env i's reset seed for the next pass: shared within its group, new every pass."""
         num_groups = self.envs.num_envs // self.group_size
-        base = self.seed * 1_000_003 + self.iteration * num_groups
+        base = self.seed * 1_000_003 + self.passes * num_groups
         return [base + i // self.group_size for i in range(self.envs.num_envs)]
 
     @torch.inference_mode()  # cheaper than no_grad; the storage it writes into stays normal
     def collect(self) -> Rollout:
+        batch, episodes = self.storage, EpisodeLog()  # every env's episode, in pass and env order
+        env_steps = self._play(episodes)
+        tied = self._tied_groups(batch)
+        counts: dict[str, int] = {}
+        if self.spare is not None:
+            counts["dropped_groups"] = 0
+            for _ in range(self.max_passes):
+                if not tied.any():
+                    break
+                self.storage = self.spare  # the base class's helpers write into self.storage
+                try:
+                    env_steps += self._play(episodes)
+                finally:
+                    self.storage = batch
+                fresh = np.flatnonzero(~self._tied_groups(self.spare))
+                slots = np.flatnonzero(tied)[: len(fresh)]
+                batch.copy_envs(self.spare, self._envs_of(slots), self._envs_of(fresh[: len(slots)]))
+                tied[slots] = False
+                counts["dropped_groups"] += len(slots)
+        counts["tied_groups"] = int(tied.sum())
+        return Rollout(batch, env_steps, episodes, counts)
+
+    def _play(self, episodes: EpisodeLog) -> int:
+        """One pass: every env plays one episode from its group's seed into ``self.storage``,
+        added to ``episodes``; returns the env steps taken."""
         s = self.storage
         obs, info = self._reset(self.group_seeds())  # one seed per env
-        self.iteration += 1
+        self.passes += 1
         self.obs = self._observe(obs)
         self._observe_masks(info)
         act = self._acting()
@@ -124,17 +171,27 @@ class GroupCollector(Collector):
             if not running.any():
                 break
         self._finish()
-        finished = EpisodeLog()  # every env's episode, in env order
-        finished.add(s.host_rewards.sum(axis=0, dtype=np.float64), s.host_valid.sum(axis=0))
-        return Rollout(s, (t + 1) * self.envs.num_envs, finished)
+        episodes.add(s.host_rewards.sum(axis=0, dtype=np.float64), s.host_valid.sum(axis=0))
+        return (t + 1) * self.envs.num_envs
+
+    def _tied_groups(self, storage: RolloutStorage) -> np.ndarray:
+        """(groups,) True where the group's returns in ``storage`` are all equal, as
+        ``group_relative`` decides it."""
+        rewards, valid = torch.from_numpy(storage.host_rewards), torch.from_numpy(storage.host_valid)
+        return zero_spread(group_returns(rewards, valid, self.group_size)).numpy()
+
+    def _envs_of(self, groups: np.ndarray) -> np.ndarray:
+        """The env indices (columns) of ``groups``, in order."""
+        return (groups[:, None] * self.group_size + np.arange(self.group_size)).ravel()
 
     def state_dict(self) -> dict[str, Any]:
-        """Every iteration resets all envs from seeds derived from the iteration count: that
+        """Every pass resets all envs from seeds derived from the number of passes so far: that
         count is the whole state."""
-        return {"iteration": self.iteration}
+        return {"passes": self.passes}
 
     def load_state_dict(self, state: dict[str, Any], reset_seed: int) -> bool:
-        self.iteration = int(state["iteration"])
+        # Saved before dynamic sampling, it counted iterations: one pass each.
+        self.passes = int(state["passes"] if "passes" in state else state["iteration"])
         return True
 
 
@@ -169,8 +226,17 @@ class GRPO(Variant):
         reward_scaler: RewardScaler | None,
         seed: int,
     ) -> Collector:
-        return GroupCollector(envs, agent, storage, group_size=self.algo.group_size, seed=seed)
+        algo = self.algo
+        passes = algo.dynamic_sampling_max_passes
+        return GroupCollector(envs, agent, storage, group_size=algo.group_size, seed=seed, max_passes=passes)
 
     def advantages(self, storage: RolloutStorage) -> tuple[torch.Tensor, torch.Tensor]:
-        advantages = group_relative(storage.rewards, storage.valid, self.algo.group_size)
+        algo = self.algo
+        advantages = group_relative(
+            storage.rewards,
+            storage.valid,
+            algo.group_size,
+            leave_one_out=algo.baseline == "leave_one_out",
+            divide_by_std=algo.adv_std == "group",
+        )
         return advantages, torch.zeros_like(advantages)  # no critic to train
