@@ -157,3 +157,29 @@ class RememberCue(gym.Env[np.ndarray, int]):
 
 
 gym.register("RememberCue-v0", entry_point=RememberCue)
+
+
+class TiedBySeed(gym.Env[np.ndarray, np.ndarray]):
+    """Two-step episodes whose return is decided by the reset seed s: when s % 4 != 3 every step
+    scores 0.3 whatever the action, so a GRPO group reset from s is tied (all returns 0.6);
+    otherwise a step scores its (continuous) action, so the group's returns differ. The
+    observation says which: 1 tied, 0 not."""
+
+    def __init__(self) -> None:
+        self.action_space = gym.spaces.Box(-10.0, 10.0, shape=(1,), dtype=np.float32)
+        self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(1,), dtype=np.float32)
+        self.tied = True
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        self.tied = seed is None or seed % 4 != 3
+        return np.array([self.tied], dtype=np.float32), {}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        reward = 0.3 if self.tied else float(action[0])
+        return np.array([self.tied], dtype=np.float32), reward, False, False, {}
+
+
+gym.register("TiedBySeed-v0", entry_point=TiedBySeed, max_episode_steps=2)

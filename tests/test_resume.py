@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -479,3 +480,39 @@ def test_grpo_keys_added_since_a_run_was_saved_count_as_their_defaults() -> None
     assert config_changes(saved, current) == []
     current["algo"]["adv_std"] = "none"
     assert config_changes(saved, current) == ["algo.adv_std: group -> none"]
+
+
+@pytest.mark.slow
+def test_grpo_dynamic_sampling_counts_every_step_and_resumes_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TiedBySeed (see test_rollout's dynamic sampling test): every iteration plays 3 passes of
+    2 steps x 4 envs and replaces one tied group, leaving one tied group every other iteration.
+    Stopped halfway and resumed, the run is the one that never stopped."""
+    overrides = [
+        "algo=grpo",
+        "algo.group_size=2",
+        "algo.dynamic_sampling_max_passes=2",
+        "env.id=synthetic_envs:TiedBySeed-v0",
+        "env.num_envs=4",
+        "env.num_steps=2",
+        "total_timesteps=144",
+        "eval.episodes=0",
+    ]
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    assert train(compose_config(*overrides), whole)["global_step"] == 6 * 3 * 2 * 4
+    expected = _scalars(whole)
+    assert expected["diagnostics/dropped_groups"] == [(24 * i, 1.0) for i in range(1, 7)]
+    assert [value for _, value in expected["diagnostics/tied_groups"]] == [1.0, 0.0] * 3
+
+    _interrupt_at(72, signal.SIGTERM, monkeypatch)
+    with pytest.raises(Interrupted):
+        train(compose_config(*overrides), stopped)
+    monkeypatch.undo()
+    assert ckpt.load_checkpoint(stopped)["global_step"] == 72
+    train(compose_config(*overrides, f"resume={stopped}"), stopped)
+    _assert_same_state(ckpt.load_checkpoint(whole), ckpt.load_checkpoint(stopped))
+    got = _scalars(stopped)
+    assert got.keys() == expected.keys()
+    for tag in expected.keys() - {"charts/SPS"}:  # GRPO's explained variance is NaN (no critic)
+        np.testing.assert_array_equal(got[tag], expected[tag], err_msg=tag)

@@ -270,6 +270,41 @@ def test_group_collector_starts_each_group_from_one_seed() -> None:
     envs.close()
 
 
+def test_dynamic_sampling_replaces_tied_groups_up_to_its_cap() -> None:
+    """TiedBySeed: 2 groups of 2 envs, pass p resets its groups from seeds 2p and 2p + 1, and
+    only a seed s with s % 4 == 3 gives a group whose returns differ. Iteration 1: passes 0-2
+    (seeds 0-5) find one such group (seed 3), which replaces the first tied group; the cap of
+    2 extra passes leaves the second. Iteration 2: passes 3-5 (seeds 6-11) find seeds 7 and 11,
+    the batch is full. Every pass is 2 steps of 4 envs."""
+    cfg = EnvConfig(id="synthetic_envs:TiedBySeed-v0", num_envs=4, num_steps=2)
+    envs = make_vector_env(cfg, per_env_seeds=True)
+    agent = _agent(envs)
+    storage = RolloutStorage(2, 4, agent, CPU)
+    collector = GroupCollector(envs, agent, storage, group_size=2, seed=0, max_passes=2)
+    try:
+        first = collector.collect()
+        assert first.counts == {"dropped_groups": 1, "tied_groups": 1}
+        assert first.env_steps == 3 * 2 * 4 and len(first.episodes.returns) == 3 * 4
+        assert storage.obs[0, :, 0].tolist() == [0.0, 0.0, 1.0, 1.0]  # seed 3's group, then a tied one
+        returns = (storage.rewards * storage.valid).sum(dim=0)
+        assert returns[0] != returns[1] and returns[2] == returns[3] == pytest.approx(0.6)
+        assert storage.valid.all()
+        # The copied columns are the whole of seed 3's episodes, as pi_old saw them.
+        log_probs = agent.dist.log_prob(agent.policy_params(storage.obs), storage.actions)
+        torch.testing.assert_close(storage.log_probs, log_probs)
+        second = collector.collect()
+        assert second.counts == {"dropped_groups": 1, "tied_groups": 0}
+        assert second.env_steps == 3 * 2 * 4
+        assert collector.state_dict() == {"passes": 6}
+        off = GroupCollector(envs, agent, storage, group_size=2, seed=0)  # the default: no resampling
+        plain = off.collect()
+        assert plain.counts == {"tied_groups": 2} and plain.env_steps == 2 * 4
+        off.load_state_dict({"iteration": 7}, reset_seed=0)  # a checkpoint saved before "passes"
+        assert off.state_dict() == {"passes": 7}
+    finally:
+        envs.close()
+
+
 @pytest.mark.parametrize("vectorization", ["vector_entry_point", "sync"])
 def test_episode_statistics_match_gymnasiums_wrapper(vectorization: str) -> None:
     """The collector counts episodes itself; it must report what RecordEpisodeStatistics reports,
