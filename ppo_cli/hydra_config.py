@@ -23,12 +23,18 @@ from ppo_cli.errors import ConfigError
 CONFIG_GROUPS = ("algo", "agent", "env", "tuned", "hparams_search", "tracking")
 
 
-def schema_defaults() -> dict[str, Any]:
-    """Every key of the root and env schemas that has a default, flattened (``algo.*`` has
-    none there: each variant has its own schema)."""
+def schema_defaults(algo: Any = None) -> dict[str, Any]:
+    """Every key of the root and env schemas that has a default, flattened, and of the schema of
+    the variant named ``algo`` if there is one (each variant has its own schema; its keys added
+    after a release have a default there, what runs saved before them used)."""
     schema = OmegaConf.merge(OmegaConf.structured(TrainConfig), {"env": OmegaConf.structured(EnvConfig)})
-    defaults = cast(dict[str, Any], OmegaConf.to_container(schema, throw_on_missing=False))
-    return {key: value for key, value in flatten(defaults).items() if value != MISSING}
+    defaults = flatten(cast(dict[str, Any], OmegaConf.to_container(schema, throw_on_missing=False)))
+    if isinstance(algo, str) and algo in ALGO_SCHEMAS:
+        algo_schema = OmegaConf.structured(ALGO_SCHEMAS[algo])
+        defaults |= flatten(
+            cast(dict[str, Any], OmegaConf.to_container(algo_schema, throw_on_missing=False)), "algo."
+        )
+    return {key: value for key, value in defaults.items() if value != MISSING}
 
 
 def env_config_of(saved: dict[str, Any]) -> EnvConfig:
