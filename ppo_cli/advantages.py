@@ -31,9 +31,11 @@ def gae(
     the trace, since step t+1 belongs to another episode.
 
     lambda = 0 gives the one-step TD error delta_t (low variance, biased by V);
-    lambda = 1 gives the discounted return to the end of the data minus V(s_t) (unbiased, high
-    variance). Returns ``(advantages, returns)`` with returns = advantages + values, the
-    regression target of the critic (the lambda-return).
+    lambda = 1 gives the discounted return to the end of the episode or of the data, whichever
+    comes first, minus V(s_t): the Monte-Carlo return where the episode terminates inside the
+    rollout, bootstrapped with V at a time limit and at the rollout's last step otherwise (high
+    variance, biased by V only at those ends). Returns ``(advantages, returns)`` with
+    returns = advantages + values, the lambda-return (the critic's target by default).
     """
     not_terminated = 1.0 - terminated.to(rewards.dtype)
     not_done = 1.0 - torch.logical_or(terminated.bool(), truncated.bool()).to(rewards.dtype)
@@ -60,6 +62,40 @@ def zero_spread(returns: torch.Tensor) -> torch.Tensor:
     """(groups,) True where every return of the group (a row of :func:`group_returns`) is equal:
     the group carries no learning signal, its advantages are 0."""
     return returns.amax(dim=1) == returns.amin(dim=1)
+
+
+def gae_and_critic_targets(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    next_values: torch.Tensor,
+    terminated: torch.Tensor,
+    truncated: torch.Tensor,
+    gamma: float,
+    gae_lambda: float,
+    critic_target: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE(gamma, lambda) advantages for the actor, and the critic's regression targets chosen
+    apart from them (``algo.critic_target``), so that the bias-variance trade-off of what V learns
+    can be studied without changing the policy's gradient:
+
+    - ``gae``: R_t = A_t + V(s_t), the lambda-return of the advantages themselves;
+    - ``td``: R_t = r_t + gamma * V(s_{t+1}) * (1 - terminated_t), the one-step (TD(0)) target;
+    - ``mc``: R_t = r_t + gamma * r_{t+1} + ... to the end of the episode, the Monte-Carlo return
+      where the episode terminates inside the rollout. Where it does not (still running at the
+      rollout's last step, or cut by a time limit) the sum is bootstrapped there with V, as
+      GAE's lambda = 1 return is: the alternative, dropping those steps from the critic's loss,
+      would leave an env whose episodes outlast the rollout with no target at all.
+
+    Every target is the lambda-return of :func:`gae` for some lambda (``td`` 0, ``mc`` 1), so
+    ``terminated`` and ``truncated`` mean the same here as there; lambda = 1 telescopes to the
+    discounted sum of rewards because ``next_values[t]`` = ``values[t + 1]`` inside an episode, as
+    a rollout stores them.
+    """
+    advantages, returns = gae(rewards, values, next_values, terminated, truncated, gamma, gae_lambda)
+    target_lambda = {"gae": gae_lambda, "td": 0.0, "mc": 1.0}[critic_target]
+    if target_lambda != gae_lambda:
+        _, returns = gae(rewards, values, next_values, terminated, truncated, gamma, target_lambda)
+    return advantages, returns
 
 
 def group_relative(

@@ -43,6 +43,7 @@ RECURRENT_CORES = ("none", "lstm", "gru")
 KL_ESTIMATORS = ("k1", "k2", "k3", "exact")
 GRPO_BASELINES = ("group_mean", "leave_one_out")
 GRPO_ADV_STDS = ("group", "none")
+CRITIC_TARGETS = ("gae", "td", "mc")  # see advantages.gae_and_critic_targets
 TRACKERS = {"none": None, "mlflow": "mlflow", "wandb": "wandb"}  # backend -> its package (and extra)
 WANDB_MODES = ("online", "offline")
 
@@ -140,7 +141,17 @@ class EpochKeys:
 
 
 @dataclass
-class SurrogateConfig(EpochKeys, ActorCriticConfig):
+class CriticTargetKeys:
+    """The critic's regression target, for the actor-critic variants that fit V to returns while
+    their actor keeps GAE(gamma, lambda) advantages (clip, penalty, a2c, trpo); listed first among
+    a variant's bases, as EpochKeys. Its default is also what a run saved before the key existed
+    used (resume reads it from here)."""
+
+    critic_target: str = setting("gae", check=one_of(CRITIC_TARGETS))
+
+
+@dataclass
+class SurrogateConfig(CriticTargetKeys, EpochKeys, ActorCriticConfig):
     """Variants that take epochs of minibatch steps on a ratio objective (clip, penalty)."""
 
     def check_env(self, env: EnvConfig) -> None:
@@ -199,7 +210,7 @@ class PGConfig(RegressedCriticConfig):
 
 
 @dataclass
-class TRPOConfig(RegressedCriticConfig):
+class TRPOConfig(CriticTargetKeys, RegressedCriticConfig):
     """TRPO: a natural-gradient policy step inside the trust region mean KL <= max_kl."""
 
     max_kl: float = setting(check=POSITIVE)
@@ -210,7 +221,7 @@ class TRPOConfig(RegressedCriticConfig):
 
 
 @dataclass
-class A2CConfig(ActorCriticConfig):
+class A2CConfig(CriticTargetKeys, ActorCriticConfig):
     """Synchronous advantage actor-critic: one step on policy + value loss per (short) rollout."""
 
 

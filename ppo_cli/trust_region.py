@@ -4,9 +4,11 @@ Schulman et al. 2015, "Trust Region Policy Optimization", appendix C. Maximise t
 L(theta) = mean(rho * A) subject to mean KL(pi_old || pi_theta) <= delta:
 
 1. g = grad L at theta_old; F = the Hessian of the mean KL at theta_old (the Fisher matrix).
-2. s = F^-1 g by conjugate gradient, using only Fisher-vector products F v = grad((grad KL) . v).
-3. Scale s so that the quadratic model of the KL, 0.5 * s^T F s, equals delta:
-   step = s * sqrt(2 delta / s^T F s).
+2. s = (F + lambda I)^-1 g by conjugate gradient, using only damped Fisher-vector products
+   (F + lambda I) v = grad((grad KL) . v) + lambda v (lambda = ``cg_damping``).
+3. Scale s so that the damped quadratic model of the KL, 0.5 * s^T (F + lambda I) s, equals delta:
+   step = s * sqrt(2 delta / s^T (F + lambda I) s), with the same product as the solve (as OpenAI
+   baselines' trpo_mpi), so the undamped model 0.5 * step^T F step stays a little under delta.
 4. Backtrack step, step/2, step/4, ... and accept the first that improves L with a measured
    KL <= delta; if none does, keep theta_old.
 """

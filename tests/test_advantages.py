@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import itertools
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 import torch
+from support import compose_config
 
 from ppo_cli import advantages as advantages_module
 from ppo_cli.advantages import gae
+from ppo_cli.algos import variant_of
+from ppo_cli.rollout import RolloutStorage
 
 GAMMA = 0.9
 
@@ -209,3 +214,72 @@ def test_group_relative_baselines_and_std_against_hand_numbers() -> None:
         torch.testing.assert_close(got[0], want, atol=1e-6, rtol=0)
         assert got.dtype == torch.float32
     torch.testing.assert_close(loo, 1.5 * torch.tensor([-2.0, -1.0, 3.0]))
+
+
+def critic_target_rollout() -> tuple[torch.Tensor, ...]:
+    """Two envs, four steps, gamma 0.5, V(s_t) = t + 1 and V = 6 after the rollout's last step.
+    Env 0's episode terminates at t = 2 (next_values there is junk: never used); env 1's is cut by
+    a time limit at t = 1 with V(final_obs) = 8. Each then starts an episode still running at the
+    rollout's end."""
+    rewards = torch.tensor([[1.0, 1.0], [2.0, 2.0], [4.0, 4.0], [8.0, 8.0]], dtype=torch.float64)
+    values = torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0], [4.0, 4.0]], dtype=torch.float64)
+    next_values = torch.tensor([[2.0, 2.0], [3.0, 8.0], [99.0, 4.0], [6.0, 6.0]], dtype=torch.float64)
+    terminated = torch.tensor([[False, False], [False, False], [True, False], [False, False]])
+    truncated = torch.tensor([[False, False], [False, True], [False, False], [False, False]])
+    return rewards, values, next_values, terminated, truncated
+
+
+# By hand, column per env: td is r_t + 0.5 * next_values_t unless terminated; mc sums to the
+# episode's end (env 0, t = 0: 1 + 0.5 * 2 + 0.25 * 4) and bootstraps at the time limit (env 1,
+# t = 0: 1 + 0.5 * (2 + 0.5 * 8)) and at the rollout's end (t = 3: 8 + 0.5 * 6).
+CRITIC_TARGETS_BY_HAND = {
+    "td": [[2.0, 2.0], [3.5, 6.0], [4.0, 6.0], [11.0, 11.0]],
+    "mc": [[3.0, 4.0], [4.0, 6.0], [4.0, 9.5], [11.0, 11.0]],
+}
+
+
+@pytest.mark.parametrize("critic_target", ["td", "mc"])
+def test_critic_targets_by_hand_while_advantages_stay_gae(critic_target: str) -> None:
+    rollout = critic_target_rollout()
+    advantages, targets = advantages_module.gae_and_critic_targets(*rollout, 0.5, 0.5, critic_target)
+    expected = torch.tensor(CRITIC_TARGETS_BY_HAND[critic_target], dtype=torch.float64)
+    torch.testing.assert_close(targets, expected)
+    gae_advantages, lambda_returns = gae(*rollout, 0.5, 0.5)
+    torch.testing.assert_close(advantages, gae_advantages)  # the actor's side is unchanged
+    assert (targets - lambda_returns).abs().max() > 0.5  # ... and the target is not the default's
+    default = advantages_module.gae_and_critic_targets(*rollout, 0.5, 0.5, "gae")
+    torch.testing.assert_close(default, (gae_advantages, lambda_returns))
+
+
+def test_monte_carlo_targets_without_bootstrap_at_time_limits() -> None:
+    """With algo.bootstrap_truncated=false a time limit counts as terminal (the variant passes
+    terminated | truncated): env 1's first episode then sums its rewards only, 1 + 0.5 * 2."""
+    rewards, values, next_values, terminated, truncated = critic_target_rollout()
+    _, targets = advantages_module.gae_and_critic_targets(
+        rewards, values, next_values, terminated | truncated, truncated, 0.5, 0.5, "mc"
+    )
+    torch.testing.assert_close(targets[:2, 1], torch.tensor([2.0, 2.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    ("algo", "critic_target"),
+    [("clip", "td"), ("penalty", "mc"), ("a2c", "td"), ("trpo", "mc"), ("pg", None)],
+)
+def test_each_actor_critic_variant_fits_its_critic_to_the_chosen_target(
+    algo: str, critic_target: str | None
+) -> None:
+    """What ``algo.critic_target`` reaches: the targets the loop hands the updater. algo=pg has
+    no such key and keeps the lambda-returns."""
+    choice = [] if critic_target is None else [f"algo.critic_target={critic_target}"]
+    cfg = compose_config(f"algo={algo}", "algo.gamma=0.5", "algo.gae_lambda=0.5", *choice)
+    rollout = critic_target_rollout()
+    fields = ("rewards", "values", "next_values", "terminated", "truncated")
+    storage = cast(RolloutStorage, SimpleNamespace(**dict(zip(fields, rollout, strict=True))))
+    advantages, targets = variant_of(cfg).advantages(storage)
+    gae_advantages, lambda_returns = gae(*rollout, 0.5, 0.5)
+    torch.testing.assert_close(advantages, gae_advantages)
+    if critic_target is not None:
+        expected = torch.tensor(CRITIC_TARGETS_BY_HAND[critic_target], dtype=torch.float64)
+    else:
+        expected = lambda_returns
+    torch.testing.assert_close(targets, expected)

@@ -85,6 +85,9 @@ BAD_INPUTS = [
     (["algo=penalty", "algo.clip_eps=0.1"], "algo.clip_eps: not a config key; allowed keys under algo:"),
     (["algo=clip", "algo.kl_target=0.1"], "algo.kl_target: not a config key; allowed keys under algo:"),
     (["algo=penalty", "algo.kl_estimator=k4"], "algo.kl_estimator: got 'k4', allowed: k1|k2|k3|exact"),
+    (["algo=trpo", "algo.critic_target=n_step"], "algo.critic_target: got 'n_step', allowed: gae|td|mc"),
+    (["algo=grpo", "algo.critic_target=mc"], "algo.critic_target: not a config key; allowed keys under"),
+    (["algo=pg", "algo.critic_target=mc"], "algo.critic_target: not a config key; allowed keys under"),
     (["algo=penalty", "algo.kl_target=0"], "algo.kl_target: got 0.0, allowed: a number > 0"),
     (
         ["env.id=CartPol-v1"],

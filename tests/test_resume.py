@@ -516,3 +516,15 @@ def test_grpo_dynamic_sampling_counts_every_step_and_resumes_exactly(
     assert got.keys() == expected.keys()
     for tag in expected.keys() - {"charts/SPS"}:  # GRPO's explained variance is NaN (no critic)
         np.testing.assert_array_equal(got[tag], expected[tag], err_msg=tag)
+
+
+def test_algo_keys_added_since_a_run_was_saved_count_as_their_schema_defaults() -> None:
+    """A clip run saved before algo.critic_target existed resumes with its default (gae, from
+    the variant's schema); choosing another target is a change."""
+    current = OmegaConf.to_container(OmegaConf.structured(compose_config("env=CartPole", "algo=clip")))
+    assert isinstance(current, dict)
+    saved = copy.deepcopy(current)
+    del saved["algo"]["critic_target"]
+    assert config_changes(saved, current) == []
+    current["algo"]["critic_target"] = "td"
+    assert config_changes(saved, current) == ["algo.critic_target: gae -> td"]

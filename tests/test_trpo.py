@@ -12,7 +12,7 @@ from ppo_cli import losses
 from ppo_cli.agent import ActorCritic
 from ppo_cli.algos.trpo import TRPOUpdater
 from ppo_cli.config import AgentConfig, TRPOConfig
-from ppo_cli.trust_region import conjugate_gradient
+from ppo_cli.trust_region import conjugate_gradient, trust_region_step
 
 
 def test_conjugate_gradient_solves_a_known_spd_system() -> None:
@@ -33,6 +33,25 @@ def test_conjugate_gradient_on_a_random_spd_system_converges_in_n_steps() -> Non
     # Fewer iterations give a worse, but not useless, answer.
     rough = conjugate_gradient(lambda v: a @ v, b, iterations=2)
     assert 0 < torch.linalg.norm(a @ rough - b) < torch.linalg.norm(b)
+
+
+def test_full_step_is_scaled_by_the_damped_quadratic_model() -> None:
+    """A linear surrogate g . theta and a quadratic KL 0.5 theta^T F theta around theta_old = 0:
+    the step is s * sqrt(2 delta / s^T (F + lambda I) s), s = (F + lambda I)^-1 g, by hand
+    (docs/algorithms.md, TRPO), and its undamped KL stays under delta so the first try is taken."""
+    fisher = torch.tensor([[1.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
+    g = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    damping, max_kl = 0.5, 0.01
+    theta = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    result = trust_region_step(
+        [theta], lambda: g @ theta, lambda: 0.5 * theta @ fisher @ theta, max_kl, 2, damping, 1, 0.5
+    )
+    # (F + 0.5 I) = diag(1.5, 4.5): s = (2/3, 2/9), s^T (F + 0.5 I) s = 2/3 + 2/9 = 8/9.
+    s = torch.tensor([2 / 3, 2 / 9], dtype=torch.float64)
+    expected = s * (2 * max_kl / (8 / 9)) ** 0.5
+    torch.testing.assert_close(theta.detach(), expected)
+    assert result.step_fraction == 1.0
+    assert 0.5 * expected @ fisher @ expected < 0.9 * max_kl  # the undamped model: well under delta
 
 
 def trpo_config(max_kl: float) -> TRPOConfig:

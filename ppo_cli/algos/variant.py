@@ -16,9 +16,9 @@ from typing import ClassVar
 import torch
 from gymnasium.vector import VectorEnv
 
-from ppo_cli.advantages import gae
+from ppo_cli.advantages import gae_and_critic_targets
 from ppo_cli.agent import ActorCritic
-from ppo_cli.config import ActorCriticConfig, AlgoConfig, TrainConfig
+from ppo_cli.config import ActorCriticConfig, AlgoConfig, CriticTargetKeys, TrainConfig
 from ppo_cli.distributed import DataParallel
 from ppo_cli.normalization import RewardScaler
 from ppo_cli.rollout import Collector, RolloutStorage
@@ -66,8 +66,9 @@ class Variant(ABC):
 
 class ActorCriticVariant(Variant):
     """A learned critic: rollouts of ``env.num_steps`` steps of every env (episodes run on across
-    iterations), GAE(gamma, lambda) advantages with lambda-returns as the critic's targets, and
-    reward scaling when ``env.normalize_reward``."""
+    iterations), GAE(gamma, lambda) advantages with lambda-returns as the critic's targets (or the
+    targets ``algo.critic_target`` picks, where the schema has it), and reward scaling when
+    ``env.normalize_reward``."""
 
     @property
     def algo(self) -> ActorCriticConfig:
@@ -107,7 +108,7 @@ class ActorCriticVariant(Variant):
         terminated = storage.terminated
         if not algo.bootstrap_truncated:  # the old behaviour: a time limit counts as terminal
             terminated = terminated | storage.truncated
-        return gae(
+        return gae_and_critic_targets(
             storage.rewards,
             storage.values,
             storage.next_values,
@@ -115,4 +116,5 @@ class ActorCriticVariant(Variant):
             storage.truncated,
             algo.gamma,
             algo.gae_lambda,
+            algo.critic_target if isinstance(algo, CriticTargetKeys) else "gae",
         )
