@@ -233,17 +233,18 @@ def test_grpo_trains_only_the_policy_against_a_frozen_reference(small_agent_cfg:
     updater = make_updater(cfg, agent, optimizer)
     assert type(updater) is GRPOUpdater
     critic_before = [p.clone() for p in agent.critic.parameters()]
-    reference_before = {k: v.clone() for k, v in updater.reference.state_dict().items()}
+    reference = updater.reference.frozen
+    reference_before = {k: v.clone() for k, v in reference.state_dict().items()}
 
     metrics = updater.update(batch)
 
     assert metrics["kl_reference"] > 0  # measured against the initial policy, which has moved
     assert all(torch.equal(a, b) for a, b in zip(critic_before, agent.critic.parameters(), strict=True))
-    assert all(torch.equal(reference_before[k], v) for k, v in updater.reference.state_dict().items())
-    assert not any(p.requires_grad for p in updater.reference.parameters())
+    assert all(torch.equal(reference_before[k], v) for k, v in reference.state_dict().items())
+    assert not any(p.requires_grad for p in reference.parameters())
 
     updater.update(batch)  # the second update refreshes the reference to the current policy
-    for key, value in updater.reference.state_dict().items():
+    for key, value in reference.state_dict().items():
         torch.testing.assert_close(value, agent.state_dict()[key])
     restored = make_updater(cfg, agent, optimizer)
     restored.load_state_dict(updater.state_dict())

@@ -58,6 +58,10 @@ class Variant(ABC):
     def advantages(self, storage: RolloutStorage) -> tuple[torch.Tensor, torch.Tensor]:
         """(advantages, critic targets), each (T, N), of the rollout in ``storage``."""
 
+    def loss_weights(self, storage: RolloutStorage) -> torch.Tensor | None:
+        """Each step's weight (T, N) in the loss's mean over the steps, or None for a plain mean."""
+        return None
+
     def make_updater(
         self, agent: ActorCritic, optimizer: torch.optim.Optimizer, parallel: DataParallel
     ) -> Updater:
