@@ -466,3 +466,25 @@ def test_keys_added_since_a_run_was_saved_count_as_their_defaults() -> None:
     assert config_changes(saved, current) == []
     current["agent"]["recurrent"] = "lstm"
     assert config_changes(saved, current) == ["agent.recurrent: none -> lstm"]
+
+
+@pytest.mark.parametrize(
+    ("algo", "added", "kl_loss"),
+    [
+        ("grpo", ["clip_eps_low", "clip_eps_high", "loss_agg", "kl_loss"], "k3"),
+        ("clip", ["ref_kl_coef", "kl_loss"], "k2"),
+    ],
+)
+def test_keys_added_to_a_variant_since_a_run_was_saved_count_as_their_defaults(
+    algo: str, added: list[str], kl_loss: str
+) -> None:
+    """A run saved before them resumes with those keys' defaults (the behaviour it was trained
+    with); only a real change is reported."""
+    current = OmegaConf.to_container(OmegaConf.structured(compose_config(f"algo={algo}")))
+    assert isinstance(current, dict)
+    saved = copy.deepcopy(current)
+    for key in added:
+        del saved["algo"][key]
+    assert config_changes(saved, current) == []
+    current["algo"]["kl_loss"] = "k1_in_reward"
+    assert config_changes(saved, current) == [f"algo.kl_loss: {kl_loss} -> k1_in_reward"]

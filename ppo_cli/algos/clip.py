@@ -26,7 +26,9 @@ class ClipUpdater(ActorCriticSurrogateUpdater):
 
     def reset_state(self) -> None:
         cfg = self.cfg
-        self.reference = ReferencePolicy(self.agent, cfg.kl_loss, cfg.ref_kl_coef) if cfg.ref_kl_coef else None
+        self.reference = (
+            ReferencePolicy(self.agent, cfg.kl_loss, cfg.ref_kl_coef) if cfg.ref_kl_coef else None
+        )
 
     def minibatch_loss(self, out: Evaluation, mb: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.reference is None:
