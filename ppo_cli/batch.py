@@ -35,16 +35,22 @@ class Batch:
     advantages: torch.Tensor
     returns: torch.Tensor
     action_masks: torch.Tensor | None = None  # allowed actions, when the envs report them
+    weights: torch.Tensor | None = None  # each step's weight in the loss's mean (losses.weighted_mean)
 
     @classmethod
     def from_storage(
-        cls, storage: RolloutStorage, advantages: torch.Tensor, returns: torch.Tensor, chunks: int = 1
+        cls,
+        storage: RolloutStorage,
+        advantages: torch.Tensor,
+        returns: torch.Tensor,
+        chunks: int = 1,
+        weights: torch.Tensor | None = None,
     ) -> Batch:
         """Flatten time and env dimensions and drop the fake steps of NEXT_STEP autoreset (a
         recurrent agent's storage gives a :class:`SequenceBatch` of ``chunks`` sequences per env
-        instead)."""
+        instead). ``weights`` (T, N), if any, weigh the steps in the loss."""
         if storage.states is not None:
-            return SequenceBatch.of_sequences(storage, advantages, returns, chunks)
+            return SequenceBatch.of_sequences(storage, advantages, returns, chunks, weights)
         valid = storage.valid.flatten()
         keep = None if bool(valid.all()) else valid.nonzero().squeeze(-1)
 
@@ -61,6 +67,7 @@ class Batch:
             flat(advantages),
             flat(returns),
             None if storage.action_masks is None else flat(storage.action_masks),
+            None if weights is None else flat(weights),
         )
 
     @property
@@ -112,7 +119,12 @@ class SequenceBatch(Batch):
 
     @classmethod
     def of_sequences(
-        cls, storage: RolloutStorage, advantages: torch.Tensor, returns: torch.Tensor, chunks: int
+        cls,
+        storage: RolloutStorage,
+        advantages: torch.Tensor,
+        returns: torch.Tensor,
+        chunks: int,
+        weights: torch.Tensor | None = None,
     ) -> SequenceBatch:
         assert storage.states is not None and storage.starts is not None
         assert bool(storage.valid.all())  # same-step autoreset: no fake steps inside a sequence
@@ -132,6 +144,7 @@ class SequenceBatch(Batch):
             cut(advantages),
             cut(returns),
             None if storage.action_masks is None else cut(storage.action_masks),
+            None if weights is None else cut(weights),
             cut(storage.states)[:1],
             cut(storage.starts),
         )

@@ -44,6 +44,8 @@ KL_ESTIMATORS = ("k1", "k2", "k3", "exact")
 GRPO_BASELINES = ("group_mean", "leave_one_out")
 GRPO_ADV_STDS = ("group", "none")
 CRITIC_TARGETS = ("gae", "td", "mc")  # see advantages.gae_and_critic_targets
+KL_LOSSES = ("k3", "k2", "k1_in_reward")  # how KL(pi || pi_ref) enters the loss (reference.py)
+LOSS_AGGREGATIONS = ("token_mean", "episode_mean", "constant")  # GRPO's mean over steps
 TRACKERS = {"none": None, "mlflow": "mlflow", "wandb": "wandb"}  # backend -> its package (and extra)
 WANDB_MODES = ("online", "offline")
 
@@ -164,6 +166,10 @@ class ClipConfig(SurrogateConfig):
 
     clip_eps: float = setting(check=POSITIVE)
     clip_vloss: bool = MISSING
+    # Keys added later carry a schema default, the value of the behaviour before them, so that a
+    # run saved without them resumes unchanged (resume.config_changes).
+    ref_kl_coef: float = setting(0.0, check=number_at_least(0))
+    kl_loss: str = setting("k2", check=one_of(KL_LOSSES))
 
 
 @dataclass
@@ -241,6 +247,20 @@ class GRPOConfig(EpochKeys, AlgoConfig):
     baseline: str = setting("group_mean", check=one_of(GRPO_BASELINES))
     adv_std: str = setting("group", check=one_of(GRPO_ADV_STDS))
     dynamic_sampling_max_passes: int = setting(0, check=integer_at_least(0, "0 = off"))
+    # Keys added later carry a schema default, the value of the behaviour before them, so that a
+    # run saved without them resumes unchanged (resume.config_changes).
+    clip_eps_low: float | None = setting(
+        None, check=optional(number_in(0, 1, open_low=True, open_high=True), "null (= algo.clip_eps)")
+    )
+    clip_eps_high: float | None = setting(None, check=optional(POSITIVE, "null (= algo.clip_eps)"))
+    loss_agg: str = setting("token_mean", check=one_of(LOSS_AGGREGATIONS))
+    kl_loss: str = setting("k3", check=one_of(KL_LOSSES))
+
+    @property
+    def clip_range(self) -> tuple[float, float]:
+        """(eps_low, eps_high): the ratio is clipped to [1 - eps_low, 1 + eps_high]."""
+        low = self.clip_eps if self.clip_eps_low is None else self.clip_eps_low
+        return low, self.clip_eps if self.clip_eps_high is None else self.clip_eps_high
 
     def check_env(self, env: EnvConfig) -> None:
         require(

@@ -23,13 +23,14 @@ from ppo_cli.errors import ConfigError
 CONFIG_GROUPS = ("algo", "agent", "env", "tuned", "hparams_search", "tracking")
 
 
-def schema_defaults(algo: Any = None) -> dict[str, Any]:
-    """Every key of the root and env schemas that has a default, and of variant ``algo``'s
-    schema when ``algo`` names one (a saved config's ``algo.name``; each variant has its own),
+def schema_defaults(algo_name: str | None = None) -> dict[str, Any]:
+    """Every key of the root and env schemas that has a default, and of the schema of the variant
+    ``algo_name`` (``algo.*`` keys are the variant's: most take their default from its preset;
+    those added to a variant later have one in the schema, the value of the behaviour before them),
     flattened."""
     groups: dict[str, Any] = {"env": OmegaConf.structured(EnvConfig)}
-    if isinstance(algo, str) and algo in ALGO_SCHEMAS:
-        groups["algo"] = OmegaConf.structured(ALGO_SCHEMAS[algo])
+    if isinstance(algo_name, str) and algo_name in ALGO_SCHEMAS:
+        groups["algo"] = OmegaConf.structured(ALGO_SCHEMAS[algo_name])
     schema = OmegaConf.merge(OmegaConf.structured(TrainConfig), groups)
     defaults = cast(dict[str, Any], OmegaConf.to_container(schema, throw_on_missing=False))
     return {key: value for key, value in flatten(defaults).items() if value != MISSING}

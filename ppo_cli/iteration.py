@@ -160,7 +160,8 @@ def run_iteration(state: TrainingState) -> IterationResult:
     rollout = state.collector.collect()
     state.statistics.merge()
     advantages, returns = variant.advantages(rollout.storage)
-    batch = Batch.from_storage(rollout.storage, advantages, returns, cfg.sequence_chunks)
+    weights = variant.loss_weights(rollout.storage)
+    batch = Batch.from_storage(rollout.storage, advantages, returns, cfg.sequence_chunks, weights)
     metrics = state.updater.update(batch)
     own = IterationReport(
         rollout.env_steps, rollout.episodes, explained_variance(batch.values, batch.returns), rollout.counts

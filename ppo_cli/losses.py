@@ -11,19 +11,69 @@ import torch
 
 
 def clipped_surrogate_loss(
-    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_eps: float
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_eps: float,
+    *,
+    clip_eps_high: float | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """PPO-Clip policy loss (Schulman et al. 2017, eq. 7), negated for minimisation.
 
-    L = -mean( min( rho * A, clip(rho, 1 - eps, 1 + eps) * A ) ),   rho = pi(a|s) / pi_old(a|s)
+    L = -mean( min( rho * A, clip(rho, 1 - eps, 1 + eps_high) * A ) ),   rho = pi(a|s) / pi_old(a|s)
 
-    The min makes the objective a pessimistic bound: moving rho outside [1 - eps, 1 + eps] in
-    the direction that A rewards earns nothing more, while moving it the wrong way is paid in full.
+    The min makes the objective a pessimistic bound: moving rho outside the range in the direction
+    that A rewards earns nothing more, while moving it the wrong way is paid in full.
+    ``clip_eps_high`` (default ``clip_eps``) is DAPO's asymmetric upper end (Yu et al. 2025): a
+    higher ceiling lets unlikely actions with A > 0 gain more probability per update, which keeps
+    the policy's entropy from collapsing. ``weights`` weigh the steps in the mean (see
+    :func:`weighted_mean`).
     """
+    high = clip_eps if clip_eps_high is None else clip_eps_high
     ratio = torch.exp(log_prob - old_log_prob)
     unclipped = ratio * advantages
-    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages
-    return -torch.minimum(unclipped, clipped).mean()
+    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + high) * advantages
+    return -weighted_mean(torch.minimum(unclipped, clipped), weights)
+
+
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """mean(weights * values), or the plain mean without weights.
+
+    With weights that average 1 over the whole batch (:func:`episode_step_weights`), each
+    minibatch's value is an unbiased estimate of the batch's weighted aggregate, and the mean over
+    an epoch's equal-sized minibatches is that aggregate exactly: shuffling single steps into
+    minibatches does not change what is minimised.
+    """
+    return values.mean() if weights is None else (weights * values).mean()
+
+
+def episode_step_weights(valid: torch.Tensor, loss_agg: str) -> torch.Tensor:
+    """Per-step loss weights u, (T, N), for a rollout whose column n holds one episode (GRPO's),
+    such that mean(u * l) over the B valid steps is the chosen aggregate of per-step terms l:
+
+        token_mean    1/B   sum_i sum_t l_it            u = 1              (DAPO)
+        episode_mean  1/G   sum_i 1/|o_i| sum_t l_it    u = B / (G |o_i|)  (the GRPO paper)
+        constant      1/(G T) sum_i sum_t l_it          u = B / (G T)      (Dr. GRPO)
+
+    G = episodes (columns with a valid step), |o_i| = episode i's length, T = the rollout length
+    (GRPO's: the episode time limit, the longest an episode can be). u is 0 at invalid steps and
+    averages 1 over the valid ones. token_mean lets long episodes weigh more; episode_mean gives
+    every episode the same weight, so each step of a short one weighs more; constant weighs every
+    step alike and, unlike token_mean, does not rescale the loss by how long this batch's
+    episodes happened to be (Liu et al. 2025, "Understanding R1-Zero-Like Training").
+    """
+    lengths = valid.sum(dim=0, dtype=torch.float64)
+    steps, episodes = lengths.sum(), (lengths > 0).sum()
+    if loss_agg == "token_mean":
+        per_episode = torch.ones_like(lengths)
+    elif loss_agg == "episode_mean":
+        per_episode = steps / (episodes * lengths.clamp(min=1))
+    elif loss_agg == "constant":
+        per_episode = (steps / (episodes * valid.shape[0])).expand_as(lengths)
+    else:
+        raise ValueError(f"unknown loss aggregation {loss_agg!r}")
+    return (valid * per_episode).float()
 
 
 def value_loss(
@@ -97,32 +147,38 @@ def adaptive_kl_coef(
 
 
 class KLEstimates(NamedTuple):
-    """Sample estimates of KL(pi_old || pi) from log r = log pi(a|s) - log pi_old(a|s), a ~ pi_old."""
+    """Sample estimates of KL(q || p) from log r = log p(x) - log q(x), x ~ q: of KL(pi_old || pi)
+    with r = pi / pi_old on a rollout's actions, of KL(pi || pi_ref) with r = pi_ref / pi."""
 
     k1: torch.Tensor
     k2: torch.Tensor
     k3: torch.Tensor
 
 
-def kl_estimates(log_prob: torch.Tensor, old_log_prob: torch.Tensor) -> KLEstimates:
-    """Schulman's three estimators ("Approximating KL Divergence", 2020), averaged over the batch.
+def kl_terms(log_ratio: torch.Tensor) -> KLEstimates:
+    """Schulman's three estimators ("Approximating KL Divergence", 2020), one per sample.
 
-    k1 = mean(-log r): unbiased, high variance, can be negative on a finite batch.
-    k2 = mean(0.5 * (log r)^2): biased but low variance, always >= 0; exact to second order.
-    k3 = mean((r - 1) - log r): unbiased, low variance, always >= 0 (r - 1 >= log r).
+    k1 = -log r: unbiased, high variance, can be negative on a finite batch.
+    k2 = 0.5 * (log r)^2: biased but low variance, always >= 0; exact to second order.
+    k3 = (r - 1) - log r: unbiased, low variance, always >= 0 (r - 1 >= log r).
     """
-    log_ratio = log_prob - old_log_prob
-    return KLEstimates(
-        (-log_ratio).mean(),
-        (0.5 * log_ratio.square()).mean(),
-        (torch.expm1(log_ratio) - log_ratio).mean(),
-    )
+    return KLEstimates(-log_ratio, 0.5 * log_ratio.square(), torch.expm1(log_ratio) - log_ratio)
 
 
-def clip_fraction(log_prob: torch.Tensor, old_log_prob: torch.Tensor, clip_eps: float) -> torch.Tensor:
-    """Share of samples whose ratio lies outside [1 - eps, 1 + eps]."""
+def kl_estimates(log_prob: torch.Tensor, old_log_prob: torch.Tensor) -> KLEstimates:
+    """:func:`kl_terms` of KL(pi_old || pi), log r = log pi(a|s) - log pi_old(a|s), averaged over
+    the batch."""
+    return KLEstimates(*(term.mean() for term in kl_terms(log_prob - old_log_prob)))
+
+
+def clip_fraction(
+    log_prob: torch.Tensor, old_log_prob: torch.Tensor, clip_eps: float, clip_eps_high: float | None = None
+) -> torch.Tensor:
+    """Share of samples whose ratio lies outside [1 - eps, 1 + eps_high] (``clip_eps_high``
+    defaults to ``clip_eps``), the range :func:`clipped_surrogate_loss` clamps to."""
+    high = clip_eps if clip_eps_high is None else clip_eps_high
     ratio = torch.exp(log_prob - old_log_prob)
-    return ((ratio - 1.0).abs() > clip_eps).float().mean()
+    return ((ratio < 1.0 - clip_eps) | (ratio > 1.0 + high)).float().mean()
 
 
 def explained_variance(predictions: torch.Tensor, targets: torch.Tensor) -> float:

@@ -233,8 +233,8 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     on resume: see ``config.role_of``) whose value differs. A key that did not exist when the run
     was saved (added by a later ppo-cli) had its default then."""
     saved_algo = saved.get("algo")
-    algo = saved_algo.get("name") if isinstance(saved_algo, dict) else None
-    old, new = {**schema_defaults(algo), **flatten(saved)}, flatten(current)
+    algo_name = saved_algo.get("name") if isinstance(saved_algo, dict) else None
+    old, new = {**schema_defaults(algo_name), **flatten(saved)}, flatten(current)
     return [
         f"{key}: {old.get(key, '<unset>')} -> {new.get(key, '<unset>')}"
         for key in sorted(old.keys() | new.keys())

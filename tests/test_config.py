@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 from support import compose_config, one_line_failure
 
 from ppo_cli import cli
-from ppo_cli.config import ALGO_SCHEMAS, flatten, role_of
+from ppo_cli.config import ALGO_SCHEMAS, GRPOConfig, flatten, role_of
 
 CONFIG_DIR = cli.find_config_dir()
 ENV_PRESETS = sorted(p.stem for p in (Path(CONFIG_DIR) / "env").glob("*.yaml"))
@@ -82,6 +83,25 @@ BAD_INPUTS = [
         ["algo=a2c", "algo.dynamic_sampling_max_passes=1"],
         "algo.dynamic_sampling_max_passes: not a config key; allowed keys under algo:",
     ),
+        ["algo=grpo", "algo.clip_eps_low=1"],
+        "algo.clip_eps_low: got 1.0, allowed: null (= algo.clip_eps) or a number in (0, 1)",
+    ),
+    (
+        ["algo=grpo", "algo.clip_eps_high=0"],
+        "algo.clip_eps_high: got 0.0, allowed: null (= algo.clip_eps) or",
+    ),
+    (
+        ["algo=grpo", "algo.loss_agg=sum"],
+        "algo.loss_agg: got 'sum', allowed: token_mean|episode_mean|constant",
+    ),
+    (["algo=grpo", "algo.kl_loss=k1"], "algo.kl_loss: got 'k1', allowed: k3|k2|k1_in_reward"),
+    (["algo=clip", "algo.ref_kl_coef=-1"], "algo.ref_kl_coef: got -1.0, allowed: a number >= 0"),
+    (["algo=clip", "algo.loss_agg=constant"], "algo.loss_agg: not a config key; allowed keys under algo:"),
+    (
+        ["algo=penalty", "algo.ref_kl_coef=0.1"],
+        "algo.ref_kl_coef: not a config key; allowed keys under algo:",
+    ),
+    (["algo=a2c", "algo.kl_loss=k2"], "algo.kl_loss: not a config key; allowed keys under algo:"),
     (["algo=penalty", "algo.clip_eps=0.1"], "algo.clip_eps: not a config key; allowed keys under algo:"),
     (["algo=clip", "algo.kl_target=0.1"], "algo.kl_target: not a config key; allowed keys under algo:"),
     (["algo=penalty", "algo.kl_estimator=k4"], "algo.kl_estimator: got 'k4', allowed: k1|k2|k3|exact"),
@@ -187,6 +207,29 @@ def test_every_algo_schema_has_a_preset_and_a_variant() -> None:
     assert set(VARIANTS) == set(ALGO_SCHEMAS.values())
     for name in presets:
         assert compose_config(f"algo={name}").algo.name == name
+
+
+def test_schema_defaults_of_variant_keys_are_their_preset_values() -> None:
+    """Keys added to a variant later carry a schema default, the behaviour before them (what a
+    resumed older run counts them as): the preset must say the same."""
+    checked = set()
+    for name, schema in ALGO_SCHEMAS.items():
+        preset = compose_config(f"algo={name}", "~tuned").algo
+        for field in dataclasses.fields(schema):
+            if field.default not in (dataclasses.MISSING, MISSING):
+                assert getattr(preset, field.name) == field.default, (name, field.name)
+                checked.add(f"{name}.{field.name}")
+    new_keys = {
+        "grpo.clip_eps_low",
+        "grpo.clip_eps_high",
+        "grpo.loss_agg",
+        "grpo.kl_loss",
+        "clip.ref_kl_coef",
+    }
+    assert new_keys | {"clip.kl_loss"} <= checked
+    grpo = compose_config("algo=grpo", "~tuned").algo
+    assert isinstance(grpo, GRPOConfig)
+    assert (grpo.loss_agg, grpo.kl_loss, grpo.clip_range) == ("token_mean", "k3", (0.2, 0.2))
 
 
 def test_unwritable_run_dir_is_one_line(

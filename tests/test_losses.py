@@ -206,3 +206,51 @@ def test_surrogate_loss_hand_numbers() -> None:
     advantages = torch.tensor([2.0, -1.0])
     # -mean(1.5 * 2, 0.5 * -1) = -(3 - 0.5) / 2
     assert losses.surrogate_loss(log_prob, torch.zeros(2), advantages).item() == pytest.approx(-1.25)
+
+
+@pytest.mark.parametrize(
+    ("ratio", "adv", "objective"),
+    [
+        (1.25, 1.0, 1.25),  # inside [0.8, 1.28] (symmetric 0.2 would cap it at 1.2)
+        (1.4, 1.0, 1.28),  # above, A > 0: capped at (1 + eps_high) * A
+        (1.4, -1.0, -1.4),  # above, A < 0: paid in full
+        (0.7, -1.0, -0.8),  # below, A < 0: capped at (1 - eps_low) * A
+        (0.7, 1.0, 0.7),  # below, A > 0: paid in full
+    ],
+)
+def test_clipped_surrogate_asymmetric_range(ratio: float, adv: float, objective: float) -> None:
+    """DAPO's clip: the ratio is clipped to [1 - 0.2, 1 + 0.28]."""
+    log_prob, old = _log_probs([ratio], [-0.7])
+    advantages = torch.tensor([adv], dtype=torch.float64)
+    loss = losses.clipped_surrogate_loss(log_prob, old, advantages, 0.2, clip_eps_high=0.28)
+    assert loss.item() == pytest.approx(-objective, abs=1e-12)
+
+
+def test_clip_fraction_counts_the_asymmetric_range() -> None:
+    log_prob, old = _log_probs([0.75, 0.85, 1.25, 1.3], [-1.0] * 4)
+    assert losses.clip_fraction(log_prob, old, 0.2, 0.28).item() == 0.5  # 0.75 < 0.8, 1.3 > 1.28
+    assert losses.clip_fraction(log_prob, old, 0.2).item() == 0.75  # symmetric: 1.25 > 1.2 too
+
+
+def test_clipped_surrogate_weighted_mean() -> None:
+    log_prob, old = _log_probs([1.1, 1.5], [-1.0, -1.0])
+    adv = torch.tensor([2.0, 1.0], dtype=torch.float64)
+    weights = torch.tensor([0.5, 1.5], dtype=torch.float64)
+    # min terms 2.2 and 1.2 -> (0.5 * 2.2 + 1.5 * 1.2) / 2 = 1.45
+    assert losses.clipped_surrogate_loss(log_prob, old, adv, EPS, weights=weights).item() == pytest.approx(
+        -1.45
+    )
+
+
+def test_episode_step_weights_by_hand() -> None:
+    """Two episodes in a rollout of T = 3: lengths 3 and 1, B = 4 valid steps, G = 2."""
+    valid = torch.tensor([[True, True], [True, False], [True, False]])
+    expected = {
+        "token_mean": [[1, 1], [1, 0], [1, 0]],
+        "episode_mean": [[2 / 3, 2], [2 / 3, 0], [2 / 3, 0]],  # B / (G |o_i|): 4 / 6, 4 / 2
+        "constant": [[2 / 3, 2 / 3], [2 / 3, 0], [2 / 3, 0]],  # B / (G T) = 4 / 6
+    }
+    for loss_agg, weights in expected.items():
+        got = losses.episode_step_weights(valid, loss_agg)
+        torch.testing.assert_close(got, torch.tensor(weights, dtype=torch.float32), msg=loss_agg)
+        assert got[valid].mean().item() == pytest.approx(1.0 if loss_agg != "constant" else 2 / 3)

@@ -469,19 +469,6 @@ def test_keys_added_since_a_run_was_saved_count_as_their_defaults() -> None:
     assert config_changes(saved, current) == ["agent.recurrent: none -> lstm"]
 
 
-def test_grpo_keys_added_since_a_run_was_saved_count_as_their_defaults() -> None:
-    """A GRPO run saved before algo.baseline, algo.adv_std and algo.dynamic_sampling_max_passes
-    existed resumes with their defaults (its variant's schema holds them); a real change shows."""
-    current = OmegaConf.to_container(OmegaConf.structured(compose_config("algo=grpo")))
-    assert isinstance(current, dict)
-    saved = copy.deepcopy(current)
-    for key in ("baseline", "adv_std", "dynamic_sampling_max_passes"):
-        del saved["algo"][key]
-    assert config_changes(saved, current) == []
-    current["algo"]["adv_std"] = "none"
-    assert config_changes(saved, current) == ["algo.adv_std: group -> none"]
-
-
 @pytest.mark.slow
 def test_grpo_dynamic_sampling_counts_every_step_and_resumes_exactly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -518,13 +505,30 @@ def test_grpo_dynamic_sampling_counts_every_step_and_resumes_exactly(
         np.testing.assert_array_equal(got[tag], expected[tag], err_msg=tag)
 
 
-def test_algo_keys_added_since_a_run_was_saved_count_as_their_schema_defaults() -> None:
-    """A clip run saved before algo.critic_target existed resumes with its default (gae, from
-    the variant's schema); choosing another target is a change."""
-    current = OmegaConf.to_container(OmegaConf.structured(compose_config("env=CartPole", "algo=clip")))
+@pytest.mark.parametrize(
+    ("algo", "added", "change"),
+    [
+        (
+            "grpo",
+            ["baseline", "adv_std", "dynamic_sampling_max_passes", "clip_eps_low", "clip_eps_high",
+             "loss_agg", "kl_loss"],
+            ("adv_std", "group", "none"),
+        ),
+        ("clip", ["ref_kl_coef", "kl_loss", "critic_target"], ("critic_target", "gae", "td")),
+        ("trpo", ["critic_target"], ("critic_target", "gae", "mc")),
+    ],
+)  # fmt: skip
+def test_keys_added_to_a_variant_since_a_run_was_saved_count_as_their_defaults(
+    algo: str, added: list[str], change: tuple[str, str, str]
+) -> None:
+    """A run saved before them resumes with those keys' defaults (the behaviour it was trained
+    with: its variant's schema holds them); only a real change is reported."""
+    current = OmegaConf.to_container(OmegaConf.structured(compose_config(f"algo={algo}")))
     assert isinstance(current, dict)
     saved = copy.deepcopy(current)
-    del saved["algo"]["critic_target"]
+    for key in added:
+        del saved["algo"][key]
     assert config_changes(saved, current) == []
-    current["algo"]["critic_target"] = "td"
-    assert config_changes(saved, current) == ["algo.critic_target: gae -> td"]
+    key, before, after = change
+    current["algo"][key] = after
+    assert config_changes(saved, current) == [f"algo.{key}: {before} -> {after}"]

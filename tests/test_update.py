@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from support import algo_config, on_policy_batch
+from support import algo_config, compose_config, on_policy_batch
 
 from ppo_cli import losses
 from ppo_cli.advantages import gae
 from ppo_cli.agent import ActorCritic
-from ppo_cli.algos import make_updater
+from ppo_cli.algos import make_updater, variant_of
 from ppo_cli.algos.a2c import A2CUpdater
 from ppo_cli.algos.clip import ClipUpdater
 from ppo_cli.algos.grpo import GRPOUpdater
@@ -20,6 +22,7 @@ from ppo_cli.algos.pg import PGUpdater
 from ppo_cli.batch import Batch
 from ppo_cli.config import AgentConfig, ClipConfig, PenaltyConfig
 from ppo_cli.errors import NonFiniteError
+from ppo_cli.rollout import RolloutStorage
 
 BATCH = 64
 
@@ -233,17 +236,18 @@ def test_grpo_trains_only_the_policy_against_a_frozen_reference(small_agent_cfg:
     updater = make_updater(cfg, agent, optimizer)
     assert type(updater) is GRPOUpdater
     critic_before = [p.clone() for p in agent.critic.parameters()]
-    reference_before = {k: v.clone() for k, v in updater.reference.state_dict().items()}
+    reference = updater.reference.frozen
+    reference_before = {k: v.clone() for k, v in reference.state_dict().items()}
 
     metrics = updater.update(batch)
 
     assert metrics["kl_reference"] > 0  # measured against the initial policy, which has moved
     assert all(torch.equal(a, b) for a, b in zip(critic_before, agent.critic.parameters(), strict=True))
-    assert all(torch.equal(reference_before[k], v) for k, v in updater.reference.state_dict().items())
-    assert not any(p.requires_grad for p in updater.reference.parameters())
+    assert all(torch.equal(reference_before[k], v) for k, v in reference.state_dict().items())
+    assert not any(p.requires_grad for p in reference.parameters())
 
     updater.update(batch)  # the second update refreshes the reference to the current policy
-    for key, value in updater.reference.state_dict().items():
+    for key, value in reference.state_dict().items():
         torch.testing.assert_close(value, agent.state_dict()[key])
     restored = make_updater(cfg, agent, optimizer)
     restored.load_state_dict(updater.state_dict())
@@ -275,3 +279,73 @@ def test_non_finite_gradient_names_the_parameter(small_agent_cfg: AgentConfig) -
     assert str(info.value).startswith("the gradient of critic.0.weight is not finite (loss ")
     for key, value in agent.state_dict().items():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0, msg=key)
+
+
+# Two GRPO episodes in a rollout of T = 3 steps: lengths 3 and 1. Flattened time-major, the valid
+# steps belong to episodes 0, 1, 0, 0.
+EPISODE_VALID = torch.tensor([[True, True], [True, False], [True, False]])
+EPISODE_OF_STEP = [0, 1, 0, 0]
+
+
+def test_grpo_batch_carries_the_loss_agg_weights_of_its_episodes(small_agent_cfg: AgentConfig) -> None:
+    cfg = compose_config("algo=grpo", "env.num_envs=2", "algo.group_size=2", "algo.loss_agg=episode_mean")
+    agent, _, _ = setup(small_agent_cfg)
+    storage = RolloutStorage(3, 2, agent, torch.device("cpu"))
+    storage.valid.copy_(EPISODE_VALID)
+    zeros = torch.zeros(3, 2)
+    batch = Batch.from_storage(storage, zeros, zeros, 1, variant_of(cfg).loss_weights(storage))
+    assert batch.weights is not None
+    torch.testing.assert_close(batch.weights, torch.tensor([2 / 3, 2.0, 2 / 3, 2 / 3]))  # B / (G |o_i|)
+
+
+@pytest.mark.parametrize("loss_agg", ["token_mean", "episode_mean", "constant"])
+def test_grpo_loss_and_gradient_are_the_written_formula(loss_agg: str, small_agent_cfg: AgentConfig) -> None:
+    """The loss, its gradient, and the mean of its minibatches' losses against the formula
+    written out per episode, with DAPO's asymmetric clip [1 - 0.1, 1 + 0.3]."""
+    torch.manual_seed(3)
+    agent, optimizer, _ = setup(small_agent_cfg)
+    values = {"clip_eps_low": 0.1, "clip_eps_high": 0.3, "kl_coef": 0.1, "ent_coef": 0.01}
+    cfg = algo_config("grpo", loss_agg=loss_agg, num_minibatches=2, **values)
+    updater = make_updater(cfg, agent, optimizer)
+    with torch.no_grad():
+        agent.actor.linear_layers[-1].bias.add_(torch.tensor([0.5, -0.4, 0.2]))  # away from pi_ref
+    obs, advantages = torch.randn(4, 3), torch.tensor([1.0, -0.5, 1.0, 1.0])
+    batch = on_policy_batch(agent, obs, advantages, torch.zeros(4))
+    # Ratios exp(-0.4) = 0.67 and exp(0.3) = 1.35 outside the range, 1 and exp(0.2) = 1.22 inside.
+    old_log_probs = batch.log_probs + torch.tensor([0.4, -0.3, 0.0, -0.2])
+    weights = losses.episode_step_weights(EPISODE_VALID, loss_agg)[EPISODE_VALID]
+    batch = dataclasses.replace(batch, log_probs=old_log_probs, weights=weights)
+    actor = agent.actor_parameters()
+
+    loss, terms = updater.minibatch_loss(agent.evaluate(batch.obs, batch.actions), batch)
+    grad = torch.autograd.grad(loss, actor)
+    assert terms["clipfrac"].item() == 0.5
+
+    out = agent.evaluate(batch.obs, batch.actions)
+    with torch.no_grad():
+        reference = updater.reference.frozen
+        ref_log_prob = reference.dist.log_prob(reference.policy_params(obs), batch.actions)
+    per_step = []
+    for s in range(4):
+        ratio = torch.exp(out.log_prob[s] - old_log_probs[s])
+        a = advantages[s]
+        surrogate = -torch.minimum(ratio * a, torch.clamp(ratio, 0.9, 1.3) * a)
+        log_r = ref_log_prob[s] - out.log_prob[s]
+        per_step.append(surrogate + 0.1 * (torch.exp(log_r) - 1 - log_r) - 0.01 * out.entropy[s])
+    episodes = [[per_step[s] for s in range(4) if EPISODE_OF_STEP[s] == i] for i in range(2)]
+    if loss_agg == "token_mean":  # 1/B sum_i sum_t
+        expected = sum(per_step) / 4
+    elif loss_agg == "episode_mean":  # 1/G sum_i 1/|o_i| sum_t
+        expected = sum(sum(steps) / len(steps) for steps in episodes) / 2
+    else:  # 1/(G T) sum_i sum_t
+        expected = sum(per_step) / (2 * 3)
+    assert isinstance(expected, torch.Tensor)
+    torch.testing.assert_close(loss, expected)
+    for got, want in zip(grad, torch.autograd.grad(expected, actor), strict=True):
+        torch.testing.assert_close(got, want)
+
+    minibatch_losses = [
+        updater.minibatch_loss(agent.evaluate(mb.obs, mb.actions), mb)[0].detach()
+        for mb in batch.shuffled_minibatches(2)
+    ]
+    torch.testing.assert_close(torch.stack(minibatch_losses).mean(), expected.detach())

@@ -1,6 +1,10 @@
-"""PPO-Clip (Schulman et al. 2017): the clipped surrogate objective; optional value clipping."""
+"""PPO-Clip (Schulman et al. 2017): the clipped surrogate objective; optional value clipping;
+optional KL to a frozen reference policy (for fine-tuning)."""
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Any
 
 import torch
 
@@ -9,13 +13,33 @@ from ppo_cli.agent import Evaluation
 from ppo_cli.algos.variant import ActorCriticVariant
 from ppo_cli.batch import Batch
 from ppo_cli.config import ClipConfig
+from ppo_cli.reference import ReferencePolicy
 from ppo_cli.update import ActorCriticSurrogateUpdater
 
 
 class ClipUpdater(ActorCriticSurrogateUpdater):
-    """PPO-Clip: the clipped surrogate; value clipping with the same epsilon."""
+    """PPO-Clip: the clipped surrogate; value clipping with the same epsilon; with
+    ``ref_kl_coef > 0``, plus ref_kl_coef * KL(pi || pi_ref) to the policy the run started from
+    (``reference.py``; none is kept otherwise)."""
 
     cfg: ClipConfig
+
+    def reset_state(self) -> None:
+        cfg = self.cfg
+        self.reference = (
+            ReferencePolicy(self.agent, cfg.kl_loss, cfg.ref_kl_coef) if cfg.ref_kl_coef else None
+        )
+
+    def minibatch_loss(self, out: Evaluation, mb: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.reference is None:
+            return super().minibatch_loss(out, mb)
+        # k1_in_reward shapes the advantages before their normalisation, as a reward penalty would.
+        ref = self.reference.terms(out.log_prob, mb, mb.advantages)
+        loss, terms = super().minibatch_loss(out, dataclasses.replace(mb, advantages=ref.advantages))
+        terms["surrogate_loss"] = terms["policy_loss"]
+        terms["policy_loss"] = terms["policy_loss"] + ref.penalty
+        terms["kl_reference"] = ref.kl
+        return loss + ref.penalty, terms
 
     def policy_loss(self, out: Evaluation, mb: Batch, advantages: torch.Tensor) -> dict[str, torch.Tensor]:
         eps = self.cfg.clip_eps
@@ -26,6 +50,19 @@ class ClipUpdater(ActorCriticSurrogateUpdater):
 
     def value_clip_eps(self) -> float | None:
         return self.cfg.clip_eps if self.cfg.clip_vloss else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.reference is None else self.reference.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the reference; a checkpoint saved without one (ref_kl_coef was 0, changed on
+        resume) makes the policy it holds, loaded before this, the reference."""
+        if self.reference is None:
+            super().load_state_dict(state)
+        elif state:
+            self.reference.load_state_dict(state)
+        else:
+            self.reference.refresh()
 
 
 class Clip(ActorCriticVariant):

@@ -10,7 +10,6 @@ with a KL to a frozen reference policy.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import numpy as np
@@ -27,6 +26,7 @@ from ppo_cli.envs import episode_time_limit
 from ppo_cli.episodes import EpisodeLog
 from ppo_cli.errors import UserError
 from ppo_cli.normalization import RewardScaler
+from ppo_cli.reference import ReferencePolicy
 from ppo_cli.rollout import Collector, Rollout, RolloutStorage, check_finite
 from ppo_cli.update import SurrogateUpdater
 
@@ -34,48 +34,45 @@ from ppo_cli.update import SurrogateUpdater
 class GRPOUpdater(SurrogateUpdater):
     """GRPO: clipped surrogate on group-relative advantages, plus kl_coef * KL(pi || pi_ref).
 
-    The KL to the frozen reference policy uses the k3 form on the stored actions,
-    mean(r - 1 - log r) with r = pi_ref(a|s) / pi(a|s) (Shao et al. 2024, eq. 4). The reference
-    is the initial policy, or a copy refreshed every ``ref_update_every`` updates. There is no
-    critic: the agent's value network receives no gradient.
+    The KL to the frozen reference policy (``reference.py``) enters as ``kl_loss`` says: by
+    default the k3 form on the stored actions, r - 1 - log r with r = pi_ref(a|s) / pi(a|s)
+    (Shao et al. 2024, eq. 4). The reference is the initial policy, or a copy refreshed every
+    ``ref_update_every`` updates. Every term is averaged over the steps as ``loss_agg`` says,
+    through the batch's step weights (:meth:`GRPO.loss_weights`). There is no critic: the agent's
+    value network receives no gradient.
     """
 
     cfg: GRPOConfig
 
     def reset_state(self) -> None:
-        self.reference = copy.deepcopy(self.agent).requires_grad_(False)
-        self.updates = 0
+        cfg = self.cfg
+        self.reference = ReferencePolicy(self.agent, cfg.kl_loss, cfg.kl_coef, cfg.ref_update_every)
 
     def minibatch_loss(self, out: Evaluation, mb: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        with torch.no_grad():
-            ref_params = self.reference.policy_params(mb.obs, mb.action_masks, mb.memory)
-            ref_log_prob = self.reference.dist.log_prob(ref_params, mb.actions)
-        log_ratio = ref_log_prob - out.log_prob
-        ref_kl = (torch.expm1(log_ratio) - log_ratio).mean()
-        eps = self.cfg.clip_eps
-        surrogate = losses.clipped_surrogate_loss(out.log_prob, mb.log_probs, mb.advantages, eps)
+        ref = self.reference.terms(out.log_prob, mb, mb.advantages)
+        low, high = self.cfg.clip_range
+        surrogate = losses.clipped_surrogate_loss(
+            out.log_prob, mb.log_probs, ref.advantages, low, clip_eps_high=high, weights=mb.weights
+        )
         terms = {
-            "policy_loss": surrogate + self.cfg.kl_coef * ref_kl,
+            "policy_loss": surrogate + ref.penalty,
             "surrogate_loss": surrogate,
-            "kl_reference": ref_kl,
-            "entropy": out.entropy.mean(),
-            "clipfrac": losses.clip_fraction(out.log_prob.detach(), mb.log_probs, eps),
+            "kl_reference": ref.kl,
+            "entropy": losses.weighted_mean(out.entropy, mb.weights),
+            "clipfrac": losses.clip_fraction(out.log_prob.detach(), mb.log_probs, low, high),
         }
         return terms["policy_loss"] - self.cfg.ent_coef * terms["entropy"], terms
 
     def update(self, batch: Batch) -> dict[str, float]:
         metrics = super().update(batch)
-        self.updates += 1
-        if self.cfg.ref_update_every and self.updates % self.cfg.ref_update_every == 0:
-            self.reference.load_state_dict(self.agent.state_dict())
+        self.reference.count_update()
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
-        return {"updates": self.updates, "reference": self.reference.state_dict()}
+        return self.reference.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.updates = int(state["updates"])
-        self.reference.load_state_dict(state["reference"])
+        self.reference.load_state_dict(state)
 
 
 class GroupCollector(Collector):
@@ -229,6 +226,11 @@ class GRPO(Variant):
         algo = self.algo
         passes = algo.dynamic_sampling_max_passes
         return GroupCollector(envs, agent, storage, group_size=algo.group_size, seed=seed, max_passes=passes)
+
+    def loss_weights(self, storage: RolloutStorage) -> torch.Tensor:
+        """Step weights that make the loss's mean the ``loss_agg`` aggregate (each env's column
+        of the storage holds one episode)."""
+        return losses.episode_step_weights(storage.valid, self.algo.loss_agg)
 
     def advantages(self, storage: RolloutStorage) -> tuple[torch.Tensor, torch.Tensor]:
         algo = self.algo

@@ -2,10 +2,10 @@
 
 The loop (``iteration.py``) never names a variant. It asks the variant of its config how long a
 rollout is, whether the envs need one reset seed each, which collector fills the rollout, whether
-rewards are scaled, how advantages and critic targets are estimated, and which updater learns
-from the batch. :class:`ActorCriticVariant` gives the answers of the variants with a learned
-critic (fixed rollouts of ``env.num_steps`` steps, GAE); a variant that differs (GRPO) overrides
-them in its own module.
+rewards are scaled, how advantages and critic targets are estimated, how the loss weighs the
+steps, and which updater learns from the batch. :class:`ActorCriticVariant` gives the answers of
+the variants with a learned critic (fixed rollouts of ``env.num_steps`` steps, GAE); a variant
+that differs (GRPO) overrides them in its own module.
 """
 
 from __future__ import annotations
@@ -57,6 +57,10 @@ class Variant(ABC):
     @abstractmethod
     def advantages(self, storage: RolloutStorage) -> tuple[torch.Tensor, torch.Tensor]:
         """(advantages, critic targets), each (T, N), of the rollout in ``storage``."""
+
+    def loss_weights(self, storage: RolloutStorage) -> torch.Tensor | None:
+        """Each step's weight (T, N) in the loss's mean over the steps, or None for a plain mean."""
+        return None
 
     def make_updater(
         self, agent: ActorCritic, optimizer: torch.optim.Optimizer, parallel: DataParallel
