@@ -83,6 +83,7 @@ BAD_INPUTS = [
         ["algo=a2c", "algo.dynamic_sampling_max_passes=1"],
         "algo.dynamic_sampling_max_passes: not a config key; allowed keys under algo:",
     ),
+    (
         ["algo=grpo", "algo.clip_eps_low=1"],
         "algo.clip_eps_low: got 1.0, allowed: null (= algo.clip_eps) or a number in (0, 1)",
     ),
