@@ -41,6 +41,7 @@ ACTIVATIONS = ("tanh", "relu")
 ENCODERS = ("flat", "nature_cnn")
 RECURRENT_CORES = ("none", "lstm", "gru")
 KL_ESTIMATORS = ("k1", "k2", "k3", "exact")
+CLIP_OBJECTIVES = ("clip", "spo")  # PPO-Clip's policy term: the clipped surrogate, or SPO's penalty
 TRACKERS = {"none": None, "mlflow": "mlflow", "wandb": "wandb"}  # backend -> its package (and extra)
 WANDB_MODES = ("online", "offline")
 
@@ -147,10 +148,24 @@ class SurrogateConfig(EpochKeys, ActorCriticConfig):
 
 @dataclass
 class ClipConfig(SurrogateConfig):
-    """PPO-Clip: the clipped surrogate objective."""
+    """PPO-Clip: the clipped surrogate objective, or SPO's penalty on the same ratio
+    (``objective``); dual-clip PPO's bound for negative advantages (``dual_clip``).
+
+    Both new keys have schema defaults, so a run saved before they existed resumes with them."""
 
     clip_eps: float = setting(check=POSITIVE)
     clip_vloss: bool = MISSING
+    objective: str = setting("clip", check=one_of(CLIP_OBJECTIVES))
+    dual_clip: float | None = setting(None, check=optional(number_above(1), "null (off)"))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(
+            self.dual_clip is None or self.objective == "clip",
+            "algo.dual_clip",
+            "null with algo.objective=spo (the dual clip bounds the clipped surrogate only)",
+            self.dual_clip,
+        )
 
 
 @dataclass

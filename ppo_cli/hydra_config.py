@@ -23,10 +23,12 @@ from ppo_cli.errors import ConfigError
 CONFIG_GROUPS = ("algo", "agent", "env", "tuned", "hparams_search", "tracking")
 
 
-def schema_defaults() -> dict[str, Any]:
-    """Every key of the root and env schemas that has a default, flattened (``algo.*`` has
-    none there: each variant has its own schema)."""
+def schema_defaults(algo: str | None = None) -> dict[str, Any]:
+    """Every key of the root and env schemas that has a default, flattened, and of the schema of
+    the variant named ``algo`` (each variant has its own), if one is named."""
     schema = OmegaConf.merge(OmegaConf.structured(TrainConfig), {"env": OmegaConf.structured(EnvConfig)})
+    if algo in ALGO_SCHEMAS:
+        schema = OmegaConf.merge(schema, {"algo": OmegaConf.structured(ALGO_SCHEMAS[algo])})
     defaults = cast(dict[str, Any], OmegaConf.to_container(schema, throw_on_missing=False))
     return {key: value for key, value in flatten(defaults).items() if value != MISSING}
 

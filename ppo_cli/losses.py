@@ -11,7 +11,11 @@ import torch
 
 
 def clipped_surrogate_loss(
-    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_eps: float
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_eps: float,
+    dual_clip: float | None = None,
 ) -> torch.Tensor:
     """PPO-Clip policy loss (Schulman et al. 2017, eq. 7), negated for minimisation.
 
@@ -19,11 +23,39 @@ def clipped_surrogate_loss(
 
     The min makes the objective a pessimistic bound: moving rho outside [1 - eps, 1 + eps] in
     the direction that A rewards earns nothing more, while moving it the wrong way is paid in full.
+
+    ``dual_clip`` = c > 1 (Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep RL",
+    dual-clip PPO) bounds that full payment for A < 0: the term becomes
+    max( min(rho * A, clip(rho) * A), c * A ). Without it a sample whose ratio has grown huge
+    (off-policy data, a policy that moved far) contributes rho * A without bound; with it, once
+    rho > c the term is the constant c * A, so it gives no gradient at all.
     """
     ratio = torch.exp(log_prob - old_log_prob)
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages
-    return -torch.minimum(unclipped, clipped).mean()
+    objective = torch.minimum(unclipped, clipped)
+    if dual_clip is not None:
+        objective = torch.where(advantages < 0, torch.maximum(objective, dual_clip * advantages), objective)
+    return -objective.mean()
+
+
+def spo_loss(
+    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """SPO's policy loss (Xie et al. 2024, "Simple Policy Optimization", arXiv 2401.16025, the SPO
+    objective of sec. 4), negated for minimisation:
+
+    L = -mean( rho * A - |A| / (2 * eps) * (rho - 1)^2 )
+
+    Per sample the objective is a concave parabola in rho with its maximum at
+    rho = 1 + eps * sign(A): the penalty, not a clip, pulls the ratio back towards the edge of
+    [1 - eps, 1 + eps], so every sample keeps a gradient (a clipped one has none) and a ratio
+    that overshoots is pushed back. At rho = 1 the penalty's gradient vanishes: the first step
+    is the policy gradient, as for the clipped surrogate.
+    """
+    ratio = torch.exp(log_prob - old_log_prob)
+    penalty = advantages.abs() / (2.0 * eps) * (ratio - 1.0).square()
+    return -(ratio * advantages - penalty).mean()
 
 
 def value_loss(
@@ -123,6 +155,14 @@ def clip_fraction(log_prob: torch.Tensor, old_log_prob: torch.Tensor, clip_eps: 
     """Share of samples whose ratio lies outside [1 - eps, 1 + eps]."""
     ratio = torch.exp(log_prob - old_log_prob)
     return ((ratio - 1.0).abs() > clip_eps).float().mean()
+
+
+def dual_clip_fraction(
+    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, dual_clip: float
+) -> torch.Tensor:
+    """Share of samples where dual-clip PPO's bound holds the term at c * A: A < 0 and rho > c."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    return ((advantages < 0) & (ratio > dual_clip)).float().mean()
 
 
 def explained_variance(predictions: torch.Tensor, targets: torch.Tensor) -> float:

@@ -232,7 +232,7 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``key: old -> new`` for each key that shapes the model, the envs or the updates (not free
     on resume: see ``config.role_of``) whose value differs. A key that did not exist when the run
     was saved (added by a later ppo-cli) had its default then."""
-    old, new = {**schema_defaults(), **flatten(saved)}, flatten(current)
+    old, new = {**schema_defaults(saved.get("algo", {}).get("name")), **flatten(saved)}, flatten(current)
     return [
         f"{key}: {old.get(key, '<unset>')} -> {new.get(key, '<unset>')}"
         for key in sorted(old.keys() | new.keys())

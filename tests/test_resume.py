@@ -466,3 +466,14 @@ def test_keys_added_since_a_run_was_saved_count_as_their_defaults() -> None:
     assert config_changes(saved, current) == []
     current["agent"]["recurrent"] = "lstm"
     assert config_changes(saved, current) == ["agent.recurrent: none -> lstm"]
+
+
+def test_a_clip_run_saved_before_objective_and_dual_clip_resumes_with_their_defaults() -> None:
+    """algo.objective and algo.dual_clip (issue 19) count as clip and null in a run saved before them."""
+    current = OmegaConf.to_container(OmegaConf.structured(compose_config("env=CartPole")))
+    assert isinstance(current, dict)
+    saved = copy.deepcopy(current)
+    del saved["algo"]["objective"], saved["algo"]["dual_clip"]
+    assert config_changes(saved, current) == []
+    current["algo"]["dual_clip"] = 3.0
+    assert config_changes(saved, current) == ["algo.dual_clip: None -> 3.0"]
