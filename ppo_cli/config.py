@@ -366,6 +366,10 @@ class TrainConfig(CheckedFields):
     )
     total_timesteps: int = setting(role=Role.LENGTH)  # at least one batch: checked below
     progress: bool = setting(True, role=Role.OPERATIONAL)
+    # The agent a new run starts from (init_from.py) shapes what it learns, and so may not change on
+    # resume without resume_allow_changes (a resumed run never reads it again: its checkpoint holds
+    # the weights), and tells runs apart in comparisons.
+    init_from: str | None = setting(None, role=Role.LEARNING)
     resume: str | None = setting(None, role=Role.OPERATIONAL)
     resume_allow_changes: bool = setting(False, role=Role.OPERATIONAL)
     seeds_per_job: int = setting(1, check=AT_LEAST_ONE, role=Role.REPLICATE)
