@@ -42,8 +42,8 @@ def clipped_surrogate_loss(
 def spo_loss(
     log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, eps: float
 ) -> torch.Tensor:
-    """SPO's policy loss (Xie et al. 2024, "Simple Policy Optimization", arXiv 2401.16025, the SPO
-    objective of sec. 4), negated for minimisation:
+    """SPO's policy loss (Xie et al. 2024, "Simple Policy Optimization", arXiv 2401.16025, ICML
+    2025: the SPO objective, as in the authors' reference code), negated for minimisation:
 
     L = -mean( rho * A - |A| / (2 * eps) * (rho - 1)^2 )
 
