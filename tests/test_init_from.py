@@ -84,11 +84,12 @@ def test_a_new_run_starts_from_the_agent_with_fresh_training_state(source_run: P
 
 def test_the_updater_s_reference_policy_is_the_loaded_agent(source_run: Path) -> None:
     """The weights are loaded before the updater is built: GRPO's frozen reference is the
-    trained agent, not the random initialisation."""
-    cfg = compose_config(*TINY[:-1], "algo=grpo", "algo.group_size=2", f"init_from={source_run}")
+    trained agent, not the random initialisation. (From best.pt: a file, the agent alone.)"""
+    best = source_run / "checkpoints" / "best.pt"
+    cfg = compose_config(*TINY[:-1], "algo=grpo", "algo.group_size=2", f"init_from={best}")
     with training_envs(cfg) as envs:
         state = build_state(cfg, envs, torch.device("cpu"), SINGLE_PROCESS, starting_point(cfg.init_from))
-    loaded = ckpt.load_checkpoint(source_run)["agent"]
+    loaded = ckpt.load_checkpoint(best)["agent"]
     reference = state.updater.reference.state_dict()  # type: ignore[attr-defined]
     assert all(torch.equal(reference[name], tensor) for name, tensor in loaded.items())
 
