@@ -46,6 +46,7 @@ GRPO_ADV_STDS = ("group", "none")
 CRITIC_TARGETS = ("gae", "td", "mc")  # see advantages.gae_and_critic_targets
 KL_LOSSES = ("k3", "k2", "k1_in_reward")  # how KL(pi || pi_ref) enters the loss (reference.py)
 LOSS_AGGREGATIONS = ("token_mean", "episode_mean", "constant")  # GRPO's mean over steps
+CLIP_OBJECTIVES = ("clip", "spo")  # PPO-Clip's policy term: the clipped surrogate, or SPO's penalty
 TRACKERS = {"none": None, "mlflow": "mlflow", "wandb": "wandb"}  # backend -> its package (and extra)
 WANDB_MODES = ("online", "offline")
 
@@ -162,7 +163,10 @@ class SurrogateConfig(CriticTargetKeys, EpochKeys, ActorCriticConfig):
 
 @dataclass
 class ClipConfig(SurrogateConfig):
-    """PPO-Clip: the clipped surrogate objective."""
+    """PPO-Clip: the clipped surrogate objective, or SPO's penalty on the same ratio
+    (``objective``); dual-clip PPO's bound for negative advantages (``dual_clip``).
+
+    Both new keys have schema defaults, so a run saved before they existed resumes with them."""
 
     clip_eps: float = setting(check=POSITIVE)
     clip_vloss: bool = MISSING
@@ -170,6 +174,17 @@ class ClipConfig(SurrogateConfig):
     # run saved without them resumes unchanged (resume.config_changes).
     ref_kl_coef: float = setting(0.0, check=number_at_least(0))
     kl_loss: str = setting("k2", check=one_of(KL_LOSSES))
+    objective: str = setting("clip", check=one_of(CLIP_OBJECTIVES))
+    dual_clip: float | None = setting(None, check=optional(number_above(1), "null (off)"))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(
+            self.dual_clip is None or self.objective == "clip",
+            "algo.dual_clip",
+            "null with algo.objective=spo (the dual clip bounds the clipped surrogate only)",
+            self.dual_clip,
+        )
 
 
 @dataclass
@@ -396,6 +411,10 @@ class TrainConfig(CheckedFields):
     )
     total_timesteps: int = setting(role=Role.LENGTH)  # at least one batch: checked below
     progress: bool = setting(True, role=Role.OPERATIONAL)
+    # The agent a new run starts from (init_from.py) shapes what it learns, and so may not change on
+    # resume without resume_allow_changes (a resumed run never reads it again: its checkpoint holds
+    # the weights), and tells runs apart in comparisons.
+    init_from: str | None = setting(None, role=Role.LEARNING)
     resume: str | None = setting(None, role=Role.OPERATIONAL)
     resume_allow_changes: bool = setting(False, role=Role.OPERATIONAL)
     seeds_per_job: int = setting(1, check=AT_LEAST_ONE, role=Role.REPLICATE)

@@ -36,6 +36,7 @@ KEYS = """\
   eval.episodes=10           evaluation episodes after training (0 = skip)
   checkpoint.interval=10     save every N iterations (0 = only at the end)
   resume=<run dir>|auto      continue a stopped run where it stopped
+  init_from=<run dir>|<.pt>  start a new run from a trained agent (fine-tuning)
   seeds_per_job=N            train N seeds one after the other in one job
   hydra.run.dir=DIR          where the run writes (default runs/<env>__<algo>__s<seed>__<time>)"""
 

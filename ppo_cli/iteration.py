@@ -28,6 +28,7 @@ from ppo_cli.distributed import DataParallel, StatisticsExchange
 from ppo_cli.envs import closing_envs, make_vector_env
 from ppo_cli.episodes import EpisodeLog
 from ppo_cli.errors import ConfigError
+from ppo_cli.init_from import StartingPoint
 from ppo_cli.losses import explained_variance
 from ppo_cli.normalization import RewardScaler
 from ppo_cli.rollout import Collector, RolloutStorage
@@ -86,20 +87,29 @@ class TrainingState:
 
 
 def build_state(
-    cfg: TrainConfig, envs: VectorEnv, device: torch.device, parallel: DataParallel
+    cfg: TrainConfig,
+    envs: VectorEnv,
+    device: torch.device,
+    parallel: DataParallel,
+    start: StartingPoint | None = None,
 ) -> TrainingState:
     """A fresh agent, optimizer, variant and collector for ``cfg`` on ``envs``, one of
-    ``parallel``'s ranks (the agent depends only on ``cfg``: it is the same on every rank)."""
+    ``parallel``'s ranks (the agent depends only on ``cfg``: it is the same on every rank).
+
+    With ``start`` (``init_from``) the agent and the reward statistics are loaded from it before
+    the updater is built: a reference policy the updater takes (GRPO's) is then the loaded agent."""
     variant = variant_of(cfg)
     obs_space, act_space = envs.single_observation_space, envs.single_action_space
     assert isinstance(obs_space, gym.spaces.Box)  # make_vector_env refuses anything else
     agent = ActorCritic(obs_space, act_space, cfg.agent, cfg.env.normalize_obs, cfg.env.clip_obs)
     agent.to(device)
+    reward_scaler = variant.reward_scaler()
+    if start is not None:
+        start.load_into(agent, reward_scaler, envs, cfg)
     # Adam steps the actor and the critic packed into one tensor each (see packing.py), with the
     # fused kernel: cheaper than the default per-tensor loop, which matters for these tiny nets.
     packed = agent.pack_parameters()
     optimizer = torch.optim.Adam(packed, lr=cfg.algo.learning_rate, eps=cfg.algo.adam_eps, fused=True)
-    reward_scaler = variant.reward_scaler()
     updater = variant.make_updater(agent, optimizer, parallel)
     normalizers = (agent.obs_normalizer, reward_scaler)
     statistics = StatisticsExchange(parallel, [n.stats for n in normalizers if n is not None])

@@ -17,6 +17,7 @@ def clipped_surrogate_loss(
     clip_eps: float,
     *,
     clip_eps_high: float | None = None,
+    dual_clip: float | None = None,
     weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """PPO-Clip policy loss (Schulman et al. 2017, eq. 7), negated for minimisation.
@@ -29,12 +30,21 @@ def clipped_surrogate_loss(
     higher ceiling lets unlikely actions with A > 0 gain more probability per update, which keeps
     the policy's entropy from collapsing. ``weights`` weigh the steps in the mean (see
     :func:`weighted_mean`).
+
+    ``dual_clip`` = c > 1 (Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep RL",
+    dual-clip PPO) bounds that full payment for A < 0: the term becomes
+    max( min(rho * A, clip(rho) * A), c * A ). Without it a sample whose ratio has grown huge
+    (off-policy data, a policy that moved far) contributes rho * A without bound; with it, once
+    rho > c the term is the constant c * A, so it gives no gradient at all.
     """
     high = clip_eps if clip_eps_high is None else clip_eps_high
     ratio = torch.exp(log_prob - old_log_prob)
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + high) * advantages
-    return -weighted_mean(torch.minimum(unclipped, clipped), weights)
+    objective = torch.minimum(unclipped, clipped)
+    if dual_clip is not None:
+        objective = torch.where(advantages < 0, torch.maximum(objective, dual_clip * advantages), objective)
+    return -weighted_mean(objective, weights)
 
 
 def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -74,6 +84,25 @@ def episode_step_weights(valid: torch.Tensor, loss_agg: str) -> torch.Tensor:
     else:
         raise ValueError(f"unknown loss aggregation {loss_agg!r}")
     return (valid * per_episode).float()
+
+
+def spo_loss(
+    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """SPO's policy loss (Xie et al. 2024, "Simple Policy Optimization", arXiv 2401.16025, ICML
+    2025: the SPO objective, as in the authors' reference code), negated for minimisation:
+
+    L = -mean( rho * A - |A| / (2 * eps) * (rho - 1)^2 )
+
+    Per sample the objective is a concave parabola in rho with its maximum at
+    rho = 1 + eps * sign(A): the penalty, not a clip, pulls the ratio back towards the edge of
+    [1 - eps, 1 + eps], so every sample keeps a gradient (a clipped one has none) and a ratio
+    that overshoots is pushed back. At rho = 1 the penalty's gradient vanishes: the first step
+    is the policy gradient, as for the clipped surrogate.
+    """
+    ratio = torch.exp(log_prob - old_log_prob)
+    penalty = advantages.abs() / (2.0 * eps) * (ratio - 1.0).square()
+    return -(ratio * advantages - penalty).mean()
 
 
 def value_loss(
@@ -179,6 +208,14 @@ def clip_fraction(
     high = clip_eps if clip_eps_high is None else clip_eps_high
     ratio = torch.exp(log_prob - old_log_prob)
     return ((ratio < 1.0 - clip_eps) | (ratio > 1.0 + high)).float().mean()
+
+
+def dual_clip_fraction(
+    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, dual_clip: float
+) -> torch.Tensor:
+    """Share of samples where dual-clip PPO's bound holds the term at c * A: A < 0 and rho > c."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    return ((advantages < 0) & (ratio > dual_clip)).float().mean()
 
 
 def explained_variance(predictions: torch.Tensor, targets: torch.Tensor) -> float:

@@ -255,19 +255,12 @@ def check_config_changes(saved: dict[str, Any], current: dict[str, Any], allow: 
     return changes
 
 
-def resume_state(
-    cfg: TrainConfig,
-    run_dir: Path,
-    plain_config: dict[str, Any],
-    state: TrainingState,
-    checkpointer: Checkpointer,
-) -> dict[str, Any] | None:
-    """Load the checkpoint that ``cfg.resume`` names into ``state``; what was resumed, or None.
+def resume_checkpoint(cfg: TrainConfig, run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint that ``cfg.resume`` names, read; None for a new run. Looked for before
+    anything is built: a new run may start from ``init_from``, a resumed one never reads it.
 
     Without ``resume``, a run directory that already holds checkpoints is refused: starting over
-    there would overwrite them and write a second set of points into the same curves. A checkpoint
-    is refused when its config differs in keys that shape the run (unless
-    ``resume_allow_changes``) or its envs' spaces differ.
+    there would overwrite them and write a second set of points into the same curves.
     """
     if cfg.resume is None:
         if any(checkpoint_dir(run_dir).glob("*.pt")):
@@ -279,6 +272,23 @@ def resume_state(
     found = find_checkpoint(cfg.resume, run_dir)
     if found is None:
         log.info("resume=auto: no checkpoint in %s yet, starting a new run", run_dir)
+    return found
+
+
+def resume_state(
+    cfg: TrainConfig,
+    plain_config: dict[str, Any],
+    state: TrainingState,
+    checkpointer: Checkpointer,
+    found: tuple[Path, dict[str, Any]] | None,
+) -> dict[str, Any] | None:
+    """Load the checkpoint :func:`resume_checkpoint` ``found`` into ``state``; what was resumed,
+    or None for a new run.
+
+    A checkpoint is refused when its config differs in keys that shape the run (unless
+    ``resume_allow_changes``) or its envs' spaces differ.
+    """
+    if found is None:
         return None
     path, payload = found
     for change in check_config_changes(payload["config"], plain_config, cfg.resume_allow_changes):

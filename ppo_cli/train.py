@@ -27,6 +27,7 @@ from ppo_cli.config import TrainConfig, hyperparameters
 from ppo_cli.distributed import DataParallel
 from ppo_cli.errors import EnvError, Interrupted, NonFiniteError
 from ppo_cli.evaluator import Evaluator
+from ppo_cli.init_from import starting_point
 from ppo_cli.iteration import (
     TrainingState,
     build_state,
@@ -37,7 +38,7 @@ from ppo_cli.iteration import (
     training_envs,
 )
 from ppo_cli.logger import RunLogger, new_summary, read_summary, summary_final, summary_started
-from ppo_cli.resume import resume_command, resume_state
+from ppo_cli.resume import resume_checkpoint, resume_command, resume_state
 from ppo_cli.signals import GracefulStop, training_stop
 
 log = logging.getLogger(__name__)
@@ -84,12 +85,14 @@ def _train_held(
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
         device = pick_device(cfg.device)
+        found = resume_checkpoint(cfg, run_dir)
+        initial = starting_point(cfg.init_from) if found is None else None  # only a new run reads it
         with training_stop(parallel.active) as stop, training_envs(cfg) as envs:
-            state = build_state(cfg, envs, device, parallel)
+            state = build_state(cfg, envs, device, parallel, initial)
             if parallel.rank:  # the agent is built; from here on each rank draws its own numbers
                 seed_everything(parallel.rank_seed(cfg.seed))
             checkpointer = Checkpointer(run_dir, plain_config, cfg.checkpoint.keep)
-            resumed = resume_state(cfg, run_dir, plain_config, state, checkpointer)
+            resumed = resume_state(cfg, plain_config, state, checkpointer, found)
             directory.accept()
             if resumed is not None:
                 summary.update(resumed_from=resumed, global_step=state.global_step)

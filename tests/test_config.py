@@ -110,6 +110,14 @@ BAD_INPUTS = [
     (["algo=grpo", "algo.critic_target=mc"], "algo.critic_target: not a config key; allowed keys under"),
     (["algo=pg", "algo.critic_target=mc"], "algo.critic_target: not a config key; allowed keys under"),
     (["algo=penalty", "algo.kl_target=0"], "algo.kl_target: got 0.0, allowed: a number > 0"),
+    (["algo.dual_clip=1"], "algo.dual_clip: got 1.0, allowed: null (off) or a number > 1"),
+    (["algo.objective=ppo"], "algo.objective: got 'ppo', allowed: clip|spo"),
+    (
+        ["algo.objective=spo", "algo.dual_clip=3"],
+        "algo.dual_clip: got 3.0, allowed: null with algo.objective=spo (the dual clip bounds the clipped",
+    ),
+    (["algo=penalty", "algo.dual_clip=3"], "algo.dual_clip: not a config key; allowed keys under algo:"),
+    (["algo=grpo", "algo.objective=spo"], "algo.objective: not a config key; allowed keys under algo:"),
     (
         ["env.id=CartPol-v1"],
         "env.id: 'CartPol-v1' is not a registered gymnasium environment; did you mean",

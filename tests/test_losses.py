@@ -254,3 +254,82 @@ def test_episode_step_weights_by_hand() -> None:
         got = losses.episode_step_weights(valid, loss_agg)
         torch.testing.assert_close(got, torch.tensor(weights, dtype=torch.float32), msg=loss_agg)
         assert got[valid].mean().item() == pytest.approx(1.0 if loss_agg != "constant" else 2 / 3)
+
+
+DUAL_CLIP = 3.0
+# (rho, A): the dual clip binds (A < 0, rho > c); A < 0 below c; A > 0 clipped above; A < 0 clipped below
+DUAL_CASES = ([4.0, 2.0, 4.0, 0.5], [-1.0, -1.0, 1.0, -2.0])
+
+
+def test_dual_clip_hand_numbers_and_gradient() -> None:
+    """Terms max(min(rho A, clip(rho) A), c A) for A < 0: -3 (= c A, bound), -2 (rho A), then the
+    plain clipped terms 1.2 and -1.6; mean -1.35. Only the unclipped, unbound sample has a
+    gradient: d/dlog pi of -(rho A) / 4 = -(2 * -1) / 4."""
+    log_prob, old = _log_probs(DUAL_CASES[0], [-1.0, -0.7, -2.0, -1.5])
+    log_prob.requires_grad_(True)
+    adv = torch.tensor(DUAL_CASES[1], dtype=torch.float64)
+    loss = losses.clipped_surrogate_loss(log_prob, old, adv, EPS, dual_clip=DUAL_CLIP)
+    assert loss.item() == pytest.approx(1.35, abs=1e-12)
+    loss.backward()
+    assert log_prob.grad is not None
+    assert log_prob.grad.tolist() == pytest.approx([0.0, 0.5, 0.0, 0.0], abs=1e-12)
+    # Without the dual clip the first term is rho * A = -4, and it has a gradient.
+    plain = losses.clipped_surrogate_loss(log_prob.detach(), old, adv, EPS)
+    assert plain.item() == pytest.approx(-(-4.0 - 2.0 + 1.2 - 1.6) / 4, abs=1e-12)
+
+
+def test_dual_clip_fraction_counts_the_bound_samples() -> None:
+    log_prob, old = _log_probs(DUAL_CASES[0], [-1.0] * 4)
+    adv = torch.tensor(DUAL_CASES[1], dtype=torch.float64)
+    assert losses.dual_clip_fraction(log_prob, old, adv, DUAL_CLIP).item() == 0.25
+
+
+def test_spo_loss_hand_numbers() -> None:
+    """rho A - |A| / (2 eps) (rho - 1)^2 with eps 0.2: 2.2 - 0.05, -0.5 - 0.625, 1.5 - 0.625."""
+    log_prob, old = _log_probs([1.1, 0.5, 1.5], [-1.0, -2.0, -0.3])
+    adv = torch.tensor([2.0, -1.0, 1.0], dtype=torch.float64)
+    loss = losses.spo_loss(log_prob, old, adv, EPS)
+    assert loss.item() == pytest.approx(-(2.15 - 1.125 + 0.875) / 3, abs=1e-12)
+
+
+def test_spo_gradient_at_the_old_policy_is_the_policy_gradient() -> None:
+    """At pi = pi_old the penalty's gradient vanishes: SPO's first step is -mean(A grad log pi),
+    the clipped surrogate's too."""
+    weights = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    obs = torch.randn(6, 3, dtype=torch.float64)
+    actions = torch.tensor([0, 1, 2, 3, 1, 0])
+    adv = torch.randn(6, dtype=torch.float64)
+
+    def gradient(loss_of: object) -> torch.Tensor:
+        log_prob = torch.log_softmax(obs @ weights, dim=-1).gather(1, actions[:, None]).squeeze(1)
+        loss = loss_of(log_prob, log_prob.detach())  # type: ignore[operator]
+        (grad,) = torch.autograd.grad(loss, weights)
+        return grad
+
+    expected = gradient(lambda log_prob, old: losses.policy_gradient_loss(log_prob, adv))
+    spo = gradient(lambda log_prob, old: losses.spo_loss(log_prob, old, adv, EPS))
+    clipped = gradient(lambda log_prob, old: losses.clipped_surrogate_loss(log_prob, old, adv, EPS))
+    torch.testing.assert_close(spo, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(clipped, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(("adv", "start", "optimum"), [(1.5, 1.6, 1.2), (-0.5, 0.4, 0.8), (2.0, 1.0, 1.2)])
+def test_spo_pulls_the_ratio_to_the_edge_of_the_trust_region(
+    adv: float, start: float, optimum: float
+) -> None:
+    """Per sample SPO's objective peaks at rho = 1 + eps * sign(A), and gradient steps on it go
+    there from either side; on the clipped surrogate a ratio past the clip has no gradient, so
+    nothing brings it back."""
+    old = torch.zeros(1, dtype=torch.float64)
+    advantages = torch.tensor([adv], dtype=torch.float64)
+    log_ratio = torch.tensor([math.log(start)], dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.SGD([log_ratio], lr=0.05)
+    for _ in range(2000):
+        optimizer.zero_grad()
+        losses.spo_loss(log_ratio, old, advantages, EPS).backward()
+        optimizer.step()
+    assert math.exp(log_ratio.item()) == pytest.approx(optimum, abs=1e-6)
+    if abs(start - 1) > EPS:  # outside the clip range: the clipped surrogate leaves it there
+        stuck = torch.tensor([math.log(start)], dtype=torch.float64, requires_grad=True)
+        losses.clipped_surrogate_loss(stuck, old, advantages, EPS).backward()
+        assert stuck.grad is not None and stuck.grad.item() == 0.0

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -514,12 +515,16 @@ def test_grpo_dynamic_sampling_counts_every_step_and_resumes_exactly(
              "loss_agg", "kl_loss"],
             ("adv_std", "group", "none"),
         ),
-        ("clip", ["ref_kl_coef", "kl_loss", "critic_target"], ("critic_target", "gae", "td")),
+        (
+            "clip",
+            ["ref_kl_coef", "kl_loss", "critic_target", "objective", "dual_clip"],
+            ("dual_clip", None, 3.0),
+        ),
         ("trpo", ["critic_target"], ("critic_target", "gae", "mc")),
     ],
 )  # fmt: skip
 def test_keys_added_to_a_variant_since_a_run_was_saved_count_as_their_defaults(
-    algo: str, added: list[str], change: tuple[str, str, str]
+    algo: str, added: list[str], change: tuple[str, Any, Any]
 ) -> None:
     """A run saved before them resumes with those keys' defaults (the behaviour it was trained
     with: its variant's schema holds them); only a real change is reported."""

@@ -23,6 +23,7 @@ from ppo_cli.batch import Batch
 from ppo_cli.config import AgentConfig, ClipConfig, PenaltyConfig
 from ppo_cli.errors import NonFiniteError
 from ppo_cli.rollout import RolloutStorage
+from ppo_cli.tags import metric_tag
 
 BATCH = 64
 
@@ -103,6 +104,35 @@ def test_minibatches_partition_the_batch_each_epoch(
     monkeypatch.setattr(agent, "evaluate", counting_evaluate)
     ClipUpdater(agent, optimizer, algo(update_epochs=2, num_minibatches=4)).update(batch)
     assert sizes == [16] * 8 + [BATCH]  # then the whole batch once, to measure the KL reached
+
+
+def test_dual_clip_is_logged_as_the_share_of_bound_samples(small_agent_cfg: AgentConfig) -> None:
+    """dual_clipfrac (diagnostics/) only where algo.dual_clip is set; with c barely above 1 the
+    epochs push some negative-advantage ratios past it."""
+    agent, optimizer, batch = setup(small_agent_cfg)
+    assert "dual_clipfrac" not in ClipUpdater(agent, optimizer, algo()).update(batch)
+    agent, optimizer, batch = setup(small_agent_cfg)
+    metrics = ClipUpdater(agent, optimizer, algo(dual_clip=1.0001, learning_rate=0.05)).update(batch)
+    assert 0.0 < metrics["dual_clipfrac"] < 1.0
+    assert metric_tag("dual_clipfrac") == "diagnostics/dual_clipfrac"
+
+
+def test_the_spo_objective_replaces_the_clipped_surrogate(
+    small_agent_cfg: AgentConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    agent, optimizer, batch = setup(small_agent_cfg)
+    calls: list[float] = []
+    original = losses.spo_loss
+
+    def recording_loss(*args: torch.Tensor | float) -> torch.Tensor:
+        calls.append(float(args[3]))  # type: ignore[arg-type]
+        return original(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(losses, "spo_loss", recording_loss)
+    monkeypatch.setattr(losses, "clipped_surrogate_loss", None)  # never called
+    metrics = ClipUpdater(agent, optimizer, algo(objective="spo", clip_eps=0.1)).update(batch)
+    assert calls == [0.1] * 12
+    assert {"policy_loss", "clipfrac", "value_loss"} <= metrics.keys()
 
 
 def penalty(**overrides: object) -> PenaltyConfig:

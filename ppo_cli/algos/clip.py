@@ -1,5 +1,6 @@
 """PPO-Clip (Schulman et al. 2017): the clipped surrogate objective; optional value clipping;
-optional KL to a frozen reference policy (for fine-tuning)."""
+dual-clip PPO (Ye et al. 2020) and SPO (Xie et al. 2024) as options of its policy term; optional
+KL to a frozen reference policy (for fine-tuning)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ from ppo_cli.update import ActorCriticSurrogateUpdater
 
 
 class ClipUpdater(ActorCriticSurrogateUpdater):
-    """PPO-Clip: the clipped surrogate; value clipping with the same epsilon; with
-    ``ref_kl_coef > 0``, plus ref_kl_coef * KL(pi || pi_ref) to the policy the run started from
-    (``reference.py``; none is kept otherwise)."""
+    """PPO-Clip: the clipped surrogate (optionally dual-clipped), or SPO's penalty objective on
+    the same ratio and epsilon; value clipping with the same epsilon; with ``ref_kl_coef > 0``,
+    plus ref_kl_coef * KL(pi || pi_ref) to the policy the run started from (``reference.py``; none
+    is kept otherwise). ``clipfrac`` is logged for both objectives: for SPO it is the share of
+    ratios its penalty failed to keep inside [1 - eps, 1 + eps]."""
 
     cfg: ClipConfig
 
@@ -42,11 +45,22 @@ class ClipUpdater(ActorCriticSurrogateUpdater):
         return loss + ref.penalty, terms
 
     def policy_loss(self, out: Evaluation, mb: Batch, advantages: torch.Tensor) -> dict[str, torch.Tensor]:
-        eps = self.cfg.clip_eps
-        return {
-            "policy_loss": losses.clipped_surrogate_loss(out.log_prob, mb.log_probs, advantages, eps),
+        cfg, eps = self.cfg, self.cfg.clip_eps
+        if cfg.objective == "spo":
+            policy_loss = losses.spo_loss(out.log_prob, mb.log_probs, advantages, eps)
+        else:
+            policy_loss = losses.clipped_surrogate_loss(
+                out.log_prob, mb.log_probs, advantages, eps, dual_clip=cfg.dual_clip
+            )
+        terms = {
+            "policy_loss": policy_loss,
             "clipfrac": losses.clip_fraction(out.log_prob.detach(), mb.log_probs, eps),
         }
+        if cfg.dual_clip is not None:
+            terms["dual_clipfrac"] = losses.dual_clip_fraction(
+                out.log_prob.detach(), mb.log_probs, advantages, cfg.dual_clip
+            )
+        return terms
 
     def value_clip_eps(self) -> float | None:
         return self.cfg.clip_eps if self.cfg.clip_vloss else None
