@@ -90,7 +90,7 @@ def test_the_updater_s_reference_policy_is_the_loaded_agent(source_run: Path) ->
     with training_envs(cfg) as envs:
         state = build_state(cfg, envs, torch.device("cpu"), SINGLE_PROCESS, starting_point(cfg.init_from))
     loaded = ckpt.load_checkpoint(best)["agent"]
-    reference = state.updater.reference.state_dict()  # type: ignore[attr-defined]
+    reference = state.updater.reference.frozen.state_dict()  # type: ignore[attr-defined]
     assert all(torch.equal(reference[name], tensor) for name, tensor in loaded.items())
 
 

@@ -78,8 +78,8 @@ def test_logged_losses_are_means_over_all_minibatches(
     seen: list[float] = []
     original = losses.clipped_surrogate_loss
 
-    def recording_loss(*args: torch.Tensor | float) -> torch.Tensor:
-        value = original(*args)  # type: ignore[arg-type]
+    def recording_loss(*args: torch.Tensor | float, **kwargs: float | None) -> torch.Tensor:
+        value = original(*args, **kwargs)  # type: ignore[arg-type]
         seen.append(value.item())
         return value
 
