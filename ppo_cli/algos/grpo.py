@@ -78,7 +78,7 @@ class GRPOUpdater(SurrogateUpdater):
 
 
 class GroupCollector(Collector):
-    """One whole episode per env per iteration, for GRPO.
+    """One whole episode per env per iteration, for GRPO (and, with groups of one, for pg).
 
     At the start of every iteration all envs are reset; the envs of one group (``group_size``
     consecutive envs) get the same seed, so they start from the same state and their episodes
