@@ -134,3 +134,45 @@ def group_relative(
         centred = centred / (returns.std(dim=1, unbiased=False, keepdim=True) + eps)
     advantages = centred.masked_fill(zero_spread(returns).unsqueeze(1), 0.0)
     return advantages.flatten().unsqueeze(0).to(rewards.dtype) * valid.to(rewards.dtype)
+
+
+def monte_carlo_weights(
+    rewards: torch.Tensor,
+    valid: torch.Tensor,
+    values: torch.Tensor,
+    gamma: float,
+    returns: str,
+    baseline: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE's weights of log pi(a_t|s_t) (Williams 1992), for one whole episode per env.
+
+    Column i holds env i's episode from its first step on, over its valid steps (rewards after
+    the episode's end are 0). With G_t = sum_{k >= t} gamma^(k-t) r_k, the discounted return from
+    t on, the weight psi_t is
+
+        returns="episode":       R(tau) = G_0, the same for every step of the episode
+        returns="reward_to_go":  G_t (an action cannot change the rewards that came before it)
+
+    and the advantage A_t = psi_t - b_t, with the baseline b_t
+
+        baseline="none":   0
+        baseline="mean":   the mean of psi over every valid step of the batch (one number)
+        baseline="value":  V(s_t), ``values``, the critic's estimate of psi_t
+
+    Nothing is bootstrapped: an episode cut by a time limit ends there, as if terminal. Returns
+    ``(advantages, targets)``, the targets being psi (what the critic is regressed on); both are
+    0 on invalid steps.
+    """
+    valid_f = valid.to(rewards.dtype)
+    to_go = rewards * valid_f  # G_t, computed in place backwards in time
+    rows = to_go.unbind(0)
+    for t in range(len(rows) - 2, -1, -1):
+        rows[t].add_(rows[t + 1], alpha=gamma)
+    psi = to_go if returns == "reward_to_go" else to_go[:1].expand_as(to_go)
+    psi = psi * valid_f
+    if baseline == "none":
+        return psi, psi
+    if baseline == "mean":
+        mean = psi.sum() / valid_f.sum()
+        return (psi - mean) * valid_f, psi
+    return (psi - values) * valid_f, psi

@@ -115,7 +115,13 @@ class Checkpointer:
             state.collector.restart(reset_seed)
             seed_everything(reset_seed)
             return False
-        exact = state.collector.load_state_dict(own["collector"], reset_seed)
+        try:
+            exact = state.collector.load_state_dict(own["collector"], reset_seed)
+        except KeyError as exc:  # another collector's state: a variant that changed how it collects
+            raise UserError(
+                f"{source}: the checkpoint's collector state does not fit this run's (it lacks {exc}: "
+                "written by an older ppo-cli whose variant collected differently); start a new run"
+            ) from None
         set_rng_state(own["rng"])  # last: building the run above drew from the generators
         return exact
 

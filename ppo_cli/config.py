@@ -47,6 +47,8 @@ CRITIC_TARGETS = ("gae", "td", "mc")  # see advantages.gae_and_critic_targets
 KL_LOSSES = ("k3", "k2", "k1_in_reward")  # how KL(pi || pi_ref) enters the loss (reference.py)
 LOSS_AGGREGATIONS = ("token_mean", "episode_mean", "constant")  # GRPO's mean over steps
 CLIP_OBJECTIVES = ("clip", "spo")  # PPO-Clip's policy term: the clipped surrogate, or SPO's penalty
+PG_RETURNS = ("episode", "reward_to_go")
+PG_BASELINES = ("none", "mean", "value")
 TRACKERS = {"none": None, "mlflow": "mlflow", "wandb": "wandb"}  # backend -> its package (and extra)
 WANDB_MODES = ("online", "offline")
 
@@ -212,7 +214,7 @@ class PenaltyConfig(SurrogateConfig):
 
 @dataclass
 class RegressedCriticConfig(ActorCriticConfig):
-    """Variants whose critic is fitted separately, by regression on the returns (pg, trpo)."""
+    """Variants whose critic is fitted separately, by regression on the lambda-returns (trpo)."""
 
     shared_trunk: ClassVar[bool] = False  # the policy step would move the critic's layers too
     recurrent: ClassVar[bool] = False
@@ -225,9 +227,45 @@ class RegressedCriticConfig(ActorCriticConfig):
 
 
 @dataclass
-class PGConfig(RegressedCriticConfig):
-    """REINFORCE with a learned baseline: one policy-gradient step per rollout, then the critic is
-    fitted to the returns by regression."""
+class PGConfig(AlgoConfig):
+    """Monte-Carlo policy gradient (REINFORCE): whole episodes, one policy-gradient step per
+    iteration on log pi weighted by the episode's return or the reward-to-go, minus a baseline;
+    with the learned baseline, the critic is then fitted to those weights by regression.
+
+    Not an actor-critic: nothing is bootstrapped, so it has no gae_lambda, no
+    bootstrap_truncated (a time limit ends the episode like a termination)."""
+
+    shared_trunk: ClassVar[bool] = False  # the policy step would move the critic's layers too
+    recurrent: ClassVar[bool] = False  # its masked steps would cut sequences
+
+    gamma: float = setting(check=number_in(0, 1, open_low=True))
+    returns: str = setting(check=one_of(PG_RETURNS))
+    baseline: str = setting(check=one_of(PG_BASELINES))
+    norm_adv: bool = MISSING
+    vf_coef: float = setting(check=NON_NEGATIVE)
+    value_epochs: int = setting(check=AT_LEAST_ONE)
+    value_minibatches: int = setting(check=AT_LEAST_ONE)
+
+    def check_env(self, env: EnvConfig) -> None:
+        # A batch holds at least one step of each env's episode, whatever their lengths.
+        require(
+            self.value_minibatches <= env.num_envs,
+            "algo.value_minibatches",
+            f"an integer <= env.num_envs = {env.num_envs} (episodes per batch)",
+            self.value_minibatches,
+        )
+        require(
+            not env.normalize_reward,
+            "env.normalize_reward",
+            "false with algo=pg (its weights are the episodes' own returns)",
+            True,
+        )
+        require(
+            env.vectorization != "vector_entry_point",
+            "env.vectorization",
+            "auto|sync|async with algo=pg (each env is reset with a seed of its own)",
+            env.vectorization,
+        )
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ from torch import nn
 from ppo_cli import losses
 from ppo_cli.agent import ActorCritic, Evaluation
 from ppo_cli.batch import Batch
-from ppo_cli.config import ActorCriticConfig, AlgoConfig, EpochKeys, RegressedCriticConfig, SurrogateConfig
+from ppo_cli.config import ActorCriticConfig, AlgoConfig, EpochKeys, PGConfig, SurrogateConfig
 from ppo_cli.distributed import SINGLE_PROCESS, DataParallel
 from ppo_cli.distributions import ActionDistribution
 from ppo_cli.errors import NonFiniteError
@@ -199,7 +199,7 @@ def measure_kl(agent: ActorCritic, batch: Batch) -> dict[str, float]:
 class OneStepUpdater(Updater):
     """Variants that take a single policy step per rollout (A2C, PG, TRPO), on the whole batch."""
 
-    cfg: ActorCriticConfig
+    cfg: ActorCriticConfig | PGConfig
 
     def policy_terms(self, batch: Batch) -> tuple[Evaluation, dict[str, torch.Tensor]]:
         out = self.agent.evaluate(batch.obs, batch.actions, batch.action_masks, batch.memory)
@@ -216,7 +216,15 @@ class OneStepUpdater(Updater):
         return self.parallel.average_metrics({**metrics, **measure_kl(self.agent, batch)})
 
 
-def regress_critic(updater: Updater, batch: Batch, cfg: RegressedCriticConfig) -> torch.Tensor:
+class CriticRegression(Protocol):
+    """The keys of a critic fitted apart from the policy step (pg, trpo)."""
+
+    vf_coef: float
+    value_epochs: int
+    value_minibatches: int
+
+
+def regress_critic(updater: Updater, batch: Batch, cfg: CriticRegression) -> torch.Tensor:
     """``value_epochs`` x ``value_minibatches`` regression steps of V on the returns; mean loss.
 
     Only the critic receives gradients here, so the policy is untouched whatever the optimizer.

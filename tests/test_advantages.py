@@ -283,3 +283,46 @@ def test_each_actor_critic_variant_fits_its_critic_to_the_chosen_target(
     else:
         expected = lambda_returns
     torch.testing.assert_close(targets, expected)
+
+
+# REINFORCE's weights on two hand episodes, gamma = 0.5: env 0 gets rewards 1, 2, 3 and ends;
+# env 1 gets 4 and ends after one step (its later steps are invalid; their rewards and values
+# are garbage that must not count). Discounted returns from t on: env 0 G = 2.75, 3.5, 3;
+# env 1 G = 4. Critic values: 1, 1, 1 and 2.
+MC_REWARDS = torch.tensor([[1.0, 4.0], [2.0, 9.0], [3.0, 9.0]])
+MC_VALID = torch.tensor([[True, True], [True, False], [True, False]])
+MC_VALUES = torch.tensor([[1.0, 2.0], [1.0, 7.0], [1.0, 7.0]])
+MC_PSI = {
+    "episode": [[2.75, 4.0], [2.75, 0.0], [2.75, 0.0]],  # R(tau) = G_0 at every step
+    "reward_to_go": [[2.75, 4.0], [3.5, 0.0], [3.0, 0.0]],  # G_t
+}
+MC_ADVANTAGES = {
+    ("episode", "none"): MC_PSI["episode"],
+    ("reward_to_go", "none"): MC_PSI["reward_to_go"],
+    # mean over the 4 valid steps: (3 * 2.75 + 4) / 4 = 3.0625
+    ("episode", "mean"): [[-0.3125, 0.9375], [-0.3125, 0.0], [-0.3125, 0.0]],
+    # (2.75 + 3.5 + 3 + 4) / 4 = 3.3125
+    ("reward_to_go", "mean"): [[-0.5625, 0.6875], [0.1875, 0.0], [-0.3125, 0.0]],
+    ("episode", "value"): [[1.75, 2.0], [1.75, 0.0], [1.75, 0.0]],
+    ("reward_to_go", "value"): [[1.75, 2.0], [2.5, 0.0], [2.0, 0.0]],
+}
+
+
+@pytest.mark.parametrize(("returns", "baseline"), list(MC_ADVANTAGES))
+def test_monte_carlo_weights_hand_numbers(returns: str, baseline: str) -> None:
+    advantages, targets = advantages_module.monte_carlo_weights(
+        MC_REWARDS, MC_VALID, MC_VALUES, 0.5, returns, baseline
+    )
+    torch.testing.assert_close(advantages, torch.tensor(MC_ADVANTAGES[returns, baseline]), rtol=0, atol=1e-6)
+    # The critic's targets are the weights psi_t themselves, whatever the baseline.
+    torch.testing.assert_close(targets, torch.tensor(MC_PSI[returns]), rtol=0, atol=1e-6)
+
+
+def test_monte_carlo_mean_baseline_centres_the_valid_steps() -> None:
+    g = torch.Generator().manual_seed(5)
+    rewards = torch.randn(9, 6, generator=g, dtype=torch.float64)
+    valid = torch.arange(9).unsqueeze(1) < torch.tensor([9, 1, 4, 7, 2, 9])  # episodes of those lengths
+    for returns in ("episode", "reward_to_go"):
+        advantages, _ = advantages_module.monte_carlo_weights(rewards, valid, rewards, 0.9, returns, "mean")
+        assert abs(float(advantages[valid].sum())) < 1e-12
+        assert torch.all(advantages[~valid] == 0)

@@ -537,3 +537,39 @@ def test_keys_added_to_a_variant_since_a_run_was_saved_count_as_their_defaults(
     key, before, after = change
     current["algo"][key] = after
     assert config_changes(saved, current) == [f"algo.{key}: {before} -> {after}"]
+
+
+# algo=pg before it became Monte-Carlo REINFORCE: GAE(lambda = 1) bootstrapped at the end of each
+# env.num_steps rollout, collected by the fixed-length Collector (its state has no "iteration").
+OLD_PG = {
+    "name": "pg", "learning_rate": 1e-3, "anneal_lr": True, "adam_eps": 1e-5, "gamma": 0.99,
+    "gae_lambda": 1.0, "bootstrap_truncated": True, "norm_adv": True, "ent_coef": 0.0, "vf_coef": 1.0,
+    "max_grad_norm": 0.5, "value_epochs": 5, "value_minibatches": 4,
+}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_run_of_the_old_bootstrapping_pg_is_refused_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "run"
+    result = ppo_train(*_cartpole("pg", "total_timesteps=256"), f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    last = run_dir / "checkpoints" / "last.pt"
+    payload = torch.load(last, weights_only=True)
+    payload["config"]["algo"] = OLD_PG
+    old_collector = {"obs": torch.zeros(8, 4), "prev_done": torch.zeros(8, dtype=torch.bool)}
+    payload["collector"] = {**old_collector, "action_mask": None, "recurrent_state": None, "envs": None}
+    torch.save(payload, last)
+
+    code, line = one_line_failure(cli.train_main, ["ppo-train", f"resume={run_dir}"], monkeypatch, capsys)
+    assert code == 2
+    assert line.startswith("ppo-train: error: resume: the config differs from the checkpoint's")
+    assert "algo.baseline: <unset> -> value" in line and "algo.gae_lambda: 1.0 -> <unset>" in line
+    argv = ["ppo-train", f"resume={run_dir}", "resume_allow_changes=true"]
+    code, line = one_line_failure(cli.train_main, argv, monkeypatch, capsys)
+    assert code == 2
+    assert line == (
+        f"ppo-train: error: {last}: the checkpoint's collector state does not fit this run's (it lacks "
+        "'iteration': written by an older ppo-cli whose variant collected differently); start a new run"
+    )

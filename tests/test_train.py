@@ -235,11 +235,12 @@ def test_penalty_logs_beta_and_saves_it_in_checkpoints(tmp_path: Path) -> None:
     assert checkpoint["updater"]["beta"] > 0
 
 
-def test_grpo_refuses_an_env_without_episodes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("algo", ["grpo", "pg"])  # whole episodes per iteration
+def test_whole_episode_variants_refuse_an_env_without_episodes(algo: str, tmp_path: Path) -> None:
     gym.register("ppo-test/EndlessNoLimit-v0", entry_point=EndlessRewardEnv)
     try:
-        cfg = compose_config("algo=grpo", "env.id=ppo-test/EndlessNoLimit-v0", "env.vectorization=sync")
-        with pytest.raises(UserError, match=r"algo=grpo needs episodic envs; .* has no time limit"):
+        cfg = compose_config(f"algo={algo}", "env.id=ppo-test/EndlessNoLimit-v0", "env.vectorization=sync")
+        with pytest.raises(UserError, match=rf"algo={algo} needs episodic envs; .* has no time limit"):
             train(cfg, tmp_path)
     finally:
         gym.registry.pop("ppo-test/EndlessNoLimit-v0")

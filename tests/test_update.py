@@ -11,7 +11,7 @@ import torch
 from support import algo_config, compose_config, on_policy_batch
 
 from ppo_cli import losses
-from ppo_cli.advantages import gae
+from ppo_cli.advantages import monte_carlo_weights
 from ppo_cli.agent import ActorCritic
 from ppo_cli.algos import make_updater, variant_of
 from ppo_cli.algos.a2c import A2CUpdater
@@ -213,21 +213,21 @@ def test_beta_round_trips_through_state_dict(small_agent_cfg: AgentConfig) -> No
 COMMON = dict(gamma=0.5, gae_lambda=1.0, norm_adv=False, learning_rate=1e-2, anneal_lr=False)
 
 
+PG_COMMON = dict(gamma=0.5, norm_adv=False, learning_rate=1e-2, anneal_lr=False)
+
+
 def test_pg_uses_the_discounted_return_minus_the_baseline(small_agent_cfg: AgentConfig) -> None:
-    """One episode of three steps: G = r0 + g r1 + g^2 r2 etc.; A = G - V with lambda = 1."""
+    """One episode of three steps: G = r0 + g r1 + g^2 r2 etc.; A = G - V, nothing bootstrapped."""
     rewards = torch.tensor([[1.0], [2.0], [3.0]])
     values = torch.tensor([[0.5], [0.2], [0.1]])
-    next_values = torch.tensor([[0.2], [0.1], [9.9]])  # the last one must be ignored (terminal)
-    terminated = torch.tensor([[False], [False], [True]])
-    advantages, returns = gae(
-        rewards, values, next_values, terminated, torch.zeros_like(terminated), 0.5, 1.0
-    )
+    valid = torch.ones_like(rewards, dtype=torch.bool)
+    advantages, returns = monte_carlo_weights(rewards, valid, values, 0.5, "reward_to_go", "value")
     expected_returns = torch.tensor([1 + 0.5 * 2 + 0.25 * 3, 2 + 0.5 * 3, 3.0])
     torch.testing.assert_close(returns.flatten(), expected_returns)
     torch.testing.assert_close(advantages.flatten(), expected_returns - values.flatten())
 
     agent, optimizer, batch = setup(small_agent_cfg, advantages.flatten(), returns.flatten())
-    cfg = algo_config("pg", value_epochs=2, value_minibatches=1, **COMMON)
+    cfg = algo_config("pg", value_epochs=2, value_minibatches=1, **PG_COMMON)
     metrics = PGUpdater(agent, optimizer, cfg).update(batch)
     expected_loss = -(batch.log_probs * (expected_returns - values.flatten())).mean()
     assert metrics["policy_loss"] == pytest.approx(expected_loss.item(), rel=1e-5)
@@ -236,7 +236,7 @@ def test_pg_uses_the_discounted_return_minus_the_baseline(small_agent_cfg: Agent
 def test_pg_takes_one_policy_step_and_regresses_the_critic(small_agent_cfg: AgentConfig) -> None:
     agent, optimizer, batch = setup(small_agent_cfg)
     actor_before = [p.clone() for p in agent.actor.parameters()]
-    cfg = algo_config("pg", value_epochs=3, value_minibatches=4, **COMMON)
+    cfg = algo_config("pg", baseline="value", value_epochs=3, value_minibatches=4, **PG_COMMON)
     PGUpdater(agent, optimizer, cfg).update(batch)
     actor, critic = agent.packs
     assert optimizer.state[actor.flat]["step"].item() == 1
@@ -247,6 +247,28 @@ def test_pg_takes_one_policy_step_and_regresses_the_critic(small_agent_cfg: Agen
         before = losses.value_loss(batch.values, batch.values, batch.returns, None)
         after = losses.value_loss(agent.value(batch.obs), batch.values, batch.returns, None)
     assert after < before
+
+
+@pytest.mark.parametrize("baseline", ["none", "mean"])
+def test_pg_without_a_value_baseline_leaves_the_critic_alone(
+    baseline: str, small_agent_cfg: AgentConfig
+) -> None:
+    agent, optimizer, batch = setup(small_agent_cfg)
+    critic_before = [p.clone() for p in agent.critic.parameters()]
+    cfg = algo_config("pg", baseline=baseline, **PG_COMMON)
+    metrics = PGUpdater(agent, optimizer, cfg).update(batch)
+    assert all(torch.equal(a, b) for a, b in zip(critic_before, agent.critic.parameters(), strict=True))
+    assert agent.packs[1].flat not in optimizer.state  # never stepped: no Adam moments either
+    assert "value_loss" not in metrics
+
+
+def test_pg_policy_loss_sends_no_gradient_to_the_critic(small_agent_cfg: AgentConfig) -> None:
+    agent, optimizer, batch = setup(small_agent_cfg)
+    updater = PGUpdater(agent, optimizer, algo_config("pg", baseline="value", **PG_COMMON))
+    _, terms = updater.policy_terms(batch)
+    (terms["policy_loss"] - terms["entropy"]).backward()
+    assert all(p.grad is None for p in agent.critic.parameters())
+    assert all(p.grad is not None for p in agent.actor.parameters())
 
 
 def test_a2c_takes_exactly_one_step(small_agent_cfg: AgentConfig) -> None:

@@ -76,7 +76,7 @@ class GRPOUpdater(SurrogateUpdater):
 
 
 class GroupCollector(Collector):
-    """One whole episode per env per iteration, for GRPO.
+    """One whole episode per env per iteration, for GRPO (and, with groups of one, for pg).
 
     A pass resets all envs; the envs of one group (``group_size`` consecutive envs) get the same
     seed, so they start from the same state and their episodes differ only by the actions

@@ -1,25 +1,80 @@
-"""Vanilla policy gradient (REINFORCE with a learned baseline): one policy step, then critic regression."""
+"""Monte-Carlo policy gradient (REINFORCE, Williams 1992): whole episodes, one policy step on
+-mean(log pi(a_t|s_t) * (psi_t - b_t)) per iteration, then (``baseline=value``) critic regression.
+
+What it does differently from the actor-critic variants, all of it here: one whole episode per env
+per iteration, each env reset with a seed of its own (GRPO's collector with groups of one), the
+rollout as long as the episode time limit, weights that are Monte-Carlo returns (nothing
+bootstrapped: see ``advantages.monte_carlo_weights``), and a critic trained only when it is the
+baseline.
+"""
 
 from __future__ import annotations
 
-from ppo_cli.algos.variant import ActorCriticVariant
+import torch
+from gymnasium.vector import VectorEnv
+
+from ppo_cli.advantages import monte_carlo_weights
+from ppo_cli.agent import ActorCritic
+from ppo_cli.algos.grpo import GroupCollector
+from ppo_cli.algos.variant import Variant
 from ppo_cli.batch import Batch
 from ppo_cli.config import PGConfig
+from ppo_cli.envs import episode_time_limit
+from ppo_cli.errors import UserError
+from ppo_cli.normalization import RewardScaler
+from ppo_cli.rollout import Collector, RolloutStorage
 from ppo_cli.update import OneStepUpdater, regress_critic
 
 
 class PGUpdater(OneStepUpdater):
-    """REINFORCE with baseline: one policy step, then the critic is regressed on the returns."""
+    """One policy step on the whole batch; the critic is regressed on the weights psi_t only
+    when it is the baseline (``baseline=value``), and is left untouched otherwise."""
 
     cfg: PGConfig
 
     def update(self, batch: Batch) -> dict[str, float]:
         _, terms = self.policy_terms(batch)
         self.step(terms["policy_loss"] - self.cfg.ent_coef * terms["entropy"], terms)
-        terms["value_loss"] = regress_critic(self, batch, self.cfg)
+        if self.cfg.baseline == "value":
+            terms["value_loss"] = regress_critic(self, batch, self.cfg)
         return self.metrics_after_step(batch, terms)
 
 
-class PG(ActorCriticVariant):
+class PG(Variant):
     schema = PGConfig
     updater = PGUpdater
+    per_env_seeds = True  # every iteration resets each env with a new seed of its own
+
+    @property
+    def algo(self) -> PGConfig:
+        assert isinstance(self.cfg.algo, PGConfig), type(self.cfg.algo)
+        return self.cfg.algo
+
+    def rollout_length(self) -> int:
+        """The episode time limit, so that every episode ends inside one rollout."""
+        limit = episode_time_limit(self.cfg.env)
+        if limit is None:
+            raise UserError(
+                f"env.id: algo=pg needs episodic envs; {self.cfg.env.id} has no time limit "
+                "(set env.max_episode_steps)"
+            )
+        return limit
+
+    def reward_scaler(self) -> RewardScaler | None:
+        return None  # the weights are the episodes' own returns (config.py refuses the key)
+
+    def collector(
+        self,
+        envs: VectorEnv,
+        agent: ActorCritic,
+        storage: RolloutStorage,
+        reward_scaler: RewardScaler | None,
+        seed: int,
+    ) -> Collector:
+        return GroupCollector(envs, agent, storage, group_size=1, seed=seed)
+
+    def advantages(self, storage: RolloutStorage) -> tuple[torch.Tensor, torch.Tensor]:
+        algo = self.algo
+        return monte_carlo_weights(
+            storage.rewards, storage.valid, storage.values, algo.gamma, algo.returns, algo.baseline
+        )
