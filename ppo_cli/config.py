@@ -126,13 +126,18 @@ class AlgoConfig(CheckedFields):
 
 @dataclass
 class ActorCriticConfig(AlgoConfig):
-    """Variants with a learned critic and GAE advantages."""
+    """Variants with a learned critic and GAE advantages (clip, penalty, a2c, trpo).
+
+    ``critic_target`` picks the critic's regression target apart from the actor's advantages
+    (``advantages.gae_and_critic_targets``); its schema default is also what a run saved before
+    the key existed used (resume reads it from here)."""
 
     gamma: float = setting(check=number_in(0, 1, open_low=True))
     gae_lambda: float = setting(check=number_in(0, 1))
     bootstrap_truncated: bool = MISSING
     norm_adv: bool = MISSING
     vf_coef: float = setting(check=NON_NEGATIVE)
+    critic_target: str = setting("gae", check=one_of(CRITIC_TARGETS))
 
 
 @dataclass
@@ -146,17 +151,7 @@ class EpochKeys:
 
 
 @dataclass
-class CriticTargetKeys:
-    """The critic's regression target, for the actor-critic variants that fit V to returns while
-    their actor keeps GAE(gamma, lambda) advantages (clip, penalty, a2c, trpo); listed first among
-    a variant's bases, as EpochKeys. Its default is also what a run saved before the key existed
-    used (resume reads it from here)."""
-
-    critic_target: str = setting("gae", check=one_of(CRITIC_TARGETS))
-
-
-@dataclass
-class SurrogateConfig(CriticTargetKeys, EpochKeys, ActorCriticConfig):
+class SurrogateConfig(EpochKeys, ActorCriticConfig):
     """Variants that take epochs of minibatch steps on a ratio objective (clip, penalty)."""
 
     def check_env(self, env: EnvConfig) -> None:
@@ -269,7 +264,7 @@ class PGConfig(AlgoConfig):
 
 
 @dataclass
-class TRPOConfig(CriticTargetKeys, RegressedCriticConfig):
+class TRPOConfig(RegressedCriticConfig):
     """TRPO: a natural-gradient policy step inside the trust region mean KL <= max_kl."""
 
     max_kl: float = setting(check=POSITIVE)
@@ -280,7 +275,7 @@ class TRPOConfig(CriticTargetKeys, RegressedCriticConfig):
 
 
 @dataclass
-class A2CConfig(CriticTargetKeys, ActorCriticConfig):
+class A2CConfig(ActorCriticConfig):
     """Synchronous advantage actor-critic: one step on policy + value loss per (short) rollout."""
 
 

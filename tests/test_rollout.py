@@ -11,7 +11,7 @@ from support import algo_config
 
 from ppo_cli import load_agent
 from ppo_cli.agent import ActorCritic
-from ppo_cli.algos.grpo import GroupCollector
+from ppo_cli.algos.whole_episodes import GroupCollector
 from ppo_cli.batch import Batch
 from ppo_cli.config import AgentConfig, EnvConfig, EvalConfig, TrainConfig
 from ppo_cli.envs import finished_episodes, make_vector_env, uses_next_step_autoreset

@@ -11,18 +11,12 @@ baseline.
 from __future__ import annotations
 
 import torch
-from gymnasium.vector import VectorEnv
 
 from ppo_cli.advantages import monte_carlo_weights
-from ppo_cli.agent import ActorCritic
-from ppo_cli.algos.grpo import GroupCollector
-from ppo_cli.algos.variant import Variant
+from ppo_cli.algos.whole_episodes import WholeEpisodeVariant
 from ppo_cli.batch import Batch
 from ppo_cli.config import PGConfig
-from ppo_cli.envs import episode_time_limit
-from ppo_cli.errors import UserError
-from ppo_cli.normalization import RewardScaler
-from ppo_cli.rollout import Collector, RolloutStorage
+from ppo_cli.rollout import RolloutStorage
 from ppo_cli.update import OneStepUpdater, regress_critic
 
 
@@ -40,38 +34,14 @@ class PGUpdater(OneStepUpdater):
         return self.metrics_after_step(batch, terms)
 
 
-class PG(Variant):
+class PG(WholeEpisodeVariant):
     schema = PGConfig
     updater = PGUpdater
-    per_env_seeds = True  # every iteration resets each env with a new seed of its own
 
     @property
     def algo(self) -> PGConfig:
         assert isinstance(self.cfg.algo, PGConfig), type(self.cfg.algo)
         return self.cfg.algo
-
-    def rollout_length(self) -> int:
-        """The episode time limit, so that every episode ends inside one rollout."""
-        limit = episode_time_limit(self.cfg.env)
-        if limit is None:
-            raise UserError(
-                f"env.id: algo=pg needs episodic envs; {self.cfg.env.id} has no time limit "
-                "(set env.max_episode_steps)"
-            )
-        return limit
-
-    def reward_scaler(self) -> RewardScaler | None:
-        return None  # the weights are the episodes' own returns (config.py refuses the key)
-
-    def collector(
-        self,
-        envs: VectorEnv,
-        agent: ActorCritic,
-        storage: RolloutStorage,
-        reward_scaler: RewardScaler | None,
-        seed: int,
-    ) -> Collector:
-        return GroupCollector(envs, agent, storage, group_size=1, seed=seed)
 
     def advantages(self, storage: RolloutStorage) -> tuple[torch.Tensor, torch.Tensor]:
         algo = self.algo

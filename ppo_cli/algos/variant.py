@@ -18,7 +18,7 @@ from gymnasium.vector import VectorEnv
 
 from ppo_cli.advantages import gae_and_critic_targets
 from ppo_cli.agent import ActorCritic
-from ppo_cli.config import ActorCriticConfig, AlgoConfig, CriticTargetKeys, TrainConfig
+from ppo_cli.config import ActorCriticConfig, AlgoConfig, TrainConfig
 from ppo_cli.distributed import DataParallel
 from ppo_cli.normalization import RewardScaler
 from ppo_cli.rollout import Collector, RolloutStorage
@@ -70,9 +70,8 @@ class Variant(ABC):
 
 class ActorCriticVariant(Variant):
     """A learned critic: rollouts of ``env.num_steps`` steps of every env (episodes run on across
-    iterations), GAE(gamma, lambda) advantages with lambda-returns as the critic's targets (or the
-    targets ``algo.critic_target`` picks, where the schema has it), and reward scaling when
-    ``env.normalize_reward``."""
+    iterations), GAE(gamma, lambda) advantages, the critic's targets as ``algo.critic_target`` picks
+    (the lambda-returns by default), and reward scaling when ``env.normalize_reward``."""
 
     @property
     def algo(self) -> ActorCriticConfig:
@@ -120,5 +119,5 @@ class ActorCriticVariant(Variant):
             storage.truncated,
             algo.gamma,
             algo.gae_lambda,
-            algo.critic_target if isinstance(algo, CriticTargetKeys) else "gae",
+            algo.critic_target,
         )
