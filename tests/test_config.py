@@ -136,11 +136,6 @@ BAD_INPUTS = [
     ),
     (["algo=penalty", "algo.dual_clip=3"], "algo.dual_clip: not a config key; allowed keys under algo:"),
     (["algo=grpo", "algo.objective=spo"], "algo.objective: not a config key; allowed keys under algo:"),
-    (
-        ["env.id=CartPol-v1"],
-        "env.id: 'CartPol-v1' is not a registered gymnasium environment; did you mean",
-    ),
-    (["env.id=nosuchmodule:Env-v0"], "env.id: cannot import module 'nosuchmodule'"),
     (["env.vectorization=gpu"], "env.vectorization: got 'gpu', allowed: auto|sync|async"),
     (["agent=lstm", "algo=trpo"], "algo: got 'trpo', allowed: clip|penalty|a2c|grpo with a shared trunk"),
     (["agent=gru", "algo=grpo"], "algo: got 'grpo', allowed: clip|penalty|a2c with agent.recurrent"),
@@ -158,8 +153,18 @@ BAD_INPUTS = [
         ["env=Breakout", "env.normalize_obs=true"],
         "env.normalize_obs: got True, allowed: false with agent.encoder=nature_cnn",
     ),
-    (["env.atari.enabled=true"], "env.atari.enabled: CartPole-v1 is not an Atari game of ale-py"),
     (["env.num_envs=2.5"], "env.num_envs: Value '2.5' of type 'float' could not be converted to Integer"),
+]
+
+
+# Refused when the env is first made (its id, its constructor's parameters), after composing.
+ENV_REFUSALS = [
+    (
+        ["env.id=CartPol-v1"],
+        "env.id: 'CartPol-v1' is not a registered gymnasium environment; did you mean",
+    ),
+    (["env.id=nosuchmodule:Env-v0"], "env.id: cannot import module 'nosuchmodule'"),
+    (["env.atari.enabled=true"], "env.atari.enabled: CartPole-v1 is not an Atari game of ale-py"),
     (
         ["+env.kwargs.foo=1"],
         "env.kwargs.foo: CartPoleEnv (CartPole-v1) takes no parameter 'foo'; "
@@ -171,6 +176,12 @@ BAD_INPUTS = [
         "unsupported operand type(s) for -: 'float' and 'str'",
     ),
 ]
+
+# One case of each way a config is refused, through ppo-train itself: a value of the wrong type, an
+# unknown key (in a group, at the root), a missing value, an option that does not exist, a range.
+THROUGH_PPO_TRAIN = {"algo.gamma=abc", "algo.clp_eps=0.1", "+typo=1", "env.id=???", "algo=nope"}
+THROUGH_PPO_TRAIN |= {"algo.gamma=1.5"}
+THROUGH_PPO_TRAIN_CASES = [case for case in BAD_INPUTS if case[0][-1] in THROUGH_PPO_TRAIN] + ENV_REFUSALS
 
 
 def test_each_key_s_role_decides_resume_comparisons_and_hparams() -> None:
@@ -197,6 +208,23 @@ def test_each_key_s_role_decides_resume_comparisons_and_hparams() -> None:
 
 
 @pytest.mark.parametrize(("overrides", "expected"), BAD_INPUTS, ids=[" ".join(o) for o, _ in BAD_INPUTS])
+def test_bad_config_is_refused_as_bad_input_naming_the_key(overrides: list[str], expected: str) -> None:
+    """Composing the config refuses it, and what ppo-train reports for that refusal (the same
+    function, ``cli.expected_outcome``) names the key and what is allowed, with exit code 2.
+    Composing alone: ppo-train's own path is taken by the cases below."""
+    with pytest.raises(Exception) as refused:
+        compose_config(*overrides)
+    outcome = cli.expected_outcome(refused.value)
+    assert outcome is not None, refused.value  # bad input, not a bug with its traceback
+    report, code = outcome
+    assert code == 2
+    assert report.startswith("error: ")
+    assert expected in report
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"), THROUGH_PPO_TRAIN_CASES, ids=[" ".join(o) for o, _ in THROUGH_PPO_TRAIN_CASES]
+)
 def test_bad_input_is_one_line_naming_the_key(
     overrides: list[str],
     expected: str,

@@ -53,8 +53,8 @@ cli.train_main()
 """
 
 STEPS_PER_ITERATION = 256  # 8 x 32 for CartPole, 4 x 64 for Pendulum below
-TOTAL = 16 * STEPS_PER_ITERATION
-CHECKPOINT_EVERY = 3  # iterations: checkpoints at steps 768, 1536, ...
+TOTAL = 8 * STEPS_PER_ITERATION
+CHECKPOINT_EVERY = 3  # iterations: checkpoints at steps 768, 1536 and at the end
 KILL_AT = 5 * STEPS_PER_ITERATION  # between the first and the second checkpoint
 
 CASES = {
@@ -160,7 +160,8 @@ def test_sigkill_then_resume_logs_the_same_evaluations_and_keeps_the_same_best(t
     assert resumed.returncode == 0, resumed.stderr[-2000:]
 
     expected, got = _scalars(whole), _scalars(killed)
-    eval_steps = [2 * STEPS_PER_ITERATION * i for i in range(1, 8)] + [TOTAL]  # iterations 2..14, the end
+    every_other = range(2 * STEPS_PER_ITERATION, TOTAL, 2 * STEPS_PER_ITERATION)
+    eval_steps = [*every_other, TOTAL]  # iterations 2, 4, 6, and the end
     assert [step for step, _ in expected["eval/episodic_return"]] == eval_steps
     assert expected.keys() == got.keys()
     for tag in expected.keys() - {"charts/SPS"}:
