@@ -166,10 +166,11 @@ def check_options(formats: str, x: str, smooth: float) -> tuple[str, ...]:
     return asked
 
 
-def resolve_key(key: str, config: dict[str, Any]) -> str:
-    """``algo`` means ``algo.name`` and ``env`` means ``env.id``: the group's option, as typed."""
+def resolve_key(key: str, configs: list[dict[str, Any]]) -> str:
+    """``algo`` means ``algo.name`` and ``env`` means ``env.id``: the group's option, as typed. A
+    key of one variant only (``algo.returns``) is a key of the runs if any of them has it."""
     for candidate in (key, f"{key}.name", f"{key}.id"):
-        if candidate in config:
+        if any(candidate in config for config in configs):
             return candidate
     raise UserError(f"--group-by: {key!r} is not a config key of the runs")
 
@@ -185,16 +186,19 @@ def differing_keys(runs: list[Run]) -> list[str]:
 def grouping_keys(runs: list[Run], group_by: list[str] | None) -> list[str]:
     """The keys that define a group: ``group_by`` (resolved), or every key that differs; the env
     is always one of them when the runs span several, since a mean over envs mixes score scales."""
-    keys = differing_keys(runs) if group_by is None else [resolve_key(k, runs[0].config) for k in group_by]
+    configs = [run.config for run in runs]
+    keys = differing_keys(runs) if group_by is None else [resolve_key(k, configs) for k in group_by]
     if ENV_KEY not in keys and len({repr(run.config.get(ENV_KEY)) for run in runs}) > 1:
         keys.append(ENV_KEY)
     return keys
 
 
 def _label(keys: list[str], config: dict[str, Any]) -> str:
+    """``key=value`` for each grouping key the run has: a key of another variant only (a clip run
+    has no ``algo.returns``) says nothing about this run."""
     if len(keys) == 1:
         return str(config.get(keys[0]))
-    return ", ".join(f"{key}={config.get(key)}" for key in keys) or "all runs"
+    return ", ".join(f"{key}={config[key]}" for key in keys if key in config) or "all runs"
 
 
 def group_runs(runs: list[Run], group_by: list[str] | None) -> dict[str, list[Run]]:

@@ -163,8 +163,8 @@ def test_grouping_keys_and_labels() -> None:
     groups = group_runs(runs, None)
     assert sorted(groups) == ["0.0003", "0.001"]
     assert all(len(group) == 2 for group in groups.values())
-    assert resolve_key("algo", runs[0].config) == "algo.name"
-    assert resolve_key("env", runs[0].config) == "env.id"
+    assert resolve_key("algo", [runs[0].config]) == "algo.name"
+    assert resolve_key("env", [runs[0].config]) == "env.id"
     assert list(group_runs(runs, ["algo", "seed"])) == ["algo.name=clip, seed=0", "algo.name=clip, seed=1"]
 
 
@@ -420,6 +420,18 @@ def test_a_bad_figure_option_is_one_line_naming_the_flag(
     )
     assert code == 2
     assert line.startswith(f"ppo-compare: error: {expected}"), line
+
+
+def test_variants_are_grouped_by_keys_only_some_of_them_have() -> None:
+    """A key of one variant (pg's algo.returns) groups the runs that have it and is left out of
+    the labels of those that do not."""
+    clip = _run(0, 1e-3, [1, 2], [0, 1])
+    pg = _run(0, 1e-3, [1, 2], [0, 1])
+    pg.config |= {"algo.name": "pg", "algo.returns": "episode"}
+    assert list(group_runs([clip, pg], ["algo", "algo.returns"])) == [
+        "algo.name=clip",
+        "algo.name=pg, algo.returns=episode",
+    ]
 
 
 def test_a_group_never_mixes_envs() -> None:
