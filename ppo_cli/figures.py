@@ -29,6 +29,9 @@ FIGURE_DPI = 100
 PANEL_SIZE = (8.0, 5.0)  # inches, at FIGURE_DPI: an 800 x 500 PNG for one env
 NARROW_PANEL_WIDTH = 5.0  # inches per env when there are several, side by side
 TEXT_AS_TEXT = {"svg.fonttype": "none", "pdf.fonttype": 42, "ps.fonttype": 42}
+LEGEND_INSIDE_MAX = 4  # more methods than this: one legend under the panels, not over the curves
+LEGEND_ROW_HEIGHT = 0.25  # inches per row of that legend
+LEGEND_CHAR_WIDTH = 0.08  # inches per character of a label, at the default font size
 
 # Tags whose readable name is not their last part written out (see axis_label).
 TAG_LABELS = {
@@ -99,8 +102,16 @@ def save(figure: Figure, path: Path, formats: Sequence[str]) -> list[Path]:
 
 
 def _colours(methods: Sequence[str]) -> dict[str, str]:
-    """The same colour for a method in every panel and figure."""
-    return {method: f"C{i % 10}" for i, method in enumerate(dict.fromkeys(methods))}
+    """The same colour for a method in every panel and figure, a different one for each: the
+    default cycle's 10, or tab20's 20 for more (beyond that, colours repeat)."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    unique = list(dict.fromkeys(methods))
+    if len(unique) <= 10:
+        return {method: f"C{i}" for i, method in enumerate(unique)}
+    tab20 = colormaps["tab20"]  # pairs of a dark and a light shade: the 10 dark ones first
+    return {method: to_hex(tab20((2 * i) % 20 + (2 * i // 20) % 2)) for i, method in enumerate(unique)}
 
 
 def plot_curves(
@@ -114,10 +125,12 @@ def plot_curves(
     envs = list(dict.fromkeys(curve.env for curve in curves))
     colours = _colours([curve.method for curve in curves])
     width = PANEL_SIZE[0] if len(envs) == 1 else NARROW_PANEL_WIDTH * len(envs)
+    longest = max(len(method) for method in colours)
+    columns = max(1, min(3, int(width / (LEGEND_CHAR_WIDTH * longest + 0.6))))  # 0.6 in: the line
+    legend_rows = 0 if len(colours) <= LEGEND_INSIDE_MAX else -(-len(colours) // columns)
+    height = PANEL_SIZE[1] + legend_rows * LEGEND_ROW_HEIGHT
     with plt.rc_context(TEXT_AS_TEXT):
-        figure, panels = plt.subplots(
-            1, len(envs), figsize=(width, PANEL_SIZE[1]), dpi=FIGURE_DPI, squeeze=False
-        )
+        figure, panels = plt.subplots(1, len(envs), figsize=(width, height), dpi=FIGURE_DPI, squeeze=False)
     if x == "steps":
         scale, x_label = 1.0, "Environment steps"
     else:
@@ -138,10 +151,17 @@ def plot_curves(
         if x == "steps":
             axes.xaxis.set_major_formatter(EngFormatter(sep=""))
         axes.grid(alpha=0.3)
-        axes.legend()
+        if not legend_rows:
+            axes.legend()
     panels[0][0].set_ylabel(axis_label(metric))
     figure.suptitle(title)
-    figure.tight_layout()
+    if legend_rows:  # one entry per method, whichever panels it is in
+        entries = (zip(*axes.get_legend_handles_labels(), strict=True) for axes in panels[0])
+        handles = {label: handle for panel in entries for handle, label in panel}
+        figure.legend(handles.values(), handles.keys(), loc="lower center", ncols=columns, frameon=False)
+        figure.tight_layout(rect=(0, legend_rows * LEGEND_ROW_HEIGHT / height, 1, 1))
+    else:
+        figure.tight_layout()
     return save(figure, path, formats)
 
 

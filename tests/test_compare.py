@@ -441,3 +441,10 @@ def test_a_group_never_mixes_envs() -> None:
         "algo.name=clip, env.id=CartPole-v1",
         "algo.name=clip, env.id=Pendulum-v1",
     ]
+
+
+def test_every_method_of_a_comparison_gets_a_colour_of_its_own() -> None:
+    """Beyond the default cycle's 10 colours (issue 19's comparison has 11 methods), up to 20."""
+    for count in (3, 10, 11, 20):
+        methods = [f"method {i}" for i in range(count)]
+        assert len(set(figures._colours(methods).values())) == count
