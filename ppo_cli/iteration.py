@@ -182,15 +182,24 @@ class PreparedUpdate:
 
 def prepare_update(state: TrainingState) -> PreparedUpdate:
     """The iteration's first half: learning rate -> collect -> merge statistics -> advantages ->
-    batch. A population (``population.py``) runs it for each member, then updates them together."""
-    cfg, variant = state.cfg, state.variant
+    batch. A population (``population.py``) runs its parts for each member, collecting for all
+    members in lockstep, then updates them together."""
+    lr = start_iteration(state)
+    return batch_of(state, lr, state.collector.collect())
+
+
+def start_iteration(state: TrainingState) -> float:
+    """Count the iteration and set its learning rate (returned)."""
     state.iteration += 1
-    lr = _set_learning_rate(state.optimizer, cfg, state.global_step)
-    rollout = state.collector.collect()
+    return _set_learning_rate(state.optimizer, state.cfg, state.global_step)
+
+
+def batch_of(state: TrainingState, lr: float, rollout: Rollout) -> PreparedUpdate:
+    """After the collection: merge statistics -> advantages -> the batch to update on."""
     state.statistics.merge()
-    advantages, returns = variant.advantages(rollout.storage)
-    weights = variant.loss_weights(rollout.storage)
-    batch = Batch.from_storage(rollout.storage, advantages, returns, cfg.sequence_chunks, weights)
+    advantages, returns = state.variant.advantages(rollout.storage)
+    weights = state.variant.loss_weights(rollout.storage)
+    batch = Batch.from_storage(rollout.storage, advantages, returns, state.cfg.sequence_chunks, weights)
     return PreparedUpdate(lr, rollout, batch)
 
 

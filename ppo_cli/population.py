@@ -28,20 +28,22 @@ from __future__ import annotations
 import logging
 import random
 import signal
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
+from ppo_cli.acting import Acting, NumpyActing, PopulationActing
 from ppo_cli.config import TrainConfig
 from ppo_cli.errors import EnvError, Interrupted, NonFiniteError
-from ppo_cli.iteration import PreparedUpdate, finish_iteration, prepare_update
+from ppo_cli.iteration import PreparedUpdate, batch_of, finish_iteration, start_iteration
 from ppo_cli.population_update import PopulationUpdate
+from ppo_cli.rollout import Rollout, run_through
 from ppo_cli.signals import GracefulStop, training_stop
 from ppo_cli.stacked import StackedAdam, StackedAgents
 from ppo_cli.train import Run
@@ -100,6 +102,10 @@ class Member:
         self.randomness = MemberRandomness()
         self.run = Run(job.cfg, job.run_dir, job.label, job.swept, fixed_size=True)  # holds the directory
         self.outcome: dict[str, Any] | BaseException | None = None
+        # The iteration in flight: its learning rate, how it acts, its collection, its batch.
+        self.learning_rate = 0.0
+        self.acting: Acting | None = None
+        self.steps: Generator[int, None, Rollout] | None = None
         self.prepared: PreparedUpdate | None = None
 
     @property
@@ -205,9 +211,7 @@ class _Population:
 
     def _iteration(self, stop: GracefulStop) -> int | None:
         """One iteration of every member still training; returns the stop signal, if one came."""
-        for member in self.members:
-            if not member.ended:
-                self._guarded(member, partial(self._prepare, member))
+        self._collect()
         active = torch.tensor([not m.ended for m in self.members], device=self.device)
         if not bool(active.any()):
             return stop.signum
@@ -228,9 +232,41 @@ class _Population:
             self._guarded(member, done)
         return signum
 
+    def _collect(self) -> None:
+        """Every member still training starts its iteration and collects its rollout, all in
+        lockstep: at each step the members act in one batched pass (``acting.PopulationActing``,
+        when every member acts in numpy), then each steps its own envs; then each builds its batch."""
+        members = [m for m in self.members if not m.ended]
+        for member in members:
+            self._guarded(member, partial(self._start, member))
+        members = [m for m in members if not m.ended]
+        actings = [m.acting for m in members if m.acting is not None]
+        batched = None
+        if all(isinstance(acting, NumpyActing) for acting in actings):
+            batched = PopulationActing(cast(list[NumpyActing], actings))
+        collectors = [m.run.state.collector for m in members]
+        for k, (member, collector) in enumerate(zip(members, collectors, strict=True)):
+            member.steps = collector.collecting(actings[k] if batched is None else batched.member(k))
+        for t in range(collectors[0].storage.num_steps if members else 0):
+            for member in members:
+                if not member.ended:
+                    self._guarded(member, partial(next, member.steps))
+            if batched is not None:
+                batched.act(t, [collector.obs for collector in collectors])
+        for member in members:
+            if not member.ended:
+                self._guarded(member, partial(self._finish_collection, member))
+
     @staticmethod
-    def _prepare(member: Member) -> None:
-        member.prepared = prepare_update(member.run.state)
+    def _start(member: Member) -> None:
+        member.learning_rate = start_iteration(member.run.state)
+        member.acting = member.run.state.collector.acting()  # draws the rollout's noise
+
+    @staticmethod
+    def _finish_collection(member: Member) -> None:
+        assert member.steps is not None
+        rollout = run_through(member.steps)
+        member.prepared = batch_of(member.run.state, member.learning_rate, rollout)
 
     @staticmethod
     def _report(member: Member, metrics: dict[str, float], stopping: bool) -> None:

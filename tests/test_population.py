@@ -99,19 +99,19 @@ def test_a_signal_stops_every_member_with_its_checkpoint_and_resume_continues_ex
     members = (("seed=0",), ("seed=1", "algo.clip_eps=0.1"))
     train_population(_jobs(tmp_path / "whole", *members))
 
-    prepare = population.prepare_update
+    start = population.start_iteration
     calls = {"n": 0}
 
     def signalled(state: Any) -> Any:
         calls["n"] += 1
         if calls["n"] == 5:  # the first member's third iteration
             GracefulStop.request(signal.SIGTERM)
-        return prepare(state)
+        return start(state)
 
-    monkeypatch.setattr(population, "prepare_update", signalled)
+    monkeypatch.setattr(population, "start_iteration", signalled)
     with pytest.raises(Interrupted):
         train_population(_jobs(tmp_path / "stopped", *members))
-    monkeypatch.setattr(population, "prepare_update", prepare)
+    monkeypatch.setattr(population, "start_iteration", start)
     for k in range(2):
         summary = read_summary(tmp_path / "stopped" / f"member{k}")
         assert summary["status"] == "interrupted" and summary["global_step"] == 96
