@@ -29,7 +29,7 @@ import logging
 import random
 import signal
 from collections.abc import Callable, Generator, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -50,6 +50,8 @@ from ppo_cli.train import Run
 
 log = logging.getLogger(__name__)
 
+CUDA = torch.cuda.is_available()  # checked once: each member's generator swap would ask again
+
 
 @dataclass(frozen=True)
 class MemberJob:
@@ -66,7 +68,7 @@ class MemberRandomness:
     swapped in while the member runs, so that the single-run code it calls draws from it."""
 
     def __init__(self) -> None:
-        self.saved: tuple[Any, ...] | None = None
+        self.saved: list[Any] | None = None
 
     @contextmanager
     def active(self) -> Iterator[None]:
@@ -79,16 +81,35 @@ class MemberRandomness:
             self.saved = _capture()
             _restore(outer)
 
+    @contextmanager
+    def torch_active(self) -> Iterator[None]:
+        """:meth:`active` for code that draws from torch's generators alone: cheaper."""
+        assert self.saved is not None, "the member's generators are set when its run opens"
+        outer = torch.get_rng_state(), _cuda_states()
+        _restore_torch(self.saved[2], self.saved[3])
+        try:
+            yield
+        finally:
+            self.saved[2:] = [torch.get_rng_state(), _cuda_states()]
+            _restore_torch(*outer)
 
-def _capture() -> tuple[Any, ...]:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
+
+def _cuda_states() -> list[torch.Tensor] | None:
+    return torch.cuda.get_rng_state_all() if CUDA else None
 
 
-def _restore(state: tuple[Any, ...]) -> None:
+def _capture() -> list[Any]:
+    return [random.getstate(), np.random.get_state(), torch.get_rng_state(), _cuda_states()]
+
+
+def _restore(state: list[Any]) -> None:
     python, numpy, torch_state, cuda = state
     random.setstate(python)
     np.random.set_state(numpy)
+    _restore_torch(torch_state, cuda)
+
+
+def _restore_torch(torch_state: torch.Tensor, cuda: list[torch.Tensor] | None) -> None:
     torch.set_rng_state(torch_state)
     if cuda is not None:
         torch.cuda.set_rng_state_all(cuda)
@@ -190,10 +211,10 @@ class _Population:
         self.device = self.agents.actor.flat.device
 
     def _draw_orders(self, n: int) -> torch.Tensor:
-        """Each member's random order of ``n`` samples, from its own generator, (K, n)."""
+        """Each member's random order of ``n`` samples, from its own torch generator, (K, n)."""
         orders = []
         for member in self.members:
-            with member.randomness.active():
+            with member.randomness.torch_active():
                 orders.append(torch.randperm(n, device=self.device))
         return torch.stack(orders)
 
@@ -217,10 +238,11 @@ class _Population:
                     if not member.ended:
                         member.end(None)
 
-    def _guarded(self, member: Member, action: Callable[[], None]) -> None:
-        """Run one member's ``action`` with its generators; what it raises ends that member only."""
+    def _guarded(self, member: Member, action: Callable[[], Any], draws: bool = True) -> None:
+        """Run one member's ``action`` (with its generators swapped in, if it ``draws`` from
+        them); what it raises ends that member only."""
         try:
-            with member.randomness.active():
+            with member.randomness.active() if draws else nullcontext():
                 action()
         except Exception as exc:
             if isinstance(exc, NonFiniteError | EnvError):
@@ -268,7 +290,8 @@ class _Population:
         for t in range(collectors[0].storage.num_steps if members else 0):
             for member in members:
                 if not member.ended:
-                    self._guarded(member, partial(next, member.steps))
+                    # Stepping the envs draws nothing: the noise was drawn by acting() in _start.
+                    self._guarded(member, partial(next, member.steps), draws=False)
             if batched is not None:
                 batched.act(t, [collector.obs for collector in collectors])
         for member in members:
