@@ -125,12 +125,7 @@ def _train_task(cfg: DictConfig) -> float | None:
         raise
     if not parallel.is_main:
         return None
-    print(f"run dir: {job.run_dir}")
-    if "eval_std" in summary:
-        print(f"evaluation: {summary['eval_mean']:.2f} +/- {summary['eval_std']:.2f}")
-    elif "eval_mean" in summary:
-        print(f"evaluation: {summary['eval_mean']:.2f} (mean over seeds {', '.join(summary['seeds'])})")
-    return job_result(summary)
+    return job_result(job.run_dir, summary)
 
 
 @dataclass(frozen=True)
@@ -208,8 +203,14 @@ def failed_job(hydra_cfg: DictConfig, exc: BaseException) -> float:
     return math.nan
 
 
-def job_result(summary: dict[str, Any]) -> float | None:
-    """A job's result, the sweepers' objective: its final evaluation mean (or recent return)."""
+def job_result(run_dir: Path, summary: dict[str, Any]) -> float | None:
+    """Print where a job ran and how it scored; its result, the sweepers' objective: its final
+    evaluation mean (or recent return)."""
+    print(f"run dir: {run_dir}")
+    if "eval_std" in summary:
+        print(f"evaluation: {summary['eval_mean']:.2f} +/- {summary['eval_std']:.2f}")
+    elif "eval_mean" in summary:
+        print(f"evaluation: {summary['eval_mean']:.2f} (mean over seeds {', '.join(summary['seeds'])})")
     return summary.get("eval_mean", summary.get("recent_episodic_return"))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import subprocess
 import sys
 import types
 from collections.abc import Callable, Sequence
@@ -77,7 +78,12 @@ class FakePopulation:
                 elif self.trains:
                     results.append(train(job.cfg, job.run_dir, job.label, job.swept))
                 else:
-                    summary = {"status": "completed", "global_step": 64, "eval_mean": float(job.cfg.seed)}
+                    summary = {
+                        "status": "completed",
+                        "global_step": 64,
+                        "eval_mean": float(job.cfg.seed),
+                        "eval_std": 0.0,
+                    }
                     write_summary(job.run_dir, summary)
                     results.append(summary)
         return results
@@ -297,3 +303,31 @@ def test_a_signal_stops_the_population_with_the_exit_code_of_a_signal(
     assert code == 130
     assert output.strip().splitlines()[-1] == "ppo-train: interrupted"
     assert not (sweep_dir / "job0" / rundir.LOCK_FILE).exists()  # released, and never accepted
+
+
+def test_a_member_whose_run_directory_is_in_use_fails_alone(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    fake: Callable[..., FakePopulation],
+) -> None:
+    population = fake()
+    lock = tmp_path / "sweep" / "job1" / rundir.LOCK_FILE
+    lock.parent.mkdir(parents=True)
+    hold = "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+    hold += "fcntl.lockf(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(lock)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        code, output, sweep_dir = _sweep(tmp_path, monkeypatch, capsys, "seed=0,1,2")
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=10)
+    assert code == 1, output
+    assert [[m.cfg.seed for m in members] for members in population.populations] == [[0, 2]]
+    rows = _rows(sweep_dir)
+    assert [row["status"] for row in rows] == ["completed", "failed", "completed"]
+    assert rows[1]["error"].startswith(f"{sweep_dir / 'job1'}: in use by process {holder.pid}")

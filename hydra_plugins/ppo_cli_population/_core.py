@@ -190,7 +190,8 @@ def _run_population(launcher: PopulationLauncher, members: list[_Job]) -> dict[i
         if isinstance(outcome, BaseException):
             job_return.return_value = cli.failed_job(member.config.hydra, outcome)
         else:
-            job_return.return_value = cli.job_result(outcome)
+            run_dir = Path(member.config.hydra.runtime.output_dir)
+            job_return.return_value = cli.job_result(run_dir, outcome)
         job_return.status = JobStatus.COMPLETED  # the task function returned (NaN: it failed)
         job_return.task_name = JobRuntime.instance().get("name")
         launcher.hydra_context.callbacks.on_job_end(config=member.config, job_return=job_return)
