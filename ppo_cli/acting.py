@@ -150,7 +150,11 @@ class NumpyActing(Acting):
         outputs = self.outputs[t]
         np.matmul(x, weight_t, out=outputs)
         outputs += bias
-        actions = self.actions[t]
+        return self.draw(t)
+
+    def draw(self, t: int) -> np.ndarray:
+        """Step ``t``'s actions from its outputs, as stored (masked first, if the envs report masks)."""
+        outputs, actions = self.outputs[t], self.actions[t]
         if self.masks is not None:
             np.copyto(outputs[:, :-1], PAD_LOGIT, where=~self.masks[t])
         if self.bounds is None:  # Gumbel-max, as Categorical.sample
@@ -169,3 +173,53 @@ def make_acting(agent: ActorCritic, buffers: ActingBuffers) -> Acting:
     if on_cpu and not agent.has_trunk and JointForward.joinable(agent) and numpy_draws:
         return NumpyActing(agent, buffers)
     return TorchActing(agent, buffers)
+
+
+class PopulationActing:
+    """The acting of a population's members (``population.py``), each a :class:`NumpyActing`,
+    as one batched pass: at each step the members' observations are stacked and each layer is one
+    ``np.matmul`` over (K, N, in) x (K, in, out), instead of K small ones. Each member then draws
+    its actions from its own outputs and noise, and :meth:`member` hands them to its collector."""
+
+    def __init__(self, members: list[NumpyActing]) -> None:
+        self.members = members
+        depth = len(members[0].layers)
+        self.layers = [
+            (
+                np.stack([m.layers[i][0] for m in members]),
+                np.stack([m.layers[i][1] for m in members])[:, None],
+            )
+            for i in range(depth)
+        ]
+        self.activation = members[0].activation
+        self.obs = np.stack([m.obs[0] for m in members])  # (K, N, obs_dim), refilled at each step
+        self.actions: list[np.ndarray] = [np.empty(0)] * len(members)
+
+    def act(self, t: int, observations: list[torch.Tensor]) -> None:
+        """Every member's outputs and actions for step ``t`` from its ``observations`` (N, obs_dim)."""
+        for k, obs in enumerate(observations):
+            self.obs[k] = obs.numpy()
+        x = self.obs
+        for weight_t, bias in self.layers[:-1]:
+            x = np.matmul(x, weight_t)
+            x += bias
+            self.activation(x, out=x)
+        weight_t, bias = self.layers[-1]
+        outputs = np.matmul(x, weight_t)
+        outputs += bias
+        for k, member in enumerate(self.members):
+            member.obs[t] = self.obs[k]
+            member.outputs[t] = outputs[k]
+            self.actions[k] = member.draw(t)
+
+    def member(self, k: int) -> Acting:
+        """Member ``k``'s acting for its collector: the actions :meth:`act` drew for it."""
+        return _Drawn(self, k)
+
+
+class _Drawn(Acting):
+    def __init__(self, population: PopulationActing, k: int) -> None:
+        self.population, self.k = population, k
+
+    def __call__(self, t: int, obs: torch.Tensor) -> np.ndarray:
+        return self.population.actions[self.k]

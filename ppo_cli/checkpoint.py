@@ -38,6 +38,20 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
+def _own_storage(tree: Any) -> Any:
+    """``tree`` with every tensor that views a larger storage copied out: torch.save writes a
+    view's whole storage, and a population member's parameters and Adam moments are rows of
+    tensors shared with the other members (``stacked.py``), whose values have no place in its file."""
+    if isinstance(tree, torch.Tensor):
+        return tree.clone() if tree.untyped_storage().nbytes() > tree.nbytes else tree
+    if isinstance(tree, dict):
+        return {key: _own_storage(value) for key, value in tree.items()}
+    if isinstance(tree, list | tuple):
+        values = [_own_storage(value) for value in tree]
+        return type(tree)(*values) if hasattr(tree, "_fields") else type(tree)(values)
+    return tree
+
+
 def save_atomic(payload: dict[str, Any], path: Path, kept: str | None = None) -> None:
     """Write ``payload`` to ``path`` so that readers only ever see a complete file.
 
@@ -52,7 +66,7 @@ def save_atomic(payload: dict[str, Any], path: Path, kept: str | None = None) ->
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            torch.save(payload, f)
+            torch.save(_own_storage(payload), f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -31,7 +31,7 @@ from ppo_cli.errors import ConfigError
 from ppo_cli.init_from import StartingPoint
 from ppo_cli.losses import explained_variance
 from ppo_cli.normalization import RewardScaler
-from ppo_cli.rollout import Collector, RolloutStorage
+from ppo_cli.rollout import Collector, Rollout, RolloutStorage
 from ppo_cli.tags import metric_tag
 from ppo_cli.update import Updater
 
@@ -55,10 +55,13 @@ def pick_device(name: str) -> torch.device:
 
 
 @contextmanager
-def training_envs(cfg: TrainConfig) -> Iterator[VectorEnv]:
-    """The vector env the run trains on (seeded the way its variant resets them), closed after."""
+def training_envs(cfg: TrainConfig, fixed_size: bool = False) -> Iterator[VectorEnv]:
+    """The vector env the run trains on (seeded the way its variant resets them), closed after.
+
+    ``fixed_size``: every rollout's batch must hold all its T x N steps (a population member's,
+    whose batch is stacked with the others'), so no env may reset on the next step (``envs.py``)."""
     per_env_seeds = variant_of(cfg).per_env_seeds
-    sequences = cfg.agent.recurrent != "none"
+    sequences = cfg.agent.recurrent != "none" or fixed_size
     envs = make_vector_env(cfg.env, per_env_seeds=per_env_seeds, training=True, sequences=sequences)
     with closing_envs(envs):
         yield envs
@@ -164,22 +167,55 @@ class IterationResult:
 def run_iteration(state: TrainingState) -> IterationResult:
     """One iteration: collect a rollout (under torchrun, each rank its own envs), share the
     normalisation statistics, estimate advantages, update on the batch, and pool the report."""
-    cfg, variant = state.cfg, state.variant
+    prepared = prepare_update(state)
+    return finish_iteration(state, prepared, state.updater.update(prepared.batch))
+
+
+@dataclass
+class PreparedUpdate:
+    """An iteration up to its update: the learning rate set, the rollout, the batch built from it."""
+
+    learning_rate: float
+    rollout: Rollout
+    batch: Batch
+
+
+def prepare_update(state: TrainingState) -> PreparedUpdate:
+    """The iteration's first half: learning rate -> collect -> merge statistics -> advantages ->
+    batch. A population (``population.py``) runs its parts for each member, collecting for all
+    members in lockstep, then updates them together."""
+    lr = start_iteration(state)
+    return batch_of(state, lr, state.collector.collect())
+
+
+def start_iteration(state: TrainingState) -> float:
+    """Count the iteration and set its learning rate (returned)."""
     state.iteration += 1
-    lr = _set_learning_rate(state.optimizer, cfg, state.global_step)
-    rollout = state.collector.collect()
+    return _set_learning_rate(state.optimizer, state.cfg, state.global_step)
+
+
+def batch_of(state: TrainingState, lr: float, rollout: Rollout) -> PreparedUpdate:
+    """After the collection: merge statistics -> advantages -> the batch to update on."""
     state.statistics.merge()
-    advantages, returns = variant.advantages(rollout.storage)
-    weights = variant.loss_weights(rollout.storage)
-    batch = Batch.from_storage(rollout.storage, advantages, returns, cfg.sequence_chunks, weights)
-    metrics = state.updater.update(batch)
+    advantages, returns = state.variant.advantages(rollout.storage)
+    weights = state.variant.loss_weights(rollout.storage)
+    batch = Batch.from_storage(rollout.storage, advantages, returns, state.cfg.sequence_chunks, weights)
+    return PreparedUpdate(lr, rollout, batch)
+
+
+def finish_iteration(
+    state: TrainingState, prepared: PreparedUpdate, metrics: dict[str, float]
+) -> IterationResult:
+    """The iteration's second half, after the update that returned ``metrics``: the report,
+    pooled over the ranks, and the step counters."""
+    rollout, batch = prepared.rollout, prepared.batch
     own = IterationReport(
         rollout.env_steps, rollout.episodes, explained_variance(batch.values, batch.returns), rollout.counts
     )
     report = IterationReport.pooled(state.parallel.all_gather(own))
     state.global_step += report.env_steps
     state.recent_returns.extend(report.episodes.returns)
-    return IterationResult(lr, metrics, report)
+    return IterationResult(prepared.learning_rate, metrics, report)
 
 
 def _set_learning_rate(optimizer: torch.optim.Optimizer, cfg: TrainConfig, global_step: int) -> float:

@@ -32,9 +32,15 @@ class PackedParameters:
     def __init__(self, params: Iterable[nn.Parameter]) -> None:
         self.params = list(params)
         self.flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in self.params]))
+        self.rebind(self.flat.data)
+
+    def rebind(self, storage: torch.Tensor) -> None:
+        """Make :attr:`flat` and the parameters views of ``storage``, a flat tensor holding their
+        values (a population keeps its members' packs as the rows of one tensor: ``stacked.py``)."""
+        self.flat.data = storage
         offset = 0
         for param in self.params:
-            param.data = self.flat.data[offset : offset + param.numel()].view_as(param)
+            param.data = storage[offset : offset + param.numel()].view_as(param)
             offset += param.numel()
 
     def gather_grad(self) -> None:

@@ -16,8 +16,9 @@ Two autoreset conventions are handled (see ``envs.py``):
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -30,6 +31,8 @@ from ppo_cli.envs import action_masks, env_failure, finished_episodes, uses_next
 from ppo_cli.episodes import EpisodeCounter, EpisodeLog
 from ppo_cli.errors import NonFiniteError
 from ppo_cli.normalization import RewardScaler
+
+T = TypeVar("T")
 
 
 class RolloutStorage:
@@ -95,6 +98,15 @@ class RolloutStorage:
             (self.valid, self.host_valid),
         ):
             tensor.copy_(torch.from_numpy(array))
+
+
+def run_through(steps: Generator[Any, None, T]) -> T:
+    """Run a generator to its end; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as end:
+            return cast(T, end.value)
 
 
 def check_finite(field: str, values: np.ndarray) -> None:
@@ -194,7 +206,7 @@ class Collector:
             assert self.storage.action_masks is not None  # tracked since the first reset
             self.storage.action_masks[t].copy_(torch.from_numpy(self.mask))
 
-    def _acting(self) -> Acting:
+    def acting(self) -> Acting:
         """How the agent acts in this rollout (a snapshot of its weights; see acting.py)."""
         s = self.storage
         noise = self.agent.exploration_noise((s.num_steps, self.envs.num_envs))
@@ -210,11 +222,16 @@ class Collector:
         s.policy_params.copy_(params)
         s.log_probs.copy_(self.agent.dist.log_prob(params, s.actions))
 
-    @torch.inference_mode()  # cheaper than no_grad; the storage it writes into stays normal
     def collect(self) -> Rollout:
         """Fill the storage with ``num_steps`` steps of every env."""
+        return run_through(self.collecting(self.acting()))
+
+    @torch.inference_mode()  # cheaper than no_grad; the storage it writes into stays normal
+    def collecting(self, act: Acting) -> Generator[int, None, Rollout]:
+        """:meth:`collect` with ``act``, step by step: it pauses before the agent acts at each
+        step (yielding the step's index), so that a population (``population.py``) can act for
+        all its members at once in between."""
         s, finished = self.storage, EpisodeLog()
-        act = self._acting()
         truncation_values: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         for t in range(s.num_steps):
             valid = s.host_valid[t]
@@ -225,6 +242,7 @@ class Collector:
                 assert self.state is not None and s.starts is not None
                 s.states[t].copy_(self.state)
                 s.starts[t].copy_(torch.from_numpy(self.prev_done))
+            yield t
             obs, reward, terminated, truncated, info = self._step(act(t, self.obs))
             check_finite("reward", reward)
             s.host_rewards[t], s.host_terminated[t], s.host_truncated[t] = reward, terminated, truncated

@@ -14,7 +14,7 @@ import logging
 import signal
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, cast
 
@@ -24,11 +24,12 @@ from omegaconf import OmegaConf
 from ppo_cli import rundir
 from ppo_cli.checkpointer import Checkpointer
 from ppo_cli.config import TrainConfig, hyperparameters
-from ppo_cli.distributed import DataParallel
+from ppo_cli.distributed import SINGLE_PROCESS, DataParallel
 from ppo_cli.errors import EnvError, Interrupted, NonFiniteError
 from ppo_cli.evaluator import Evaluator
 from ppo_cli.init_from import starting_point
 from ppo_cli.iteration import (
+    IterationResult,
     TrainingState,
     build_state,
     pick_device,
@@ -39,7 +40,7 @@ from ppo_cli.iteration import (
 )
 from ppo_cli.logger import RunLogger, new_summary, read_summary, summary_final, summary_started
 from ppo_cli.resume import resume_checkpoint, resume_command, resume_state
-from ppo_cli.signals import GracefulStop, training_stop
+from ppo_cli.signals import training_stop
 
 log = logging.getLogger(__name__)
 
@@ -56,68 +57,202 @@ def train(cfg: TrainConfig, run_dir: Path, label: str = "", swept: Sequence[str]
     ``label`` prefixes the progress lines (the job, in a sweep); ``swept`` names the keys the
     sweep varies, the first columns of TensorBoard's HParams table.
 
-    The run holds ``run_dir`` throughout (see ``rundir.py``: another process there is refused) and
-    writes into it only once accepted: after the resume checks, or when a new run fails.
-
     Under ``torchrun`` every rank calls this with the same ``cfg`` and ``run_dir``; only rank 0
     holds and writes there (see ``distributed.py``).
     """
     parallel = DataParallel.current()
-    with rundir.hold(run_dir, lock=parallel.is_main) as directory:
-        return _train_held(cfg, run_dir, label, swept, parallel, directory)
-
-
-def _train_held(
-    cfg: TrainConfig,
-    run_dir: Path,
-    label: str,
-    swept: Sequence[str],
-    parallel: DataParallel,
-    directory: rundir.RunDirectory,
-) -> dict[str, Any]:
-    plain_config = cast(dict[str, Any], OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
-    start = time.perf_counter()
-    summary = new_summary(plain_config)
-    previous_summary = read_summary(run_dir)
-    new_run = not rundir.holds_run(run_dir)
+    run = Run(cfg, run_dir, label, swept, parallel)
     try:
+        with training_stop(parallel.active) as stop:
+            run.open()
+            while run.training:
+                with run.located():
+                    result = run_iteration(run.state)
+                stop_signal = parallel.any_signal(stop.signum)  # every rank stops alike
+                run.after_iteration(result, stopping=stop_signal is not None)
+                if stop_signal is not None:
+                    raise run.interruption(stop_signal)
+            run.finish()
+            stop.graceful = False  # from here on nothing remains that a checkpoint would keep
+    except BaseException as exc:
+        run.close(exc)
+        raise
+    run.close(None)
+    return run.summary
+
+
+class Run:
+    """One run in its directory, from its start to its summary, driven by a loop outside it:
+    :func:`train` drives one, a population (``population.py``) several in lockstep.
+
+    Built, it holds ``run_dir`` (see ``rundir.py``: another process there is refused); :meth:`open`
+    builds (or resumes) the training state and accepts the run, and only then writes into the
+    directory; :meth:`after_iteration` logs, evaluates (every ``eval.interval`` iterations) and
+    checkpoints; :meth:`finish` evaluates and saves the trained agent; :meth:`close` (always)
+    writes ``summary.json`` with how the run ended and lets the directory go.
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        run_dir: Path,
+        label: str = "",
+        swept: Sequence[str] = (),
+        parallel: DataParallel = SINGLE_PROCESS,
+        fixed_size: bool = False,
+    ) -> None:
+        self.fixed_size = fixed_size  # a population member's batches: see iteration.training_envs
+        self.cfg, self.run_dir, self.label, self.swept, self.parallel = cfg, run_dir, label, swept, parallel
+        self.plain_config = cast(
+            dict[str, Any], OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+        )
+        self.start = time.perf_counter()
+        self.summary = new_summary(self.plain_config)
+        self._held = ExitStack()  # the directory, let go last
+        self._resources = ExitStack()  # the envs and the logger, closed before the summary is written
+        self.directory = self._held.enter_context(rundir.hold(run_dir, lock=parallel.is_main))
+        self.previous_summary = read_summary(run_dir)
+        self.new_run = not rundir.holds_run(run_dir)
+        self._state: TrainingState | None = None
+        self.checkpointer = Checkpointer(run_dir, self.plain_config, cfg.checkpoint.keep)
+        self.logger: RunLogger | None = None
+        self.evaluator = Evaluator(cfg, self.checkpointer, None)
+        self.complete_before = False  # resumed from a run that had already completed
+        self.start_step, self.train_start = 0, self.start
+
+    @property
+    def state(self) -> TrainingState:
+        assert self._state is not None, "open() the run first"
+        return self._state
+
+    @property
+    def training(self) -> bool:
+        """Whether steps of the budget remain to be trained."""
+        return not self.complete_before and self.state.global_step < self.cfg.total_timesteps
+
+    def open(self) -> None:
+        """Seed, build the state (or resume it: ``resume.py``), accept the run, start its log.
+        Raises what refuses the run (a resume whose config differs, a checkpoint that does not
+        fit); nothing is written into the directory before acceptance."""
+        cfg, parallel = self.cfg, self.parallel
         seed_everything(cfg.seed)
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
         device = pick_device(cfg.device)
-        found = resume_checkpoint(cfg, run_dir)
+        found = resume_checkpoint(cfg, self.run_dir)
         initial = starting_point(cfg.init_from) if found is None else None  # only a new run reads it
-        with training_stop(parallel.active) as stop, training_envs(cfg) as envs:
-            state = build_state(cfg, envs, device, parallel, initial)
-            if parallel.rank:  # the agent is built; from here on each rank draws its own numbers
-                seed_everything(parallel.rank_seed(cfg.seed))
-            checkpointer = Checkpointer(run_dir, plain_config, cfg.checkpoint.keep)
-            resumed = resume_state(cfg, plain_config, state, checkpointer, found)
-            directory.accept()
-            if resumed is not None:
-                summary.update(resumed_from=resumed, global_step=state.global_step)
-            if parallel.is_main:
-                summary_started(run_dir, summary)
-            if resumed is not None and _already_complete(cfg, state, previous_summary):
-                log.info("the run is already complete; raise total_timesteps to train it further")
-                kept = previous_summary.keys() - {"status", "config", "wall_time_s"}
-                summary.update({key: previous_summary[key] for key in kept})
-            else:
-                logger = _run_logger(cfg, run_dir, plain_config, state, resumed is not None, label, swept)
-                summary.update(_run(cfg, state, checkpointer, logger, stop, summary))
-        summary["status"] = "completed"
-    except (Interrupted, KeyboardInterrupt) as exc:
-        summary.update(status="interrupted", error=str(exc) or type(exc).__name__)
-        raise
-    except BaseException as exc:
-        summary.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-        raise
-    finally:
-        summary["wall_time_s"] = round(time.perf_counter() - start, 2)
-        if parallel.is_main and (directory.accepted or new_run):  # a refused resume writes nothing
-            directory.accept()
-            summary_final(run_dir, summary)
-    return summary
+        envs = self._resources.enter_context(training_envs(cfg, self.fixed_size))
+        state = build_state(cfg, envs, device, parallel, initial)
+        if parallel.rank:  # the agent is built; from here on each rank draws its own numbers
+            seed_everything(parallel.rank_seed(cfg.seed))
+        resumed = resume_state(cfg, self.plain_config, state, self.checkpointer, found)
+        self.directory.accept()
+        self._state = state
+        if resumed is not None:
+            self.summary.update(resumed_from=resumed, global_step=state.global_step)
+        if parallel.is_main:
+            summary_started(self.run_dir, self.summary)
+        if resumed is not None and _already_complete(cfg, state, self.previous_summary):
+            log.info("the run is already complete; raise total_timesteps to train it further")
+            kept = self.previous_summary.keys() - {"status", "config", "wall_time_s"}
+            self.summary.update({key: self.previous_summary[key] for key in kept})
+            self.complete_before = True
+            return
+        self.logger = _run_logger(
+            cfg, self.run_dir, self.plain_config, state, resumed is not None, self.label, self.swept
+        )
+        if self.logger is not None:
+            self._resources.callback(self.logger.close)
+        self.evaluator = Evaluator(cfg, self.checkpointer, self.logger)
+        self.start_step, self.train_start = state.global_step, time.perf_counter()
+
+    @contextmanager
+    def located(self) -> Iterator[None]:
+        """Name the iteration and the last good checkpoint in a failing env's or a non-finite
+        number's error."""
+        try:
+            yield
+        except (NonFiniteError, EnvError) as exc:
+            raise self.located_error(exc) from None
+
+    def located_error(self, exc: NonFiniteError | EnvError) -> NonFiniteError | EnvError:
+        """``exc`` with the iteration and the last good checkpoint named in its message."""
+        located = f"iteration {self.state.iteration}: {exc}"
+        last_good = f"last good checkpoint: {self.checkpointer.last_saved or 'none written yet'}"
+        if isinstance(exc, EnvError):
+            return EnvError(f"{located}; {last_good}", exc.details)
+        return NonFiniteError(f"{located}; training stopped before the optimizer step, {last_good}")
+
+    def after_iteration(self, result: IterationResult, stopping: bool) -> None:
+        """Log the iteration, evaluate if one is due (before the checkpoint, which keeps the best
+        so far), and save every ``checkpoint.interval`` iterations or when ``stopping``."""
+        state, logger = self.state, self.logger
+        if logger is not None:
+            sps = (state.global_step - self.start_step) / (
+                time.perf_counter() - self.train_start - self.evaluator.seconds
+            )
+            logger.scalars(result.scalars(sps), state.global_step)
+            logger.progress(state.global_step, sps, recent_mean(state))
+        self.summary["global_step"] = state.global_step
+        self.evaluator.after_iteration(state)
+        interval = self.cfg.checkpoint.interval
+        periodic = bool(interval) and state.iteration % interval == 0
+        if periodic or stopping:
+            self._save(periodic)
+
+    def interruption(self, signum: int) -> Interrupted:
+        """What ends a run stopped by ``signum`` after its checkpoint: where it is, how to resume."""
+        return Interrupted(
+            signum,
+            f"stopped by {signal.Signals(signum).name} at step {self.state.global_step}; "
+            f"checkpoint: {self.checkpointer.last_saved}; resume with: {resume_command(self.run_dir)}",
+        )
+
+    def finish(self) -> None:
+        """The budget is spent: evaluate the trained agent, save it, and fill the summary."""
+        if self.complete_before:
+            return
+        state = self.state
+        evaluation = self.evaluator.final(state)
+        self._save(periodic=False)
+        train_time = max(time.perf_counter() - self.train_start - self.evaluator.seconds, 1e-9)
+        trained = state.global_step - self.start_step
+        log.info(
+            "%strained %d steps in %.1f s (%.0f SPS)", self.label, trained, train_time, trained / train_time
+        )
+        self.summary.update(
+            global_step=state.global_step,
+            train_time_s=round(train_time, 2),
+            sps=round(trained / train_time, 1),
+            recent_episodic_return=recent_mean(state),
+        )
+        self.summary.update(evaluation)  # rank 0's (the other ranks evaluate nothing)
+        if self.logger is not None:
+            self.logger.hparams_completed(state.global_step)
+
+    def close(self, exc: BaseException | None) -> None:
+        """Record how the run ended (``completed``, or ``interrupted`` / ``failed`` by ``exc``) in
+        ``summary.json``, close the envs and the log, and let the directory go. A run refused
+        before it was accepted leaves the directory as it was (a new run records its failure)."""
+        if exc is None:
+            self.summary["status"] = "completed"
+        elif isinstance(exc, Interrupted | KeyboardInterrupt):
+            self.summary.update(status="interrupted", error=str(exc) or type(exc).__name__)
+        else:
+            self.summary.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        try:
+            self._resources.close()
+        finally:
+            self.summary["wall_time_s"] = round(time.perf_counter() - self.start, 2)
+            if self.parallel.is_main and (self.directory.accepted or self.new_run):
+                self.directory.accept()
+                summary_final(self.run_dir, self.summary)
+            self._held.close()
+
+    def _save(self, periodic: bool) -> None:
+        if self.logger is not None:
+            self.logger.flush()  # the event files on disk reach at least as far as the checkpoint
+        self.checkpointer.save(self.state, periodic)
 
 
 def _already_complete(cfg: TrainConfig, state: TrainingState, previous_summary: dict[str, Any]) -> bool:
@@ -143,90 +278,3 @@ def _run_logger(
     )
     logger.hparams(hyperparameters(plain_config, swept), HPARAMS_METRICS, logger.first_step)
     return logger
-
-
-def _run(
-    cfg: TrainConfig,
-    state: TrainingState,
-    checkpointer: Checkpointer,
-    logger: RunLogger | None,
-    stop: GracefulStop,
-    summary: dict[str, Any],
-) -> dict[str, Any]:
-    """Iterate (evaluating every ``eval.interval`` iterations) until the step budget is spent or a
-    stop is asked for, then evaluate and save."""
-    start_step, train_start = state.global_step, time.perf_counter()
-    evaluator = Evaluator(cfg, checkpointer, logger)
-    try:
-        while state.global_step < cfg.total_timesteps:
-            with _located(state, checkpointer):
-                result = run_iteration(state)
-            if logger is not None:
-                sps = (state.global_step - start_step) / (
-                    time.perf_counter() - train_start - evaluator.seconds
-                )
-                logger.scalars(result.scalars(sps), state.global_step)
-                logger.progress(state.global_step, sps, recent_mean(state))
-            summary["global_step"] = state.global_step
-            evaluator.after_iteration(state)  # before the checkpoint, which keeps the best so far
-            _checkpoint_or_stop(cfg, state, checkpointer, logger, stop)
-        evaluation = evaluator.final(state)
-        _save(state, checkpointer, logger, periodic=False)
-        stop.graceful = False  # from here on nothing remains that a checkpoint would keep
-        train_time = max(time.perf_counter() - train_start - evaluator.seconds, 1e-9)
-        trained = state.global_step - start_step
-        log.info("trained %d steps in %.1f s (%.0f SPS)", trained, train_time, trained / train_time)
-        result_summary: dict[str, Any] = {
-            "global_step": state.global_step,
-            "train_time_s": round(train_time, 2),
-            "sps": round(trained / train_time, 1),
-            "recent_episodic_return": recent_mean(state),
-        }
-        result_summary.update(evaluation)  # rank 0's (the other ranks evaluate nothing)
-        if logger is not None:
-            logger.hparams_completed(state.global_step)
-        return result_summary
-    finally:
-        if logger is not None:
-            logger.close()
-
-
-@contextmanager
-def _located(state: TrainingState, checkpointer: Checkpointer) -> Iterator[None]:
-    """Name the iteration and the last good checkpoint in a failing env's or a non-finite
-    number's error."""
-    try:
-        yield
-    except (NonFiniteError, EnvError) as exc:
-        located = f"iteration {state.iteration}: {exc}"
-        last_good = f"last good checkpoint: {checkpointer.last_saved or 'none written yet'}"
-        if isinstance(exc, EnvError):
-            raise EnvError(f"{located}; {last_good}", exc.details) from None
-        raise NonFiniteError(f"{located}; training stopped before the optimizer step, {last_good}") from None
-
-
-def _checkpoint_or_stop(
-    cfg: TrainConfig,
-    state: TrainingState,
-    checkpointer: Checkpointer,
-    logger: RunLogger | None,
-    stop: GracefulStop,
-) -> None:
-    """Save every ``checkpoint.interval`` iterations, and when a stop was asked for (on any rank,
-    under torchrun: every rank stops alike), then stop."""
-    stop_signal = state.parallel.any_signal(stop.signum)
-    periodic = bool(cfg.checkpoint.interval) and state.iteration % cfg.checkpoint.interval == 0
-    if periodic or stop_signal is not None:
-        _save(state, checkpointer, logger, periodic)
-    if stop_signal is not None:
-        raise Interrupted(
-            stop_signal,
-            f"stopped by {signal.Signals(stop_signal).name} at step {state.global_step}; "
-            f"checkpoint: {checkpointer.last_saved}; resume with: {resume_command(checkpointer.run_dir)}",
-        )
-
-
-def _save(state: TrainingState, checkpointer: Checkpointer, logger: RunLogger | None, periodic: bool) -> None:
-    if logger is not None:
-        logger.flush()  # the event files on disk reach at least as far as the checkpoint
-    checkpointer.save(state, periodic)

@@ -33,6 +33,10 @@ class Updater(ABC):
     ranks; the metrics returned are those averages.
     """
 
+    # The attributes of that state that its loss reads as numbers: a population (population.py)
+    # passes each member's value into the members' batched loss.
+    member_state: tuple[str, ...] = ()
+
     def __init__(
         self,
         agent: ActorCritic,
@@ -139,6 +143,12 @@ class SurrogateUpdater(Updater):
         means = torch.stack(logged).mean(dim=0).tolist() if logged else []
         metrics = dict(zip(names, means, strict=True))
         metrics.update(minibatch_updates=float(len(logged)), early_stop=float(stopped_early))
+        return self.finish_update(batch, metrics)
+
+    def finish_update(self, batch: Batch, metrics: dict[str, float]) -> dict[str, float]:
+        """After the epochs: ``metrics`` (the minibatches' means) with the KL this update moved
+        the policy by, averaged over the ranks. A variant whose state follows the update
+        (PPO-Penalty's beta) adapts it here; a population (``population.py``) calls this per member."""
         metrics.update(measure_kl(self.agent, batch))
         return self.parallel.average_metrics(metrics)
 
@@ -203,12 +213,15 @@ class OneStepUpdater(Updater):
 
     def policy_terms(self, batch: Batch) -> tuple[Evaluation, dict[str, torch.Tensor]]:
         out = self.agent.evaluate(batch.obs, batch.actions, batch.action_masks, batch.memory)
+        return out, self.policy_terms_of(out, batch)
+
+    def policy_terms_of(self, out: Evaluation, batch: Batch) -> dict[str, torch.Tensor]:
+        """The policy-gradient loss and the entropy of the evaluation ``out`` of ``batch``."""
         advantages = losses.normalize_advantages(batch.advantages) if self.cfg.norm_adv else batch.advantages
-        terms = {
+        return {
             "policy_loss": losses.policy_gradient_loss(out.log_prob, advantages),
             "entropy": out.entropy.mean(),
         }
-        return out, terms
 
     def metrics_after_step(self, batch: Batch, terms: dict[str, torch.Tensor]) -> dict[str, float]:
         """The logged terms plus how far the single step moved the policy (every KL estimate)."""

@@ -94,3 +94,31 @@ class SegfaultingCartPole(FailingCartPole):
 
 
 gym.register("Segfaulting-v0", entry_point=SegfaultingCartPole, max_episode_steps=500)
+
+
+class PoisonedBySeed(CartPoleEnv):
+    """CartPole whose rewards are NaN from its 20th step on when it was reset with a seed of 1000
+    or more: one member of a population (seeded there) meets a non-finite number, the others not."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.poisoned, self.steps = False, 0
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        if seed is not None:
+            self.poisoned = seed >= 1000
+        return super().reset(seed=seed, options=options)
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
+        obs, reward, terminated, truncated, info = super().step(action)
+        self.steps += 1
+        return (
+            obs,
+            float("nan") if self.poisoned and self.steps >= 20 else reward,
+            terminated,
+            truncated,
+            info,
+        )
+
+
+gym.register("PoisonedBySeed-v0", entry_point=PoisonedBySeed, max_episode_steps=500)

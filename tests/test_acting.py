@@ -8,7 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from ppo_cli.acting import ActingBuffers, JointForward, NumpyActing, TorchActing, make_acting
+from ppo_cli.acting import (
+    ActingBuffers,
+    JointForward,
+    NumpyActing,
+    PopulationActing,
+    TorchActing,
+    make_acting,
+)
 from ppo_cli.agent import ActorCritic
 from ppo_cli.config import AgentConfig
 
@@ -115,3 +122,24 @@ def test_masked_acting_samples_only_allowed_actions_alike_in_numpy_and_torch() -
     with torch.no_grad():
         unmasked = agent.dist.sample(agent.policy_params(numpy_tensors.obs), numpy_tensors.noise)
     assert not bool(masks.gather(-1, unmasked.unsqueeze(-1)).all())
+
+
+@SPACES
+def test_population_acting_writes_and_samples_what_each_member_s_numpy_acting_does(
+    action_space: gym.spaces.Space,
+) -> None:
+    """Three members with their own weights and noise: the batched pass stores the outputs and
+    returns the actions each member's own NumpyActing does, in float rounding."""
+    agents = [make_agent(action_space, [8, 8], [8, 8], "tanh") for _ in range(3)]
+    alone = [buffers(agent, steps=2, envs=4) for agent in agents]
+    together = [ActingBuffers(*(tensor.clone() for tensor in b[:4])) for b in alone]  # the same noise
+    by_member = [NumpyActing(agent, b) for agent, b in zip(agents, alone, strict=True)]
+    population = PopulationActing([NumpyActing(agent, b) for agent, b in zip(agents, together, strict=True)])
+    for t in range(2):
+        observations = [torch.randn(4, 5) for _ in agents]
+        population.act(t, observations)
+        for k, (acting, obs) in enumerate(zip(by_member, observations, strict=True)):
+            np.testing.assert_allclose(population.member(k)(t, obs), acting(t, obs), rtol=1e-5, atol=1e-5)
+    for alone_buffers, together_buffers in zip(alone, together, strict=True):
+        for a, b in zip(alone_buffers[:3], together_buffers[:3], strict=True):
+            torch.testing.assert_close(b, a)

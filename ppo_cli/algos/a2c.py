@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import torch
+
 from ppo_cli import losses
+from ppo_cli.agent import Evaluation
 from ppo_cli.algos.variant import ActorCriticVariant
 from ppo_cli.batch import Batch
 from ppo_cli.config import A2CConfig
@@ -15,15 +18,21 @@ class A2CUpdater(OneStepUpdater):
     cfg: A2CConfig
 
     def update(self, batch: Batch) -> dict[str, float]:
-        out, terms = self.policy_terms(batch)
+        out = self.agent.evaluate(batch.obs, batch.actions, batch.action_masks, batch.memory)
+        loss, terms = self.batch_loss(out, batch)
+        self.step(loss, terms)
+        return self.metrics_after_step(batch, terms)
+
+    def batch_loss(self, out: Evaluation, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, {name: term to log}) of the evaluation ``out`` of the whole ``batch``."""
+        terms = self.policy_terms_of(out, batch)
         terms["value_loss"] = losses.value_loss(out.value, batch.values, batch.returns, None)
-        self.step(
+        loss = (
             terms["policy_loss"]
             - self.cfg.ent_coef * terms["entropy"]
-            + self.cfg.vf_coef * terms["value_loss"],
-            terms,
+            + self.cfg.vf_coef * terms["value_loss"]
         )
-        return self.metrics_after_step(batch, terms)
+        return loss, terms
 
 
 class A2C(ActorCriticVariant):

@@ -22,6 +22,7 @@ class PenaltyUpdater(ActorCriticSurrogateUpdater):
     """
 
     cfg: PenaltyConfig
+    member_state = ("beta",)
 
     def reset_state(self) -> None:
         self.beta = self.cfg.kl_coef
@@ -35,8 +36,8 @@ class PenaltyUpdater(ActorCriticSurrogateUpdater):
         surrogate = losses.surrogate_loss(out.log_prob, mb.log_probs, advantages)
         return {"policy_loss": surrogate + self.beta * penalty, "surrogate_loss": surrogate}
 
-    def update(self, batch: Batch) -> dict[str, float]:
-        metrics = super().update(batch)
+    def finish_update(self, batch: Batch, metrics: dict[str, float]) -> dict[str, float]:
+        metrics = super().finish_update(batch, metrics)
         metrics["kl_beta"] = self.beta  # the beta this iteration's update used
         if self.cfg.adaptive:
             measured = metrics[f"kl_{self.cfg.kl_estimator}"]  # over the batch, after the update

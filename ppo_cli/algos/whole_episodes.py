@@ -100,7 +100,7 @@ class GroupCollector(Collector):
         self.passes += 1
         self.obs = self._observe(obs)
         self._observe_masks(info)
-        act = self._acting()
+        act = self.acting()
         running = np.ones(self.envs.num_envs, dtype=bool)
         s.host_valid[:] = False
         s.host_rewards[:] = 0.0

@@ -1,0 +1,124 @@
+"""A population of K seeds in one process against one single run, side by side in one invocation.
+
+    python benchmarks/population.py --members 1 4 8 16                  # CartPole's preset
+    python benchmarks/population.py --case HalfCheetah --members 5
+    python benchmarks/population.py --members 2 --total-timesteps 1024   # smoke
+
+Each row is one whole ``ppo-train`` process (imports, env construction, evaluations included):
+the single run ``ppo-train <case> seed=0``, and ``ppo-train -m <case> seed=0,...,K-1
+hydra/launcher=population`` for each K, alternating single / population run by run, so that a
+noisy machine's drifts hit both. Reported per row: the process's wall time and peak resident
+memory (``wait4``), the members' final evaluations, and the ratios the issue asks for: the
+population's wall time over one single run's (the median of the single runs), and the
+throughput against K single runs in a row (K x single / population).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+PYTHON = sys.executable
+PPO_TRAIN = str(Path(PYTHON).parent / "ppo-train")
+
+CASES: dict[str, list[str]] = {
+    "CartPole": ["env=CartPole"],  # the preset with PPO-Clip's tuned settings: 100k steps
+    # benchmark case (b) (bench.py): 1 env x 2048 steps, 10 epochs x 32 minibatches, 100k steps
+    "HalfCheetah": [
+        "env=HalfCheetah",
+        "env.num_envs=1",
+        "env.num_steps=2048",
+        "algo.update_epochs=10",
+        "algo.num_minibatches=32",
+        "total_timesteps=100000",
+    ],
+}
+
+
+def run_process(command: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak resident MB) of one whole process."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert process.stderr is not None
+    stderr = process.stderr.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:  # a smoke run in CI: show why
+        raise RuntimeError(f"{command[:4]} exited {process.returncode}: {stderr[-2000:]}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def evaluations(root: Path) -> list[float]:
+    """The final evaluation of every run under ``root``, in seed order."""
+    summaries = [json.loads(path.read_text()) for path in root.rglob("summary.json")]
+    summaries.sort(key=lambda summary: summary["config"]["seed"])
+    return [summary.get("eval_mean", float("nan")) for summary in summaries]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--case", default="CartPole", choices=list(CASES))
+    parser.add_argument("--members", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--repeats", type=int, default=1, help="single / population pairs per K")
+    parser.add_argument("--total-timesteps", type=int, help="env steps of every run: a smoke run")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    shared = [*CASES[args.case], f"device={args.device}", "progress=false"]
+    if args.total_timesteps:
+        shared.append(f"total_timesteps={args.total_timesteps}")
+    rows: list[dict[str, Any]] = []
+    singles: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(args.repeats):
+            for members in args.members:
+                single_dir = Path(tmp) / f"single_{members}_{repeat}"
+                wall, rss = run_process([PPO_TRAIN, *shared, "seed=0", f"hydra.run.dir={single_dir}"])
+                singles.append(wall)
+                rows.append(
+                    {
+                        "run": "single",
+                        "members": 1,
+                        "wall": wall,
+                        "rss": rss,
+                        "evals": evaluations(single_dir),
+                    }
+                )
+                sweep_dir = Path(tmp) / f"population_{members}_{repeat}"
+                seeds = ",".join(str(seed) for seed in range(members))
+                command = [PPO_TRAIN, "-m", *shared, f"seed={seeds}", "hydra/launcher=population"]
+                wall, rss = run_process([*command, f"hydra.sweep.dir={sweep_dir}"])
+                rows.append(
+                    {
+                        "run": "population",
+                        "members": members,
+                        "wall": wall,
+                        "rss": rss,
+                        "evals": evaluations(sweep_dir),
+                    }
+                )
+                print(f"done: K={members}, repeat {repeat}", file=sys.stderr)
+    single_wall = statistics.median(singles)
+    print(f"case {args.case}; single run: median wall {single_wall:.1f} s over {len(singles)} runs\n")
+    print("| run | members | wall s | wall / single | throughput vs K singles | peak RSS MB | final evals |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        ratio = row["wall"] / single_wall
+        throughput = row["members"] * single_wall / row["wall"]
+        evals = ", ".join(f"{value:.1f}" for value in row["evals"])
+        print(
+            f"| {row['run']} | {row['members']} | {row['wall']:.1f} | {ratio:.2f}x | {throughput:.2f}x "
+            f"| {row['rss']:.0f} | {evals} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

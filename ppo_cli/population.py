@@ -1,0 +1,275 @@
+"""Population training: several runs of one shape (a seed sweep, a sweep over scalar
+hyperparameters) trained in one process, their updates batched.
+
+On the small networks of the PPO family an update costs the overhead of each tensor operation
+more than its arithmetic, so K members' updates as one batched operation each cost little more
+than one member's (``benchmarks/RESULTS.md``, "Population training"). Each member is an ordinary
+run (``train.Run``): its own envs, collector, normalisation statistics, random generators,
+checkpoints, TensorBoard events, evaluations and ``summary.json``, written as a single run writes
+them, so ppo-eval, load_agent, ppo-compare and resume read it as one. What is shared is only the
+update (``population_update.py``): the members' networks and Adam state are rows of stacked
+tensors (``stacked.py``) of which each member's agent and optimizer hold views.
+
+One iteration of the population:
+
+    for each member (with its random generators): learning rate -> collect -> advantages -> batch
+    all members at once: the update (one batched forward, backward and Adam step per minibatch)
+    for each member: report -> log -> [evaluate] -> [checkpoint]
+
+Members are independent: nothing reduces across them (``stacked.py``), each one draws from its
+own generators (the process's global ones, swapped in while it runs: :class:`MemberRandomness`),
+so a member trains the same whoever its neighbours are. A member that fails (a non-finite loss,
+an env that raises) ends with its error in its own summary while the others go on; SIGINT /
+SIGTERM stop them all after the iteration, each with its checkpoint written.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+from collections.abc import Callable, Generator, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+
+from ppo_cli.acting import Acting, NumpyActing, PopulationActing
+from ppo_cli.config import TrainConfig
+from ppo_cli.errors import EnvError, Interrupted, NonFiniteError
+from ppo_cli.iteration import PreparedUpdate, batch_of, finish_iteration, start_iteration
+from ppo_cli.population_update import PopulationUpdate
+from ppo_cli.rollout import Rollout, run_through
+from ppo_cli.signals import GracefulStop, training_stop
+from ppo_cli.stacked import StackedAdam, StackedAgents
+from ppo_cli.train import Run
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MemberJob:
+    """One run of a population."""
+
+    cfg: TrainConfig  # the job's checked config
+    run_dir: Path  # its run directory
+    label: str = ""  # prefix of its progress lines
+    swept: Sequence[str] = ()  # the sweep's varying keys (HParams' first columns)
+
+
+class MemberRandomness:
+    """A member's own state of the global generators (Python's, numpy's, torch's and CUDA's),
+    swapped in while the member runs, so that the single-run code it calls draws from it."""
+
+    def __init__(self) -> None:
+        self.saved: tuple[Any, ...] | None = None
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        outer = _capture()
+        if self.saved is not None:
+            _restore(self.saved)
+        try:
+            yield
+        finally:
+            self.saved = _capture()
+            _restore(outer)
+
+
+def _capture() -> tuple[Any, ...]:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
+
+
+def _restore(state: tuple[Any, ...]) -> None:
+    python, numpy, torch_state, cuda = state
+    random.setstate(python)
+    np.random.set_state(numpy)
+    torch.set_rng_state(torch_state)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+class Member:
+    """One run of the population and what the population keeps of it."""
+
+    def __init__(self, job: MemberJob) -> None:
+        self.job = job
+        self.randomness = MemberRandomness()
+        self.run = Run(job.cfg, job.run_dir, job.label, job.swept, fixed_size=True)  # holds the directory
+        self.outcome: dict[str, Any] | BaseException | None = None
+        # The iteration in flight: its learning rate, how it acts, its collection, its batch.
+        self.learning_rate = 0.0
+        self.acting: Acting | None = None
+        self.steps: Generator[int, None, Rollout] | None = None
+        self.prepared: PreparedUpdate | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.outcome is not None
+
+    def end(self, exc: BaseException | None) -> None:
+        """Close the run: its summary records ``exc`` (None: completed)."""
+        try:
+            self.run.close(exc)
+        finally:
+            self.outcome = self.run.summary if exc is None else exc
+
+
+def train_population(jobs: Sequence[MemberJob]) -> list[dict[str, Any] | BaseException]:
+    """Train ``jobs`` as one population; per job, its final summary (what ``train()`` returns)
+    or the exception that ended it (its ``summary.json`` records it as failed, and the other
+    members go on). SIGINT / SIGTERM: every member's checkpoint is written, then ``Interrupted``
+    propagates, as from ``train()``.
+
+    The jobs must have one shape (``grouping.py`` forms such groups): the same env, networks,
+    rollout and minibatch sizes and variant; they may differ in seed and in the numbers of their
+    algorithm's keys."""
+    members: list[Member] = []
+    try:
+        with training_stop(distributed=False) as stop:
+            for job in jobs:
+                member = Member(job)
+                members.append(member)
+                try:
+                    with member.randomness.active():
+                        member.run.open()
+                except (Exception, Interrupted) as exc:
+                    if isinstance(exc, Interrupted):
+                        raise
+                    member.end(exc)
+            training = [m for m in members if not m.ended]
+            for member in training:
+                if not member.run.training:  # resumed after it had completed
+                    member.end(None)
+            _Population([m for m in training if not m.ended]).train(stop)
+            stop.graceful = False
+    except BaseException as exc:
+        for member in members:
+            if not member.ended:
+                member.end(exc)
+        raise
+    return [m.outcome for m in members]  # type: ignore[misc]
+
+
+class _Population:
+    """The members still training, their stacked networks and their batched update."""
+
+    def __init__(self, members: list[Member]) -> None:
+        self.members = members
+        if not members:
+            return
+        states = [m.run.state for m in members]
+        self.agents = StackedAgents([state.agent for state in states])
+        self.adam = StackedAdam(self.agents.packs, [state.optimizer for state in states])
+        self.update = PopulationUpdate(
+            [state.updater for state in states], self.agents, self.adam, self._draw_orders
+        )
+        self.device = self.agents.actor.flat.device
+
+    def _draw_orders(self, n: int) -> torch.Tensor:
+        """Each member's random order of ``n`` samples, from its own generator, (K, n)."""
+        orders = []
+        for member in self.members:
+            with member.randomness.active():
+                orders.append(torch.randperm(n, device=self.device))
+        return torch.stack(orders)
+
+    def train(self, stop: GracefulStop) -> None:
+        """Iterate until every member has spent its budget (or failed); on a stop signal, every
+        member saves its checkpoint, then :class:`Interrupted` is raised."""
+        while any(not m.ended for m in self.members):
+            signum = self._iteration(stop)
+            if signum is not None:
+                for member in self.members:
+                    if not member.ended:
+                        member.end(member.run.interruption(signum))
+                raise Interrupted(
+                    signum,
+                    f"stopped by {signal.Signals(signum).name}: every member still training saved "
+                    "its checkpoint",
+                )
+            for member in self.members:
+                if not member.ended and not member.run.training:
+                    self._guarded(member, member.run.finish)
+                    if not member.ended:
+                        member.end(None)
+
+    def _guarded(self, member: Member, action: Callable[[], None]) -> None:
+        """Run one member's ``action`` with its generators; what it raises ends that member only."""
+        try:
+            with member.randomness.active():
+                action()
+        except Exception as exc:
+            if isinstance(exc, NonFiniteError | EnvError):
+                exc = member.run.located_error(exc)
+            member.end(exc)
+
+    def _iteration(self, stop: GracefulStop) -> int | None:
+        """One iteration of every member still training; returns the stop signal, if one came."""
+        self._collect()
+        active = torch.tensor([not m.ended for m in self.members], device=self.device)
+        if not bool(active.any()):
+            return stop.signum
+        prepared = [m.prepared for m in self.members]
+        template = next(p.batch for p, m in zip(prepared, self.members, strict=True) if not m.ended and p)
+        batches = [
+            template if m.ended or p is None else p.batch for p, m in zip(prepared, self.members, strict=True)
+        ]
+        results = self.update.update(batches, active)
+        signum = stop.signum  # read once: every member saves, or none does
+        for member, result in zip(self.members, results, strict=True):
+            if member.ended or result is None:
+                continue
+            if isinstance(result, NonFiniteError):
+                member.end(member.run.located_error(result))
+                continue
+            done = partial(self._report, member, result, stopping=signum is not None)
+            self._guarded(member, done)
+        return signum
+
+    def _collect(self) -> None:
+        """Every member still training starts its iteration and collects its rollout, all in
+        lockstep: at each step the members act in one batched pass (``acting.PopulationActing``,
+        when every member acts in numpy), then each steps its own envs; then each builds its batch."""
+        members = [m for m in self.members if not m.ended]
+        for member in members:
+            self._guarded(member, partial(self._start, member))
+        members = [m for m in members if not m.ended]
+        actings = [m.acting for m in members if m.acting is not None]
+        batched = None
+        if all(isinstance(acting, NumpyActing) for acting in actings):
+            batched = PopulationActing(cast(list[NumpyActing], actings))
+        collectors = [m.run.state.collector for m in members]
+        for k, (member, collector) in enumerate(zip(members, collectors, strict=True)):
+            member.steps = collector.collecting(actings[k] if batched is None else batched.member(k))
+        for t in range(collectors[0].storage.num_steps if members else 0):
+            for member in members:
+                if not member.ended:
+                    self._guarded(member, partial(next, member.steps))
+            if batched is not None:
+                batched.act(t, [collector.obs for collector in collectors])
+        for member in members:
+            if not member.ended:
+                self._guarded(member, partial(self._finish_collection, member))
+
+    @staticmethod
+    def _start(member: Member) -> None:
+        member.learning_rate = start_iteration(member.run.state)
+        member.acting = member.run.state.collector.acting()  # draws the rollout's noise
+
+    @staticmethod
+    def _finish_collection(member: Member) -> None:
+        assert member.steps is not None
+        rollout = run_through(member.steps)
+        member.prepared = batch_of(member.run.state, member.learning_rate, rollout)
+
+    @staticmethod
+    def _report(member: Member, metrics: dict[str, float], stopping: bool) -> None:
+        assert member.prepared is not None
+        iteration = finish_iteration(member.run.state, member.prepared, metrics)
+        member.run.after_iteration(iteration, stopping)

@@ -1,0 +1,248 @@
+"""The update of a population's members at once (``population.py``): their batches stacked along a
+leading member dimension, one batched forward and backward per minibatch, one Adam step.
+
+Each member's loss is its own variant's: the first member's updater code (``minibatch_loss`` of
+PPO-Clip and PPO-Penalty, ``batch_loss`` of A2C) runs under ``torch.func.vmap`` over the members,
+with each member's values of the hyperparameters that differ between them (a learning rate, a
+clip range, ...) and of its updater's own numbers (PPO-Penalty's beta) passed in as tensors. So
+the loss is written once, in ``algos/``, and means, advantage normalisations and clip fractions
+are each member's own. The loop around it is the single run's (``update.py``) with its decisions
+made per member: each member's minibatch order comes from its own random generator, a member
+whose KL passes ``target_kl`` stops stepping for the rest of the update while the others go on,
+and a member whose loss or gradient is not finite stops (its error is returned) before its step.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.func import vmap
+
+from ppo_cli.agent import Evaluation
+from ppo_cli.algos.a2c import A2CUpdater
+from ppo_cli.algos.clip import ClipUpdater
+from ppo_cli.algos.penalty import PenaltyUpdater
+from ppo_cli.batch import Batch
+from ppo_cli.config import AlgoConfig
+from ppo_cli.errors import NonFiniteError
+from ppo_cli.stacked import StackedAdam, StackedAgents
+from ppo_cli.update import SurrogateUpdater, Updater
+
+LossFn = Callable[[Updater, Evaluation, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+MemberResult = dict[str, float] | NonFiniteError
+
+
+def batched_loss_of(updater: Updater) -> LossFn | None:
+    """The loss a population evaluates for ``updater``'s variant, or None when its update is not
+    batched (a variant whose update is not one loss minimised by Adam steps: TRPO, REINFORCE's
+    separate critic regression, GRPO's reference policy)."""
+    if isinstance(updater, ClipUpdater | PenaltyUpdater):
+        return lambda u, out, mb: u.minibatch_loss(out, mb)  # type: ignore[attr-defined]
+    if isinstance(updater, A2CUpdater):
+        return lambda u, out, mb: u.batch_loss(out, mb)  # type: ignore[attr-defined]
+    return None
+
+
+def differing(values: Sequence[Any]) -> bool:
+    return any(value != values[0] for value in values[1:])
+
+
+class PopulationUpdate:
+    """Updates K members' agents (stacked in ``agents``, stepped by ``adam``) from their batches.
+
+    ``updaters`` are the members' own (the first one's code computes every member's loss);
+    ``draw_orders(n)`` gives each member's random order of ``n`` samples, (K, n), drawn from the
+    member's own generator.
+    """
+
+    def __init__(
+        self,
+        updaters: Sequence[Updater],
+        agents: StackedAgents,
+        adam: StackedAdam,
+        draw_orders: Callable[[int], torch.Tensor],
+    ) -> None:
+        self.updaters, self.agents, self.adam, self.draw_orders = updaters, agents, adam, draw_orders
+        self.template = updaters[0]
+        loss = batched_loss_of(self.template)
+        if loss is None:
+            raise ValueError(f"{type(self.template).__name__}'s update is not batched")
+        self.loss: LossFn = loss
+        cfgs = [updater.cfg for updater in updaters]
+        device = agents.actor.flat.device
+        # Every number of the config that differs between the members goes in as a tensor; the
+        # rest (the same for all) stays the template's.
+        self.hyper: dict[str, torch.Tensor] = {
+            name: torch.tensor([float(getattr(cfg, name)) for cfg in cfgs], device=device)
+            for name in vars(cfgs[0])
+            if isinstance(getattr(cfgs[0], name), int | float)
+            and not isinstance(getattr(cfgs[0], name), bool)
+            and differing([getattr(cfg, name) for cfg in cfgs])
+        }
+        self.max_grad_norm = self._per_member(cfgs, "max_grad_norm")
+        self.adam_eps = self._per_member(cfgs, "adam_eps")
+        target_kls = [getattr(cfg, "target_kl", None) for cfg in cfgs]
+        self.target_kl = None if target_kls[0] is None else torch.tensor(target_kls, device=device)
+
+    def _per_member(self, cfgs: Sequence[AlgoConfig], name: str) -> torch.Tensor:
+        return torch.tensor([float(getattr(cfg, name)) for cfg in cfgs], device=self.agents.actor.flat.device)
+
+    def update(self, batches: Sequence[Batch], active: torch.Tensor) -> list[MemberResult | None]:
+        """Update the ``active`` (K,) members on their ``batches``; per member, its metrics (as
+        its own updater returns them), the NonFiniteError that stopped it, or None if inactive."""
+        if len({len(batch) for batch in batches}) > 1:
+            raise ValueError(f"the members' batches differ in size: {[len(b) for b in batches]}")
+        stacked = _stack(batches)
+        lrs = torch.tensor(
+            [updater.optimizer.param_groups[0]["lr"] for updater in self.updaters], device=active.device
+        )
+        if isinstance(self.template, SurrogateUpdater):
+            return self._epochs(stacked, batches, active, lrs)
+        return self._one_step(stacked, batches, active, lrs)
+
+    def _epochs(
+        self, stacked: Batch, batches: Sequence[Batch], active: torch.Tensor, lrs: torch.Tensor
+    ) -> list[MemberResult | None]:
+        cfg = self.template.epochs  # type: ignore[attr-defined]
+        running, stopped = active.clone(), torch.zeros_like(active)
+        errors: dict[int, NonFiniteError] = {}
+        logged: list[torch.Tensor] = []  # (K, terms) per minibatch
+        stepped: list[torch.Tensor] = []  # (K,) per minibatch: who stepped on it
+        names: list[str] = []
+        members = torch.arange(len(batches), device=active.device).unsqueeze(1)
+        for _ in range(cfg.update_epochs):
+            order = self.draw_orders(len(batches[0]))
+            shuffled = stacked.map(lambda field: field[members, order])  # noqa: B023 (used at once)
+            for mb in _split(shuffled, cfg.num_minibatches):
+                out = self.agents.evaluate(mb.obs, mb.actions, mb.action_masks)
+                if self.target_kl is not None:
+                    log_ratio = out.log_prob.detach() - mb.log_probs
+                    k3 = (torch.expm1(log_ratio) - log_ratio).mean(dim=1)
+                    over = running & (k3 > self.target_kl)
+                    stopped |= over
+                    running &= ~over
+                if not bool(running.any()):
+                    break
+                loss, terms = vmap(self._member_loss)(self._member_values(), out, _fields(mb))
+                failed = self._step(loss, terms, running, lrs, errors)
+                names = list(terms)
+                logged.append(torch.stack([value.detach() for value in terms.values()], dim=1))
+                stepped.append(running & ~failed)
+                running &= ~failed
+            if not bool(running.any()):
+                break
+        results: list[MemberResult | None] = []
+        for k, updater in enumerate(self.updaters):
+            if k in errors:
+                results.append(errors[k])
+                continue
+            if not bool(active[k]):
+                results.append(None)
+                continue
+            ran = [i for i, mask in enumerate(stepped) if bool(mask[k])]
+            means = torch.stack([logged[i][k] for i in ran]).mean(dim=0).tolist() if ran else []
+            metrics = dict(zip(names if ran else [], means, strict=True))
+            metrics.update(minibatch_updates=float(len(ran)), early_stop=float(bool(stopped[k])))
+            results.append(updater.finish_update(batches[k], metrics))  # type: ignore[attr-defined]
+        return results
+
+    def _one_step(
+        self, stacked: Batch, batches: Sequence[Batch], active: torch.Tensor, lrs: torch.Tensor
+    ) -> list[MemberResult | None]:
+        out = self.agents.evaluate(stacked.obs, stacked.actions, stacked.action_masks)
+        loss, terms = vmap(self._member_loss)(self._member_values(), out, _fields(stacked))
+        errors: dict[int, NonFiniteError] = {}
+        self._step(loss, terms, active, lrs, errors)
+        results: list[MemberResult | None] = []
+        for k, updater in enumerate(self.updaters):
+            if k in errors or not bool(active[k]):
+                results.append(errors.get(k))
+                continue
+            own = {name: value[k] for name, value in terms.items()}
+            results.append(updater.metrics_after_step(batches[k], own))  # type: ignore[attr-defined]
+        return results
+
+    def _member_values(self) -> dict[str, torch.Tensor]:
+        """The numbers that differ between the members: config keys, and the updaters' state."""
+        state = {
+            f"state.{name}": torch.tensor(
+                [float(getattr(updater, name)) for updater in self.updaters], device=self.adam_eps.device
+            )
+            for name in self.template.member_state
+        }
+        return {**{f"cfg.{name}": value for name, value in self.hyper.items()}, **state}
+
+    def _member_loss(
+        self, values: dict[str, torch.Tensor], out: Evaluation, fields: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One member's loss (under vmap: ``values`` and the tensors are that member's)."""
+        updater = copy.copy(self.template)
+        updater.cfg = copy.copy(updater.cfg)
+        for key, value in values.items():
+            kind, name = key.split(".", 1)
+            # object.__setattr__: the schema's checks would read the traced value as a bool.
+            object.__setattr__(updater.cfg if kind == "cfg" else updater, name, value)
+        return self.loss(updater, out, Batch(**fields))
+
+    def _step(
+        self,
+        loss: torch.Tensor,
+        terms: dict[str, torch.Tensor],
+        running: torch.Tensor,
+        lrs: torch.Tensor,
+        errors: dict[int, NonFiniteError],
+    ) -> torch.Tensor:
+        """One optimizer step of the ``running`` members on their ``loss`` (K,); those whose loss
+        or gradient is not finite are left unstepped, their errors put in ``errors``; returns
+        which failed."""
+        self.adam.zero_grad()
+        torch.where(running, loss, torch.zeros_like(loss)).sum().backward()
+        norms = self.adam.clip_and_check(self.max_grad_norm)
+        finite = torch.isfinite(loss.detach()) & torch.isfinite(norms)
+        failed = running & ~finite
+        self.adam.step(lrs, self.adam_eps, running & finite)
+        if bool(failed.any()):  # one device sync per step, as a single run's check
+            for k in failed.nonzero().flatten().tolist():
+                errors[k] = NonFiniteError(_non_finite_report(float(loss[k].detach()), terms, k))
+        return failed
+
+
+def _non_finite_report(loss: float, terms: dict[str, torch.Tensor], k: int) -> str:
+    """The single run's words (``Updater._non_finite_report``) for member ``k``."""
+    if not math.isfinite(loss):
+        bad = [
+            f"{name}={float(v[k].detach()):g}"
+            for name, v in terms.items()
+            if not math.isfinite(float(v[k].detach()))
+        ]
+        return f"the loss is {loss:g} (non-finite terms: {', '.join(bad) or 'none'})"
+    return "the gradient norm is not finite"
+
+
+def _stack(batches: Sequence[Batch]) -> Batch:
+    """The members' batches as one, every field (K, B, ...)."""
+    fields: dict[str, Any] = {
+        name: None if value is None else torch.stack([getattr(b, name) for b in batches])
+        for name, value in _fields(batches[0], keep_none=True).items()
+    }
+    return type(batches[0])(**fields)
+
+
+def _fields(batch: Batch, keep_none: bool = False) -> dict[str, Any]:
+    values = {name: getattr(batch, name) for name in batch.__dataclass_fields__}
+    return values if keep_none else {name: value for name, value in values.items() if value is not None}
+
+
+def _split(batch: Batch, parts: int) -> list[Batch]:
+    """``batch`` (K, B, ...) cut along the sample axis as ``Batch.shuffled_minibatches`` cuts."""
+    size, extra = divmod(batch.obs.shape[1], parts)
+    pieces, start = [], 0
+    for i in range(parts):
+        length = size + (i < extra)
+        pieces.append(batch.map(lambda field: field.narrow(1, start, length)))  # noqa: B023
+        start += length
+    return pieces
