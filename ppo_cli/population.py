@@ -38,6 +38,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
+from ppo_cli import rundir
 from ppo_cli.acting import Acting, NumpyActing, PopulationActing
 from ppo_cli.config import TrainConfig
 from ppo_cli.errors import EnvError, Interrupted, NonFiniteError
@@ -136,7 +137,7 @@ def train_population(jobs: Sequence[MemberJob]) -> list[dict[str, Any] | BaseExc
                 member = Member(job)
                 members.append(member)
                 try:
-                    with member.randomness.active():
+                    with member.randomness.active(), rundir.logging_for(job.run_dir):  # its train.log
                         member.run.open()
                 except (Exception, Interrupted) as exc:
                     if isinstance(exc, Interrupted):
@@ -202,7 +203,7 @@ class _Population:
     def _guarded(self, member: Member, action: Callable[[], None]) -> None:
         """Run one member's ``action`` with its generators; what it raises ends that member only."""
         try:
-            with member.randomness.active():
+            with member.randomness.active(), rundir.logging_for(member.job.run_dir):
                 action()
         except Exception as exc:
             if isinstance(exc, NonFiniteError | EnvError):

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.utils import JobReturn
+from support import ppo_train
 
 from ppo_cli import cli, rundir
 from ppo_cli.config import TrainConfig
@@ -199,12 +200,12 @@ def test_max_members_splits_a_group_and_each_member_returns_its_result(
     job_returns: dict[int, JobReturn],
 ) -> None:
     population = fake()
-    args = ("seed=0,1,2,3,4", "hydra.launcher.max_members=2")
+    args = ("seed=0,1,2", "hydra.launcher.max_members=2")
     code, output, sweep_dir = _sweep(tmp_path, monkeypatch, capsys, *args)
     assert code == 0, output
-    assert [[m.cfg.seed for m in members] for members in population.populations] == [[0, 1], [2, 3], [4]]
-    assert "population of 2: jobs 0-1" in output and "population of 1: job 4" in output
-    assert {num: ret.return_value for num, ret in job_returns.items()} == {n: float(n) for n in range(5)}
+    assert [[m.cfg.seed for m in members] for members in population.populations] == [[0, 1], [2]]
+    assert "population of 2: jobs 0-1" in output and "population of 1: job 2" in output
+    assert {num: ret.return_value for num, ret in job_returns.items()} == {n: float(n) for n in range(3)}
     assert {row["status"] for row in _rows(sweep_dir)} == {"completed"}
 
 
@@ -331,3 +332,28 @@ def test_a_member_whose_run_directory_is_in_use_fails_alone(
     rows = _rows(sweep_dir)
     assert [row["status"] for row in rows] == ["completed", "failed", "completed"]
     assert rows[1]["error"].startswith(f"{sweep_dir / 'job1'}: in use by process {holder.pid}")
+
+
+@pytest.mark.slow
+def test_a_real_population_leaves_ordinary_runs_and_a_sweep_summary(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    result = ppo_train(
+        "-m", "seed=0,1", "hydra/launcher=population", "env=CartPole", "env.num_envs=2",
+        "env.num_steps=16", "total_timesteps=128", "eval.episodes=1", "progress=false",
+        f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=job${hydra.job.num}", cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "population of 2: jobs 0-1" in result.stdout + result.stderr
+    for num in (0, 1):
+        run_dir = sweep_dir / f"job{num}"
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["global_step"] == 128
+        assert summary["config"]["seed"] == num
+        assert (run_dir / "checkpoints" / "last.pt").is_file()
+        recorded = {p.name for p in (run_dir / ".hydra").iterdir()}
+        assert recorded == {"config.yaml", "hydra.yaml", "overrides.yaml"}
+        assert list(run_dir.glob("events.out.tfevents.*"))
+        log = (run_dir / "train.log").read_text()
+        assert f"job {num} (" in log and f"job {1 - num} (" not in log
+    rows = _rows(sweep_dir)
+    assert [(row["job"], row["status"]) for row in rows] == [("0", "completed"), ("1", "completed")]
