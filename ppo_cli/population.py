@@ -101,7 +101,7 @@ class Member:
     def __init__(self, job: MemberJob) -> None:
         self.job = job
         self.randomness = MemberRandomness()
-        self.run = Run(job.cfg, job.run_dir, job.label, job.swept, fixed_size=True)  # holds the directory
+        self._run: Run | None = None
         self.outcome: dict[str, Any] | BaseException | None = None
         # The iteration in flight: its learning rate, how it acts, its collection, its batch.
         self.learning_rate = 0.0
@@ -110,11 +110,36 @@ class Member:
         self.prepared: PreparedUpdate | None = None
 
     @property
+    def run(self) -> Run:
+        assert self._run is not None, "start() the member first"
+        return self._run
+
+    @property
     def ended(self) -> bool:
         return self.outcome is not None
 
+    def start(self) -> None:
+        """Hold the run's directory and open the run (``train.Run``) with the member's own
+        generators; what refuses it (another process there, a resume that does not fit) ends
+        this member only."""
+        try:
+            self._run = Run(self.job.cfg, self.job.run_dir, self.job.label, self.job.swept, fixed_size=True)
+        except Exception as exc:  # the directory is not ours: nothing to write there
+            self.outcome = exc
+            return
+        try:
+            with self.randomness.active(), rundir.logging_for(self.job.run_dir):  # its train.log
+                self.run.open()
+        except Exception as exc:
+            if isinstance(exc, Interrupted):
+                raise
+            self.end(exc)
+
     def end(self, exc: BaseException | None) -> None:
         """Close the run: its summary records ``exc`` (None: completed)."""
+        if self._run is None:
+            self.outcome = self.outcome or exc
+            return
         try:
             self.run.close(exc)
         finally:
@@ -134,15 +159,8 @@ def train_population(jobs: Sequence[MemberJob]) -> list[dict[str, Any] | BaseExc
     try:
         with training_stop(distributed=False) as stop:
             for job in jobs:
-                member = Member(job)
-                members.append(member)
-                try:
-                    with member.randomness.active(), rundir.logging_for(job.run_dir):  # its train.log
-                        member.run.open()
-                except (Exception, Interrupted) as exc:
-                    if isinstance(exc, Interrupted):
-                        raise
-                    member.end(exc)
+                members.append(Member(job))
+                members[-1].start()
             training = [m for m in members if not m.ended]
             for member in training:
                 if not member.run.training:  # resumed after it had completed
