@@ -17,8 +17,9 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -43,6 +44,7 @@ from ppo_cli.provenance import log_presets
 # run, launch.py imports them up front.
 if TYPE_CHECKING:
     from ppo_cli import sweep
+    from ppo_cli.config import TrainConfig
     from ppo_cli.distributed import DataParallel
 
 log = logging.getLogger(__name__)
@@ -108,38 +110,102 @@ def _train_task(cfg: DictConfig) -> float | None:
     Under torchrun every rank runs this; rank 0's Hydra chose the run directory, the others' made
     none (see ``distributed.py``), and only rank 0 holds it and reports.
     """
-    from ppo_cli import sweep
     from ppo_cli.distributed import DataParallel
 
-    hydra_cfg = HydraConfig.get()
+    hydra_cfg = cast(DictConfig, HydraConfig.get())
     parallel = DataParallel.current()
-    run_dir = parallel.main_run_dir(Path(hydra_cfg.runtime.output_dir))
-    multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
-        with ExitStack() as stack:
-            directory = stack.enter_context(rundir.hold(run_dir, lock=parallel.is_main))
-            if parallel.is_main:
-                stack.enter_context(rundir.deferred_log(run_dir, directory))
-                log_presets(hydra_cfg)
-                directory.when_accepted(partial(_record_command, run_dir, cfg))
-            try:
-                summary = _train_job(cfg, run_dir, directory, parallel, multirun)
-            except Exception as exc:
-                if multirun and expected_outcome(exc) is None:  # a bug: its traceback goes to the log
-                    log.exception("job %s failed", hydra_cfg.job.num)
-                elif multirun:
-                    report = one_line_error(exc) + env_traceback(exc)
-                    log.error("job %s failed: %s", hydra_cfg.job.num, report)
-                raise
+        with job_setup(cfg, parallel) as job:
+            summary = job.train()
     except Exception as exc:
-        if multirun:
-            sweep.record_failure(cast(DictConfig, hydra_cfg), one_line_error(exc))
-            return math.nan
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            return failed_job(hydra_cfg, exc)
         # In a single run, report here: past this function Hydra prints its own banner first.
         _exit_if_expected(exc, "ppo-train")
         raise
     if not parallel.is_main:
         return None
+    return job_result(job.run_dir, summary)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One job of ppo-train, set up by :func:`job_setup` and ready to train."""
+
+    cfg: TrainConfig  # checked, and adapted to a sweep (``sweep.configure_job``)
+    run_dir: Path
+    directory: rundir.RunDirectory
+    label: str  # the prefix of its progress lines ("" outside a sweep)
+    swept: list[str]  # the keys its sweep varies (HParams' first columns)
+
+    def train(self) -> dict[str, Any]:
+        """Train one seed (``train`` accepts the run once its checks pass) or several (each in a
+        directory of its own); the job's summary."""
+        from ppo_cli import sweep
+        from ppo_cli.train import train
+
+        if self.cfg.seeds_per_job > 1:
+            self.directory.accept()
+            return sweep.train_seeds(self.cfg, self.run_dir, self.label, self.swept)
+        return train(self.cfg, self.run_dir, self.label, self.swept)
+
+
+@contextmanager
+def job_setup(cfg: DictConfig, parallel: DataParallel) -> Iterator[Job]:
+    """Everything around one job's training, for the block: its run directory held, its
+    ``train.log`` (deferred until the run is accepted, as ``.hydra/`` is), the preset line, the
+    config checked (a refused one recorded as a failed run where no run was before); in a
+    multirun, a failure raised in the block logged with the job's number.
+
+    Hydra's per-job config (``HydraConfig``, a process-wide singleton) is read here only, on entry:
+    the population launcher sets up its members one after another, each while its own config is
+    current, and trains them together afterwards.
+    """
+    from ppo_cli import sweep
+
+    hydra_root = HydraConfig.instance().cfg  # {"hydra": ...}, as .hydra/hydra.yaml holds it
+    hydra_conf = HydraConfig.get()
+    hydra_cfg = cast(DictConfig, hydra_conf)
+    run_dir = parallel.main_run_dir(Path(hydra_cfg.runtime.output_dir))
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    with ExitStack() as stack:
+        directory = stack.enter_context(rundir.hold(run_dir, lock=parallel.is_main))
+        if parallel.is_main:
+            stack.enter_context(rundir.deferred_log(run_dir, directory))
+            with rundir.logging_for(run_dir):
+                log_presets(hydra_conf)
+            directory.when_accepted(partial(_record_command, run_dir, cfg, cast(DictConfig, hydra_root)))
+        try:
+            train_cfg = _checked_config(cfg, run_dir, directory, parallel)
+            label = sweep.configure_job(train_cfg, hydra_cfg) if multirun else ""
+            swept = sweep.job_swept_keys(hydra_cfg) if multirun else []
+            yield Job(train_cfg, run_dir, directory, label, swept)
+        except Exception as exc:
+            if multirun:
+                log_job_failure(hydra_cfg, run_dir, exc)
+            raise
+
+
+def log_job_failure(hydra_cfg: DictConfig, run_dir: Path, exc: BaseException) -> None:
+    """``job N failed: <one line>`` in the job's log; a bug's traceback with it."""
+    with rundir.logging_for(run_dir):
+        if expected_outcome(exc) is None:
+            log.error("job %s failed", hydra_cfg.job.num, exc_info=exc)
+        else:
+            log.error("job %s failed: %s", hydra_cfg.job.num, one_line_error(exc) + env_traceback(exc))
+
+
+def failed_job(hydra_cfg: DictConfig, exc: BaseException) -> float:
+    """A failed job of a multirun: why, in the sweep's record of its jobs; NaN, its result."""
+    from ppo_cli import sweep
+
+    sweep.record_failure(hydra_cfg, one_line_error(exc))
+    return math.nan
+
+
+def job_result(run_dir: Path, summary: dict[str, Any]) -> float | None:
+    """Print where a job ran and how it scored; its result, the sweepers' objective: its final
+    evaluation mean (or recent return)."""
     print(f"run dir: {run_dir}")
     if "eval_std" in summary:
         print(f"evaluation: {summary['eval_mean']:.2f} +/- {summary['eval_std']:.2f}")
@@ -148,15 +214,12 @@ def _train_task(cfg: DictConfig) -> float | None:
     return summary.get("eval_mean", summary.get("recent_episodic_return"))
 
 
-def _train_job(
-    cfg: DictConfig, run_dir: Path, directory: rundir.RunDirectory, parallel: DataParallel, multirun: bool
-) -> dict[str, Any]:
-    """Check the config, then train one seed (``train`` accepts the run once its checks pass) or
-    several (each in a directory of its own). A config that is refused is recorded as a failed run
-    only where no run was before."""
-    from ppo_cli import sweep
+def _checked_config(
+    cfg: DictConfig, run_dir: Path, directory: rundir.RunDirectory, parallel: DataParallel
+) -> TrainConfig:
+    """The job's checked config. One that is refused is recorded as a failed run only where no
+    run was before."""
     from ppo_cli.logger import write_summary
-    from ppo_cli.train import train
 
     try:
         train_cfg = to_train_config(cfg)
@@ -167,24 +230,18 @@ def _train_job(
             directory.accept()
             write_summary(run_dir, {"status": "failed", "global_step": 0, "error": one_line_error(exc)})
         raise
-    hydra_cfg = cast(DictConfig, HydraConfig.get())
-    label = sweep.configure_job(train_cfg, hydra_cfg) if multirun else ""
-    swept = sweep.job_swept_keys(hydra_cfg) if multirun else []
-    if train_cfg.seeds_per_job > 1:
-        directory.accept()
-        return sweep.train_seeds(train_cfg, run_dir, label, swept)
-    return train(train_cfg, run_dir, label, swept)
+    return train_cfg
 
 
-def _record_command(run_dir: Path, cfg: DictConfig) -> None:
-    """``<run dir>/.hydra/``: the composed config, Hydra's own, and the overrides typed (which
-    ``resume=`` reads back), as Hydra would write them, but only once the run is accepted."""
+def _record_command(run_dir: Path, cfg: DictConfig, hydra_root: DictConfig) -> None:
+    """``<run dir>/.hydra/``: the composed config, Hydra's own (``hydra_root``, the job's, taken
+    when it was set up), and the overrides typed (which ``resume=`` reads back), as Hydra would
+    write them, but only once the run is accepted."""
     out = run_dir / ".hydra"
     out.mkdir(exist_ok=True)
     rundir.write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg))
-    hydra_yaml = OmegaConf.to_yaml(cast(DictConfig, HydraConfig.instance().cfg))
-    rundir.write_text_atomic(out / "hydra.yaml", hydra_yaml)
-    rundir.write_text_atomic(out / "overrides.yaml", OmegaConf.to_yaml(HydraConfig.get().overrides.task))
+    rundir.write_text_atomic(out / "hydra.yaml", OmegaConf.to_yaml(hydra_root))
+    rundir.write_text_atomic(out / "overrides.yaml", OmegaConf.to_yaml(hydra_root.hydra.overrides.task))
 
 
 def expected_outcome(exc: BaseException) -> tuple[str, int] | None:

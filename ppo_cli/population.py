@@ -38,6 +38,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
+from ppo_cli import rundir
 from ppo_cli.acting import Acting, NumpyActing, PopulationActing
 from ppo_cli.config import TrainConfig
 from ppo_cli.errors import EnvError, Interrupted, NonFiniteError
@@ -148,7 +149,7 @@ class Member:
             self.outcome = exc
             return
         try:
-            with self.randomness.active():
+            with self.randomness.active(), rundir.logging_for(self.job.run_dir):  # its train.log
                 self.run.open()
         except Exception as exc:
             if isinstance(exc, Interrupted):
@@ -242,7 +243,8 @@ class _Population:
         """Run one member's ``action`` (with its generators swapped in, if it ``draws`` from
         them); what it raises ends that member only."""
         try:
-            with member.randomness.active() if draws else nullcontext():
+            randomness = member.randomness.active() if draws else nullcontext()
+            with randomness, rundir.logging_for(member.job.run_dir):
                 action()
         except Exception as exc:
             if isinstance(exc, NonFiniteError | EnvError):

@@ -12,18 +12,24 @@ one exists, a second process) must leave the run as it found it. So nothing is w
 before the run is *accepted* (:meth:`RunDirectory.accept`): the files that record the command
 (``.hydra/``, which Hydra is told not to write itself: ``hydra.output_subdir: null``) and
 ``train.log`` are written from then on, and log records made before are held in memory until then.
+
+A population (``hydra/launcher=population``) trains several runs in one process, which has one
+root logger: a record made inside :func:`logging_for` goes to that run's ``train.log`` only, one
+made outside goes to every run's log the process holds.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import logging
 import os
 import struct
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 from ppo_cli.errors import UserError
@@ -148,6 +154,27 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
+# The run (resolved directory) whose train.log alone gets the records made now; None: every run's.
+_logging_run: ContextVar[Path | None] = ContextVar("logging_run", default=None)
+
+
+@functools.lru_cache(maxsize=1024)
+def _resolved(path: Path) -> Path:
+    """``path.resolve()``, once per path: a population enters logging_for at every env step."""
+    return path.resolve()
+
+
+@contextmanager
+def logging_for(run_dir: Path) -> Iterator[None]:
+    """Records logged in the block belong to ``run_dir``'s ``train.log`` only (see the module's
+    docstring); a single run needs no such block."""
+    token = _logging_run.set(_resolved(run_dir))
+    try:
+        yield
+    finally:
+        _logging_run.reset(token)
+
+
 class DeferredLogFile(logging.Handler):
     """``train.log``: records are held in memory until :meth:`start` (the run is accepted), then
     written there with everything after them. Appends: a resumed run continues the same log."""
@@ -155,9 +182,14 @@ class DeferredLogFile(logging.Handler):
     def __init__(self, path: Path, formatter: logging.Formatter | None = None) -> None:
         super().__init__()
         self.path = path
+        self._run = path.parent.resolve()
         self.setFormatter(formatter or logging.Formatter(LOG_FORMAT))
         self._held: list[logging.LogRecord] = []
         self._file: logging.FileHandler | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        owner = _logging_run.get()
+        return (owner is None or owner == self._run) and bool(super().filter(record))
 
     def emit(self, record: logging.LogRecord) -> None:
         if self._file is None:

@@ -266,7 +266,9 @@ class SweepSummary(Callback):
     planned jobs in the launching process, and each job's start (and fatal signal) in its own."""
 
     def __init__(self) -> None:
-        self._crash_file: IO[str] | None = None
+        # The crash files of the jobs running in this process, by job number: one, or a
+        # population's members (which die together: faulthandler reports into the newest's).
+        self._crash_files: dict[int, IO[str]] = {}
         self._faulthandler_was_enabled = False
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -284,9 +286,11 @@ class SweepSummary(Callback):
         num = int(config.hydra.job.num)
         jobs_dir = Path(config.hydra.sweep.dir) / JOBS_DIR
         jobs_dir.mkdir(parents=True, exist_ok=True)
-        self._faulthandler_was_enabled = faulthandler.is_enabled()  # loky's workers: on stderr
-        self._crash_file = open(jobs_dir / f"{num}.crash", "w")  # noqa: SIM115 (open for the job's life)
-        faulthandler.enable(self._crash_file, all_threads=True)
+        if not self._crash_files:
+            self._faulthandler_was_enabled = faulthandler.is_enabled()  # loky's workers: on stderr
+        crash_file = open(jobs_dir / f"{num}.crash", "w")  # noqa: SIM115 (open for the job's life)
+        self._crash_files[num] = crash_file
+        faulthandler.enable(crash_file, all_threads=True)
         record = {
             "overrides": OmegaConf.to_container(config.hydra.overrides.task),
             "run_dir": config.hydra.runtime.output_dir,
@@ -294,13 +298,17 @@ class SweepSummary(Callback):
         write_json(jobs_dir / f"{num}.json", record)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        if self._crash_file is None:
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        crash_file = self._crash_files.pop(int(config.hydra.job.num), None)
+        if crash_file is None:
             return
         faulthandler.disable()
-        self._crash_file.close()
-        Path(self._crash_file.name).unlink()  # the job ended by itself: no signal to report
-        self._crash_file = None
-        if self._faulthandler_was_enabled and sys.__stderr__ is not None:
+        crash_file.close()
+        Path(crash_file.name).unlink()  # the job ended by itself: no signal to report
+        if self._crash_files:  # a population's members still running
+            faulthandler.enable(next(reversed(self._crash_files.values())), all_threads=True)
+        elif self._faulthandler_was_enabled and sys.__stderr__ is not None:
             # Back to stderr, where loky's workers report (faulthandler cannot tell where it
             # reported before); a stderr without a file descriptor keeps it off.
             with contextlib.suppress(OSError, ValueError):

@@ -1,0 +1,19 @@
+"""The launcher's structured config, ``hydra/launcher=population`` (``hydra.launcher.*``)."""
+
+from dataclasses import dataclass
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class PopulationLauncherConf:
+    _target_: str = "hydra_plugins.ppo_cli_population.population_launcher.PopulationLauncher"
+
+    # The most jobs trained as one population; a larger group is split into consecutive
+    # populations of near-equal size (10 jobs with 8 at most: 5 + 5).
+    max_members: int = 16
+
+
+ConfigStore.instance().store(
+    group="hydra/launcher", name="population", node=PopulationLauncherConf, provider="ppo_cli"
+)
