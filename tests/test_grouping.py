@@ -87,12 +87,19 @@ def test_max_members_splits_the_groups_that_form_groups_makes() -> None:
     ("overrides", "reason"),
     [
         (("algo=trpo",), "TRPO's per-member conjugate gradient and line search are not batched yet"),
-        (("algo=grpo",), "GRPO's groups and reference policy are not batched yet"),
-        (("algo=pg",), "pg's own critic regression loop is not batched yet"),
+        (
+            ("algo=grpo",),
+            "GRPO learns from whole episodes: each member's batch has its own size",
+        ),
+        (
+            ("algo=pg",),
+            "REINFORCE (algo=pg) learns from whole episodes",
+        ),
         (("agent=lstm", "env.num_envs=4", "algo.num_minibatches=2"), "a shared trunk (CNN, LSTM/GRU)"),
         (("algo.ref_kl_coef=0.1",), "a reference policy"),
         (("seeds_per_job=2",), "seeds_per_job > 1"),
         (("init_from=runs/some_run",), "init_from"),
+        (("env.vectorization=vector_entry_point",), "env.vectorization=vector_entry_point resets"),
     ],
 )
 def test_why_not_batched_names_the_reason(overrides: tuple[str, ...], reason: str) -> None:
