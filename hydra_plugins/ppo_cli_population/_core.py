@@ -19,6 +19,8 @@ import copy
 import importlib
 import logging
 import os
+import shlex
+import sys
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -41,7 +43,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from ppo_cli import cli
 from ppo_cli.config import TrainConfig
 from ppo_cli.distributed import DataParallel
-from ppo_cli.errors import ConfigError
+from ppo_cli.errors import ConfigError, Interrupted
 from ppo_cli.grouping import form_groups, why_not_batched
 from ppo_cli.hydra_config import to_train_config
 
@@ -230,5 +232,15 @@ def _train(jobs: list[cli.Job]) -> list[dict[str, Any] | BaseException]:
     members = [population.MemberJob(job.cfg, job.run_dir, job.label, job.swept) for job in jobs]
     try:
         return list(population.train_population(members))
+    except Interrupted as exc:  # every member saved: the whole sweep goes on from there
+        raise Interrupted(exc.exit_code - 128, f"{exc}; resume with: {_resume_sweep_command()}") from None
     except Exception as exc:
         return [exc] * len(jobs)
+
+
+def _resume_sweep_command() -> str:
+    """This command again, continuing its sweep directory: ``resume=auto`` on the same
+    ``hydra.sweep.dir`` continues every job where its checkpoint left it."""
+    sweep_dir = HydraConfig.get().sweep.dir
+    kept = [arg for arg in sys.argv[1:] if not arg.startswith(("resume=", "hydra.sweep.dir="))]
+    return shlex.join(["ppo-train", *kept, "resume=auto", f"hydra.sweep.dir={sweep_dir}"])
