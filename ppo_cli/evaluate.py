@@ -8,11 +8,11 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import gymnasium as gym
 import numpy as np
@@ -79,6 +79,15 @@ def _seeded_generators(seed: int, device: torch.device) -> Iterator[None]:
             np.random.set_state(numpy)
 
 
+class ActionRequest(NamedTuple):
+    """What an evaluation needs acted on at one step: the envs' normalised observations, their
+    action masks (None: all allowed) and a recurrent agent's state (updated in place)."""
+
+    obs: torch.Tensor
+    mask: torch.Tensor | None
+    state: torch.Tensor
+
+
 def evaluate(
     agent: ActorCritic,
     env_cfg: EnvConfig,
@@ -102,40 +111,62 @@ def evaluate(
     the way trains exactly as one that does not.
     """
     with _seeded_generators(seed, device), torch.no_grad():
-        num_envs = 1 if video_dir is not None else min(episodes, MAX_PARALLEL_EPISODES)
-        quota = np.full(num_envs, episodes // num_envs)
-        quota[: episodes % num_envs] += 1
-        returns: list[float] = []
-        lengths: list[int] = []
-        counted = np.zeros(num_envs, dtype=int)
-        recorded = episodes if video_episodes is None else min(video_episodes, episodes)
-        envs = RecordEpisodeStatistics(
-            _eval_envs(env_cfg, num_envs, recorded, video_dir, agent.core is not None)
-        )
-        shape = envs.single_observation_space.shape
-        if shape is None or int(np.prod(shape)) != agent.obs_dim:
-            envs.close()
-            raise UserError(
-                f"env.id: {env_cfg.id} observes shape {shape}; the agent takes {agent.obs_dim} values"
+        steps = evaluating(agent, env_cfg, episodes, seed, device, video_dir, video_episodes)
+        request = next(steps)
+        while True:
+            action = agent.act(
+                request.obs, deterministic=deterministic, mask=request.mask, state=request.state
             )
-        state = agent.initial_state(num_envs)  # a recurrent agent's; zeroed where an episode ends
-        try:
-            obs, info = envs.reset(seed=seed)
-            while (counted < quota).any():
-                obs_t = agent.normalize(torch.as_tensor(obs, dtype=torch.float32, device=device))
-                masks = None if agent.continuous else action_masks(info, num_envs, agent.actor_out_dim)
-                mask = None if masks is None else torch.as_tensor(masks, device=device)
-                action = agent.act(obs_t, deterministic=deterministic, mask=mask, state=state)
-                obs, _, terminated, truncated, info = envs.step(agent.env_action(action))
-                state[torch.as_tensor(terminated | truncated, device=device)] = 0.0
-                for env_index, episode_return, length in zip(*finished_episodes(info), strict=True):
-                    if counted[env_index] < quota[env_index]:
-                        counted[env_index] += 1
-                        returns.append(float(episode_return))
-                        lengths.append(int(length))
-        finally:
-            close_envs(envs)
-        return Episodes(np.asarray(returns), np.asarray(lengths))
+            try:
+                request = steps.send(action)
+            except StopIteration as end:
+                return cast(Episodes, end.value)
+
+
+def evaluating(
+    agent: ActorCritic,
+    env_cfg: EnvConfig,
+    episodes: int,
+    seed: int,
+    device: torch.device,
+    video_dir: Path | None = None,
+    video_episodes: int | None = None,
+) -> Generator[ActionRequest, torch.Tensor, Episodes]:
+    """:func:`evaluate`'s episodes, step by step: it yields what needs acting on and is sent the
+    actions, so that a population (``population.py``) can act for all its members' evaluations
+    in one batched pass. Draws no random numbers itself (the caller acts)."""
+    num_envs = 1 if video_dir is not None else min(episodes, MAX_PARALLEL_EPISODES)
+    quota = np.full(num_envs, episodes // num_envs)
+    quota[: episodes % num_envs] += 1
+    returns: list[float] = []
+    lengths: list[int] = []
+    counted = np.zeros(num_envs, dtype=int)
+    recorded = episodes if video_episodes is None else min(video_episodes, episodes)
+    envs = RecordEpisodeStatistics(_eval_envs(env_cfg, num_envs, recorded, video_dir, agent.core is not None))
+    shape = envs.single_observation_space.shape
+    if shape is None or int(np.prod(shape)) != agent.obs_dim:
+        envs.close()
+        raise UserError(
+            f"env.id: {env_cfg.id} observes shape {shape}; the agent takes {agent.obs_dim} values"
+        )
+    state = agent.initial_state(num_envs)  # a recurrent agent's; zeroed where an episode ends
+    try:
+        obs, info = envs.reset(seed=seed)
+        while (counted < quota).any():
+            obs_t = agent.normalize(torch.as_tensor(obs, dtype=torch.float32, device=device))
+            masks = None if agent.continuous else action_masks(info, num_envs, agent.actor_out_dim)
+            mask = None if masks is None else torch.as_tensor(masks, device=device)
+            action = yield ActionRequest(obs_t, mask, state)
+            obs, _, terminated, truncated, info = envs.step(agent.env_action(action))
+            state[torch.as_tensor(terminated | truncated, device=device)] = 0.0
+            for env_index, episode_return, length in zip(*finished_episodes(info), strict=True):
+                if counted[env_index] < quota[env_index]:
+                    counted[env_index] += 1
+                    returns.append(float(episode_return))
+                    lengths.append(int(length))
+    finally:
+        close_envs(envs)
+    return Episodes(np.asarray(returns), np.asarray(lengths))
 
 
 def _eval_envs(

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
+
+import numpy as np
 
 from ppo_cli.checkpointer import Checkpointer
 from ppo_cli.config import TrainConfig
@@ -33,6 +36,9 @@ class Evaluator:
         self.checkpointer = checkpointer
         self.logger = logger
         self.seconds = 0.0  # spent evaluating, which the training's SPS leaves out
+        # What plays the episodes (their returns): evaluate() here; a population plays its
+        # members' evaluations together (population.py).
+        self.play: Callable[[TrainingState], np.ndarray] = self._play
 
     def after_iteration(self, state: TrainingState) -> None:
         """Evaluate if this iteration completes an ``eval.interval`` (the last one: see :meth:`final`)."""
@@ -44,6 +50,14 @@ class Evaluator:
         """The evaluation of the trained agent: what the summary reports of it."""
         return self._evaluate(state)
 
+    def _play(self, state: TrainingState) -> np.ndarray:
+        cfg = self.cfg
+        seed = cfg.seed + EVAL_SEED_OFFSET
+        episodes = evaluate(
+            state.agent, cfg.env, cfg.eval.episodes, cfg.eval.deterministic, seed, state.collector.device
+        )
+        return episodes.returns
+
     def _evaluate(self, state: TrainingState) -> dict[str, Any]:
         cfg = self.cfg
         if self.logger is None or not cfg.eval.episodes:
@@ -51,11 +65,7 @@ class Evaluator:
         start, training = time.perf_counter(), state.agent.training
         state.agent.eval()
         try:
-            seed = cfg.seed + EVAL_SEED_OFFSET
-            device = state.collector.device
-            returns = evaluate(
-                state.agent, cfg.env, cfg.eval.episodes, cfg.eval.deterministic, seed, device
-            ).returns
+            returns = self.play(state)
         finally:
             state.agent.train(training)
         result = {

@@ -42,7 +42,8 @@ from ppo_cli import rundir
 from ppo_cli.acting import Acting, NumpyActing, PopulationActing
 from ppo_cli.config import TrainConfig
 from ppo_cli.errors import EnvError, Interrupted, NonFiniteError
-from ppo_cli.iteration import PreparedUpdate, batch_of, finish_iteration, start_iteration
+from ppo_cli.evaluate import EVAL_SEED_OFFSET, ActionRequest, Episodes, evaluating
+from ppo_cli.iteration import PreparedUpdate, TrainingState, batch_of, finish_iteration, start_iteration
 from ppo_cli.population_update import PopulationUpdate
 from ppo_cli.rollout import Rollout, run_through
 from ppo_cli.signals import GracefulStop, training_stop
@@ -210,6 +211,10 @@ class _Population:
             [state.updater for state in states], self.agents, self.adam, self._draw_orders
         )
         self.device = self.agents.actor.flat.device
+        self.evaluations = _Evaluations(self)
+        if self.evaluations.batched:
+            for index, member in enumerate(members):
+                member.run.evaluator.play = partial(self.evaluations.returns, index)
 
     def _draw_orders(self, n: int) -> torch.Tensor:
         """Each member's random order of ``n`` samples, from its own torch generator, (K, n)."""
@@ -316,3 +321,67 @@ class _Population:
         assert member.prepared is not None
         iteration = finish_iteration(member.run.state, member.prepared, metrics)
         member.run.after_iteration(iteration, stopping)
+
+
+class _Evaluations:
+    """The members' evaluations, played together: when one member's evaluator asks for its
+    episodes, every member still training plays its own (``evaluate.evaluating``: its envs, its
+    seed, its quota) in lockstep, acting in one batched pass, and the others' returns wait for
+    their evaluators' call at the same step. Only deterministic evaluations are batched (a
+    sampled one draws from the evaluated member's seeded generators); others play alone."""
+
+    def __init__(self, population: _Population) -> None:
+        self.population = population
+        first = population.members[0].run.cfg
+        self.batched = first.eval.deterministic
+        # member index: (its step, its returns, or what its evaluation raised: its to raise)
+        self.played: dict[int, tuple[int, np.ndarray | Exception]] = {}
+
+    def returns(self, index: int, state: TrainingState) -> np.ndarray:
+        played = self.played.pop(index, None)
+        if played is None or played[0] != state.global_step:
+            self._play_all()
+            played = self.played.pop(index)
+        if isinstance(played[1], Exception):
+            raise played[1]
+        return played[1]
+
+    @torch.no_grad()
+    def _play_all(self) -> None:
+        population = self.population
+        live = [(k, m) for k, m in enumerate(population.members) if not m.ended]
+        steps = {}
+        for k, member in live:
+            cfg, state = member.run.cfg, member.run.state
+            seed = cfg.seed + EVAL_SEED_OFFSET
+            steps[k] = evaluating(state.agent, cfg.env, cfg.eval.episodes, seed, population.device)
+        requests: dict[int, ActionRequest] = {}
+        for k in steps:
+            self._advance(k, steps, requests, None)
+        dist = population.agents.template.dist
+        while requests:
+            template = next(iter(requests.values()))
+            obs = [requests[k].obs if k in requests else template.obs for k in range(len(population.members))]
+            masks = [requests[k].mask if k in requests else template.mask for k in range(len(obs))]
+            stacked_masks = None if template.mask is None else torch.stack(cast(list[torch.Tensor], masks))
+            actions = dist.mode(population.agents.policy_params(torch.stack(obs), stacked_masks))
+            for k in list(requests):
+                self._advance(k, steps, requests, actions[k])
+
+    def _advance(
+        self,
+        k: int,
+        steps: dict[int, Generator[ActionRequest, torch.Tensor, Episodes]],
+        requests: dict[int, ActionRequest],
+        action: torch.Tensor | None,
+    ) -> None:
+        """Member ``k``'s evaluation one step on (sent ``action``; None: its start)."""
+        step = self.population.members[k].run.state.global_step
+        try:
+            requests[k] = next(steps[k]) if action is None else steps[k].send(action)
+        except StopIteration as end:
+            requests.pop(k, None)
+            self.played[k] = (step, end.value.returns)
+        except Exception as exc:  # the member's own envs: it fails when its evaluator asks
+            requests.pop(k, None)
+            self.played[k] = (step, exc)

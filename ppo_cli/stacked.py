@@ -74,20 +74,24 @@ class StackedAgents:
         self.actor, self.critic = (StackedPack([agent.packs[i] for agent in agents]) for i in range(2))
         self.packs = [self.actor, self.critic]
 
-    def evaluate(self, obs: torch.Tensor, actions: torch.Tensor, masks: torch.Tensor | None) -> Evaluation:
-        """``ActorCritic.evaluate`` of every member on its own (K, B, ...) samples, with gradients;
-        every field of the result is (K, B)."""
+    def policy_params(self, obs: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor:
+        """``ActorCritic.policy_params`` of every member on its own (K, B, obs_dim) observations."""
         agent = self.template
         actor = self.actor.views()
         layers = 2 * len(agent.actor.linear_layers)
         out = stacked_mlp(actor[:layers], obs, agent.actor.activation_name)
         if agent.continuous:  # the log-std follows the actor MLP in its pack
             out = torch.cat([out, actor[layers].unsqueeze(1).expand_as(out)], dim=-1)
-        if masks is not None:
-            out = out.masked_fill(~masks, PAD_LOGIT)
-        log_prob, entropy = agent.dist.log_prob_entropy(out, actions)
+        return out if masks is None else out.masked_fill(~masks, PAD_LOGIT)
+
+    def evaluate(self, obs: torch.Tensor, actions: torch.Tensor, masks: torch.Tensor | None) -> Evaluation:
+        """``ActorCritic.evaluate`` of every member on its own (K, B, ...) samples, with gradients;
+        every field of the result is (K, B)."""
+        agent = self.template
+        params = self.policy_params(obs, masks)
+        log_prob, entropy = agent.dist.log_prob_entropy(params, actions)
         value = stacked_mlp(self.critic.views(), obs, agent.critic.activation_name).squeeze(-1)
-        return Evaluation(log_prob, entropy, value, out)
+        return Evaluation(log_prob, entropy, value, params)
 
 
 class StackedAdam:
