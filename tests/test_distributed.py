@@ -18,6 +18,9 @@ from support import run
 from ppo_cli.distributed import process_group
 from ppo_cli.errors import UserError
 
+# Its module fixtures are built once: the whole file runs on one xdist worker (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_distributed")
+
 WORKER = Path(__file__).resolve().parent / "torchrun_worker.py"
 SOLVED = 475  # the evaluation mean test_cli asks of the single-process CartPole preset
 RANKS = 2

@@ -33,6 +33,9 @@ from ppo_cli.logger import RunLogger
 from ppo_cli.resume import config_changes, expand_resume_argv
 from ppo_cli.train import train
 
+# Its module fixtures are built once: the whole file runs on one xdist worker (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_resume")
+
 # Runs itself as ppo-train, and SIGKILLs itself once it has logged step KILL_AT: no handler, no
 # cleanup, exactly what the OOM killer or a preempting scheduler does.
 KILL_SCRIPT = """
