@@ -30,6 +30,9 @@ from ppo_cli.config import EnvConfig
 from ppo_cli.errors import UserError
 from ppo_cli.evaluate import evaluate, evaluate_checkpoint
 
+# Its module fixtures are built once: the whole file runs on one xdist worker (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_cli")
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -78,16 +81,16 @@ def test_ppo_eval_scores_the_run_and_records_playable_videos(
     cartpole_run: tuple[subprocess.CompletedProcess[str], Path],
 ) -> None:
     _, run_dir = cartpole_run
-    result = run([console_script("ppo-eval"), str(run_dir), "--episodes", "3", "--video"], cwd=run_dir)
+    result = run([console_script("ppo-eval"), str(run_dir), "--episodes", "2", "--video"], cwd=run_dir)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((run_dir / "eval.json").read_text())
-    assert report["episodes"] == 3 and report["deterministic"] is True
+    assert report["episodes"] == 2 and report["deterministic"] is True
     assert report["mean"] >= 475, report
     assert f"mean {report['mean']:.2f}" in result.stdout
-    assert len(report["returns"]) == len(report["lengths"]) == 3
+    assert len(report["returns"]) == len(report["lengths"]) == 2
     assert report["min"] <= report["mean"] <= report["max"]
     videos = [Path(v) for v in report["videos"]]
-    assert len(videos) == 3
+    assert len(videos) == 2
     for video, length in zip(videos, report["lengths"], strict=True):
         assert video.parent.parent == run_dir / "videos"
         assert video.stat().st_size > 10_000

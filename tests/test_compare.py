@@ -23,6 +23,9 @@ from torch.utils.tensorboard import SummaryWriter
 from ppo_cli import aggregate, cli, compare, figures
 from ppo_cli.compare import CURVE_POINTS, Run, differing_keys, group_runs, mean_curve, resolve_key
 
+# Its module fixtures are built once: the whole file runs on one xdist worker (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_compare")
+
 
 @pytest.fixture(scope="module")
 def small_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:

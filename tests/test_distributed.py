@@ -18,6 +18,9 @@ from support import run
 from ppo_cli.distributed import process_group
 from ppo_cli.errors import UserError
 
+# Its module fixtures are built once: the whole file runs on one xdist worker (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_distributed")
+
 WORKER = Path(__file__).resolve().parent / "torchrun_worker.py"
 SOLVED = 475  # the evaluation mean test_cli asks of the single-process CartPole preset
 RANKS = 2
@@ -148,32 +151,50 @@ def test_sigterm_then_resume_under_torchrun_is_the_uninterrupted_run(tmp_path: P
     assert json.loads((stopped / "summary.json").read_text())["resumed_from"]["exact_env_state"] is True
 
 
+# TRPO with 2 ranks x 4 envs x 32 steps, 4 iterations; 2 sampled evaluation episodes.
+TRPO_CARTPOLE = ["algo=trpo", "env=CartPole", "env.num_envs=4", "total_timesteps=1024", "eval.episodes=2",
+                 "eval.deterministic=false"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trpo_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dict[int, dict[str, Any]]]]:
+    """The same TRPO run twice under torchrun: rank 0 evaluating after every iteration, and only at
+    the end. The two tests below check different facts of these launches (each launch starts
+    torchrun and two ranks, each importing torch)."""
+    cwd = tmp_path_factory.mktemp("trpo")
+    ranks = {
+        name: torchrun(
+            cwd, *TRPO_CARTPOLE, f"eval.interval={interval}", f"hydra.run.dir={name}", out=f"{name}_ranks"
+        )
+        for name, interval in (("evaluating", 1), ("plain", 0))
+    }
+    return cwd, ranks
+
+
 @pytest.mark.slow
-def test_trpo_ranks_take_the_same_trust_region_steps(tmp_path: Path) -> None:
+def test_trpo_ranks_take_the_same_trust_region_steps(
+    trpo_runs: tuple[Path, dict[str, dict[int, dict[str, Any]]]],
+) -> None:
     """TRPO's line search decides on the surrogate and KL averaged over ranks: the ranks end with
     the same weights, and the run completes (ranks that disagreed would deadlock)."""
-    ranks = torchrun(tmp_path, "algo=trpo", "env=CartPole", "env.num_envs=4", "total_timesteps=1024",
-                     "eval.episodes=0")  # fmt: skip
-    assert_same_agent(ranks[0]["agent"], ranks[1]["agent"])
-    summary = json.loads((only_run_dir(tmp_path) / "summary.json").read_text())
-    assert summary["status"] == "completed"
+    cwd, ranks = trpo_runs
+    for name in ("evaluating", "plain"):
+        assert_same_agent(ranks[name][0]["agent"], ranks[name][1]["agent"])
+        summary = json.loads((cwd / name / "summary.json").read_text())
+        assert summary["status"] == "completed"
 
 
 @pytest.mark.slow
-def test_rank_0_evaluating_on_the_way_changes_no_rank_s_training(tmp_path: Path) -> None:
+def test_rank_0_evaluating_on_the_way_changes_no_rank_s_training(
+    trpo_runs: tuple[Path, dict[str, dict[int, dict[str, Any]]]],
+) -> None:
     """Rank 0 evaluates after every iteration, sampling its actions, while rank 1 waits: both
     ranks end with the weights of the same run evaluated only at the end, which scores the same."""
-    tiny = ["env=CartPole", "env.num_envs=2", "env.num_steps=16", "total_timesteps=256", "eval.episodes=2",
-            "eval.deterministic=false"]  # fmt: skip
-    evaluating = torchrun(
-        tmp_path, *tiny, "eval.interval=1", "hydra.run.dir=evaluating", out="evaluating_ranks"
-    )
-    plain = torchrun(tmp_path, *tiny, "eval.interval=0", "hydra.run.dir=plain", out="plain_ranks")
+    cwd, ranks = trpo_runs
     for rank in range(RANKS):
-        assert_same_agent(evaluating[rank]["agent"], plain[rank]["agent"])
-    assert (tmp_path / "evaluating" / "checkpoints" / "best.pt").is_file()
+        assert_same_agent(ranks["evaluating"][rank]["agent"], ranks["plain"][rank]["agent"])
+    assert (cwd / "evaluating" / "checkpoints" / "best.pt").is_file()
     scores = [
-        json.loads((tmp_path / run / "summary.json").read_text())["eval_mean"]
-        for run in ("evaluating", "plain")
+        json.loads((cwd / run / "summary.json").read_text())["eval_mean"] for run in ("evaluating", "plain")
     ]
     assert scores[0] == scores[1]

@@ -15,6 +15,9 @@ from ppo_cli import cli, load_agent
 from ppo_cli.errors import UserError
 from ppo_cli.train import train
 
+# Its module fixtures are built once: the whole file runs on one xdist worker (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_evaluator")
+
 STEPS_PER_ITERATION = 32  # 2 envs x 16 steps
 ITERATIONS = 7
 TINY = [

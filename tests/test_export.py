@@ -20,8 +20,12 @@ from ppo_cli.export import export_checkpoint, export_policy
 from ppo_cli.policy import TrainedAgent
 from ppo_cli.train import train
 
-# torch calls TorchScript deprecated, yet reads it: loading the files is what deployments do.
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
+pytestmark = [
+    # torch calls TorchScript deprecated, yet reads it: loading the files is what deployments do.
+    pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning"),
+    # Its module fixtures are built once: the whole file runs on one xdist worker (--dist loadgroup).
+    pytest.mark.xdist_group("test_export"),
+]
 
 # torch's ONNX exporter takes seconds per file (torch.export, then the translation): slow tier.
 FORMATS = ["torchscript", pytest.param("onnx", marks=pytest.mark.slow)]

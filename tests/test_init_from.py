@@ -22,6 +22,9 @@ from ppo_cli.policy import TrainedAgent, load_agent
 from ppo_cli.resume import config_changes
 from ppo_cli.train import train
 
+# Its module fixtures are built once: the whole file runs on one xdist worker (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_init_from")
+
 TINY = [
     "env=CartPole",
     "env.num_envs=2",

@@ -12,6 +12,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,9 @@ from ppo_cli.errors import ConfigError, Interrupted, UserError
 from ppo_cli.logger import RunLogger
 from ppo_cli.resume import config_changes, expand_resume_argv
 from ppo_cli.train import train
+
+# Its module fixtures are built once: the whole file runs on one xdist worker (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_resume")
 
 # Runs itself as ppo-train, and SIGKILLs itself once it has logged step KILL_AT: no handler, no
 # cleanup, exactly what the OOM killer or a preempting scheduler does.
@@ -57,17 +62,27 @@ TOTAL = 8 * STEPS_PER_ITERATION
 CHECKPOINT_EVERY = 3  # iterations: checkpoints at steps 768, 1536 and at the end
 KILL_AT = 5 * STEPS_PER_ITERATION  # between the first and the second checkpoint
 
+# The CartPole case evaluates every 2 iterations (checkpoints every 3): the killed run evaluated at
+# iteration 4 after its checkpoint at 3, so the one kill checks resumed evaluations and best.pt too.
+EVALUATING = ["eval.interval=2", "eval.episodes=2"]
 CASES = {
     # gymnasium's numpy-vectorised CartPole: NEXT_STEP autoreset, discrete actions
-    "CartPole": ["env=CartPole", "env.num_envs=8"],
+    "CartPole": ["env=CartPole", "env.num_envs=8", *EVALUATING],
     # sync vector env, an LSTM whose state the checkpoint carries
-    "CartPole-lstm": ["env=CartPole", "env.num_envs=8", "agent=lstm", "agent.recurrent_size=16"],
+    "CartPole-lstm": [
+        "env=CartPole",
+        "env.num_envs=8",
+        "agent=lstm",
+        "agent.recurrent_size=16",
+        "eval.episodes=0",
+    ],
     # sync vector env, Gaussian policy, observation normalisation and reward scaling
     "Pendulum": [
         "env=Pendulum",
         "env.num_steps=64",
         "env.normalize_reward=true",
         "algo.num_minibatches=4",
+        "eval.episodes=0",
     ],
 }
 
@@ -101,25 +116,56 @@ def _assert_same_state(a: dict, b: dict) -> None:
             assert torch.equal(tensor, b["reward_scaler"][name]), name
 
 
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.slow
-def test_sigkill_then_resume_is_the_uninterrupted_run(case: str, tmp_path: Path) -> None:
-    overrides = [*CASES[case], f"total_timesteps={TOTAL}", f"checkpoint.interval={CHECKPOINT_EVERY}"]
-    overrides += ["eval.episodes=0"]
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    assert ppo_train(*overrides, f"hydra.run.dir={whole}", cwd=tmp_path).returncode == 0
+@dataclass(frozen=True)
+class KilledAndResumed:
+    """A case trained whole, and again SIGKILLed at KILL_AT then resumed; what the killed run left."""
 
+    whole: Path
+    killed: Path
+    checkpoint_step: int  # of the newest checkpoint the killed run left
+    raw_steps: dict[str, list[int]]  # every step the killed run wrote for a tag, before resuming
+
+
+def _kill_and_resume(case: str, cwd: Path) -> KilledAndResumed:
+    overrides = [*CASES[case], f"total_timesteps={TOTAL}", f"checkpoint.interval={CHECKPOINT_EVERY}"]
+    whole, killed = cwd / "whole", cwd / "killed"
+    assert ppo_train(*overrides, f"hydra.run.dir={whole}", cwd=cwd).returncode == 0
     result = run(
-        [sys.executable, "-c", KILL_SCRIPT, str(KILL_AT), *overrides, f"hydra.run.dir={killed}"], tmp_path
+        [sys.executable, "-c", KILL_SCRIPT, str(KILL_AT), *overrides, f"hydra.run.dir={killed}"], cwd
     )
     assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
-    checkpoint_step = CHECKPOINT_EVERY * STEPS_PER_ITERATION
-    assert ckpt.load_checkpoint(killed)["global_step"] == checkpoint_step
-    # The killed run logged past its checkpoint: those points must not show twice after resuming.
-    assert max(_raw_steps(killed, "losses/value_loss")) == KILL_AT
-
-    resumed = ppo_train(f"resume={killed}", cwd=tmp_path)
+    checkpoint_step = ckpt.load_checkpoint(killed)["global_step"]
+    raw_steps = {tag: _raw_steps(killed, tag) for tag in ("losses/value_loss", "eval/episodic_return")}
+    resumed = ppo_train(f"resume={killed}", cwd=cwd)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    return KilledAndResumed(whole, killed, checkpoint_step, raw_steps)
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], KilledAndResumed]:
+    """Each case killed and resumed once per module: the two tests below check different facts of
+    the CartPole one (its state and curves; its evaluations and best.pt), so it runs once."""
+    done: dict[str, KilledAndResumed] = {}
+
+    def get(case: str) -> KilledAndResumed:
+        if case not in done:
+            done[case] = _kill_and_resume(case, tmp_path_factory.mktemp(case))
+        return done[case]
+
+    return get
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.slow
+def test_sigkill_then_resume_is_the_uninterrupted_run(
+    case: str, killed_and_resumed: Callable[[str], KilledAndResumed]
+) -> None:
+    runs = killed_and_resumed(case)
+    whole, killed = runs.whole, runs.killed
+    checkpoint_step = CHECKPOINT_EVERY * STEPS_PER_ITERATION
+    assert runs.checkpoint_step == checkpoint_step
+    # The killed run logged past its checkpoint: those points must not show twice after resuming.
+    assert max(runs.raw_steps["losses/value_loss"]) == KILL_AT
 
     final_whole, final_resumed = ckpt.load_checkpoint(whole), ckpt.load_checkpoint(killed)
     assert final_whole["global_step"] == final_resumed["global_step"] == TOTAL
@@ -143,21 +189,15 @@ def test_sigkill_then_resume_is_the_uninterrupted_run(case: str, tmp_path: Path)
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_logs_the_same_evaluations_and_keeps_the_same_best(tmp_path: Path) -> None:
+def test_sigkill_then_resume_logs_the_same_evaluations_and_keeps_the_same_best(
+    killed_and_resumed: Callable[[str], KilledAndResumed],
+) -> None:
     """Evaluations every 2 iterations, checkpoints every 3: the killed run evaluated at iteration 4
     (and may have written best.pt) after its checkpoint at 3. Resumed, it logs every evaluation
     point of the run that never stopped, once, and ends with the same best.pt."""
-    overrides = [*CASES["CartPole"], f"total_timesteps={TOTAL}", f"checkpoint.interval={CHECKPOINT_EVERY}"]
-    overrides += ["eval.interval=2", "eval.episodes=2"]
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    assert ppo_train(*overrides, f"hydra.run.dir={whole}", cwd=tmp_path).returncode == 0
-    result = run(
-        [sys.executable, "-c", KILL_SCRIPT, str(KILL_AT), *overrides, f"hydra.run.dir={killed}"], tmp_path
-    )
-    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
-    assert max(_raw_steps(killed, "eval/episodic_return")) == 4 * STEPS_PER_ITERATION  # after the checkpoint
-    resumed = ppo_train(f"resume={killed}", cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    runs = killed_and_resumed("CartPole")
+    whole, killed = runs.whole, runs.killed
+    assert max(runs.raw_steps["eval/episodic_return"]) == 4 * STEPS_PER_ITERATION  # after the checkpoint
 
     expected, got = _scalars(whole), _scalars(killed)
     every_other = range(2 * STEPS_PER_ITERATION, TOTAL, 2 * STEPS_PER_ITERATION)

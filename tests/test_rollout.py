@@ -18,6 +18,9 @@ from ppo_cli.envs import finished_episodes, make_vector_env, uses_next_step_auto
 from ppo_cli.rollout import Collector, RolloutStorage
 from ppo_cli.train import train
 
+# Its module fixtures are built once: the whole file runs on one xdist worker (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_rollout")
+
 COUNTER_ID = "PpoCliTestCounter-v0"
 CPU = torch.device("cpu")
 

@@ -23,6 +23,9 @@ from ppo_cli.errors import UserError
 from ppo_cli.logger import read_summary
 from ppo_cli.resume import _parsed_value, hydra_value, resume_command
 
+# Its module fixtures are built once: the whole file runs on one xdist worker (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_rundir")
+
 TINY = ["env=CartPole", "env.num_envs=2", "env.num_steps=64", "algo.num_minibatches=2", "eval.episodes=1"]
 
 

@@ -28,6 +28,9 @@ from ppo_cli.logger import summary_final
 from ppo_cli.resume import saved_overrides
 from ppo_cli.train import train
 
+# Its module fixtures are built once: the whole file runs on one xdist worker (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_tracking")
+
 TINY = ("env=CartPole", "env.num_envs=2", "env.num_steps=16", "total_timesteps=64", "eval.episodes=1")
 STEPS = [32, 64]  # one point per iteration of 2 envs x 16 steps
 

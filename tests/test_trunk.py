@@ -23,10 +23,17 @@ from ppo_cli.iteration import build_state
 from ppo_cli.train import train
 from ppo_cli.trunk import Memory, NatureCNN
 
+# Its module fixtures are built once: the whole file runs on one xdist worker (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_trunk")
+
 PIXELS = gym.spaces.Box(0, 255, shape=(2, 36, 36), dtype=np.uint8)
 CNN_AGENT = AgentConfig(actor_hidden=[], critic_hidden=[16], encoder="nature_cnn")
 CUE = ["env.id=synthetic_envs:RememberCue-v0", "env.num_envs=8", "env.num_steps=32", "~tuned"]
-CUE_TRAINING = ["algo.update_epochs=4", "algo.num_minibatches=4", "algo.learning_rate=0.003"]
+# 8192 steps (32 iterations): measured on seeds 0-2, the LSTM and the GRU score 1.0 and the MLP
+# 0.375, as they did at 16384.
+CUE_TRAINING = [
+    "algo.update_epochs=4", "algo.num_minibatches=4", "algo.learning_rate=0.003", "total_timesteps=8192",
+]  # fmt: skip
 
 
 def test_nature_cnn_takes_flat_pixels_with_any_leading_dimensions() -> None:
@@ -122,7 +129,7 @@ def test_the_update_replays_the_states_the_policy_acted_with(core: str) -> None:
 @pytest.fixture(scope="module")
 def lstm_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     run_dir = tmp_path_factory.mktemp("lstm")
-    cfg = compose_config(*CUE, *CUE_TRAINING, "agent=lstm", "total_timesteps=16384", "eval.episodes=40")
+    cfg = compose_config(*CUE, *CUE_TRAINING, "agent=lstm", "eval.episodes=40")
     return run_dir, train(cfg, run_dir)
 
 
@@ -136,7 +143,7 @@ def test_lstm_remembers_the_cue(lstm_run: tuple[Path, dict]) -> None:
 @pytest.mark.slow
 def test_gru_remembers_the_cue_and_a_feed_forward_policy_cannot(agent: str, tmp_path: Path) -> None:
     """Seeds 0-2: the GRU scores 1.0, the MLP 0.38 (it answers the same whatever the cue was)."""
-    cfg = compose_config(*CUE, *CUE_TRAINING, f"agent={agent}", "total_timesteps=16384", "eval.episodes=40")
+    cfg = compose_config(*CUE, *CUE_TRAINING, f"agent={agent}", "eval.episodes=40")
     score = train(cfg, tmp_path)["eval_mean"]
     if agent == "mlp":
         assert score <= 0.7  # a guess: the cue is gone when it is scored
