@@ -75,10 +75,6 @@ NOT_BATCHED: tuple[tuple[Callable[[TrainConfig], bool], str], ...] = (
         "REINFORCE (algo=pg) learns from whole episodes: each member's batch has its own size",
     ),
     (_shared_trunk, "a shared trunk (CNN, LSTM/GRU) is not batched yet"),
-    (
-        lambda cfg: cfg.env.vectorization == "vector_entry_point",
-        "env.vectorization=vector_entry_point resets on the next step: batches differ in size",
-    ),
     (_reference_policy, "a reference policy (algo.ref_kl_coef > 0) is not batched yet"),
     (lambda cfg: cfg.seeds_per_job > 1, "seeds_per_job > 1 trains its seeds one after the other"),
     (lambda cfg: cfg.init_from is not None, "init_from (a starting agent per member) is not batched yet"),

@@ -55,13 +55,10 @@ def pick_device(name: str) -> torch.device:
 
 
 @contextmanager
-def training_envs(cfg: TrainConfig, fixed_size: bool = False) -> Iterator[VectorEnv]:
-    """The vector env the run trains on (seeded the way its variant resets them), closed after.
-
-    ``fixed_size``: every rollout's batch must hold all its T x N steps (a population member's,
-    whose batch is stacked with the others'), so no env may reset on the next step (``envs.py``)."""
+def training_envs(cfg: TrainConfig) -> Iterator[VectorEnv]:
+    """The vector env the run trains on (seeded the way its variant resets them), closed after."""
     per_env_seeds = variant_of(cfg).per_env_seeds
-    sequences = cfg.agent.recurrent != "none" or fixed_size
+    sequences = cfg.agent.recurrent != "none"
     envs = make_vector_env(cfg.env, per_env_seeds=per_env_seeds, training=True, sequences=sequences)
     with closing_envs(envs):
         yield envs

@@ -87,7 +87,11 @@ def episode_step_weights(valid: torch.Tensor, loss_agg: str) -> torch.Tensor:
 
 
 def spo_loss(
-    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, eps: float
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    eps: float,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SPO's policy loss (Xie et al. 2024, "Simple Policy Optimization", arXiv 2401.16025, ICML
     2025: the SPO objective, as in the authors' reference code), negated for minimisation:
@@ -102,7 +106,7 @@ def spo_loss(
     """
     ratio = torch.exp(log_prob - old_log_prob)
     penalty = advantages.abs() / (2.0 * eps) * (ratio - 1.0).square()
-    return -(ratio * advantages - penalty).mean()
+    return -weighted_mean(ratio * advantages - penalty, weights)
 
 
 def value_loss(
@@ -110,6 +114,7 @@ def value_loss(
     old_values: torch.Tensor,
     returns: torch.Tensor,
     clip_eps: float | None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Critic regression loss, optionally with PPO's value clipping in its max form.
 
@@ -120,37 +125,52 @@ def value_loss(
     """
     unclipped = (values - returns).square()
     if clip_eps is None:
-        return 0.5 * unclipped.mean()
+        return 0.5 * weighted_mean(unclipped, weights)
     clipped_values = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
     clipped = (clipped_values - returns).square()
-    return 0.5 * torch.maximum(unclipped, clipped).mean()
+    return 0.5 * weighted_mean(torch.maximum(unclipped, clipped), weights)
 
 
-def normalize_advantages(advantages: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(A - mean) / (std + eps); a single sample is left centred only (its std is undefined)."""
+def normalize_advantages(
+    advantages: torch.Tensor, eps: float = 1e-8, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(A - mean) / (std + eps); a single sample is left centred only (its std is undefined).
+
+    With ``weights`` (a padded minibatch's: w = mask * B / n over B slots of which n are
+    samples, see :func:`weighted_mean`) the mean and the unbiased std are the n samples' own."""
+    if weights is not None:
+        mean = weighted_mean(advantages, weights)
+        samples = (weights > 0).sum()
+        variance = weighted_mean((advantages - mean).square(), weights) * samples / (samples - 1).clamp(min=1)
+        return (advantages - mean) / (variance.sqrt() + eps)
     if advantages.numel() < 2:
         return advantages - advantages.mean()
     return (advantages - advantages.mean()) / (advantages.std() + eps)
 
 
-def policy_gradient_loss(log_prob: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+def policy_gradient_loss(
+    log_prob: torch.Tensor, advantages: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """-mean(log pi(a|s) * A): the score-function (REINFORCE) estimator of the policy gradient.
 
     Only valid on data from the current policy: one step per rollout (Williams 1992; with a
     baseline V(s) subtracted inside A to reduce variance, Sutton & Barto 2018, sec. 13.4).
     """
-    return -(log_prob * advantages).mean()
+    return -weighted_mean(log_prob * advantages, weights)
 
 
 def surrogate_loss(
-    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The unclipped importance-sampled surrogate, negated: -mean(rho * A), rho = pi / pi_old.
 
     Its gradient at pi = pi_old is the policy gradient; away from pi_old nothing stops it from
     growing without bound, which is what PPO-Penalty's KL term (or PPO-Clip's clip) is for.
     """
-    return -(torch.exp(log_prob - old_log_prob) * advantages).mean()
+    return -weighted_mean(torch.exp(log_prob - old_log_prob) * advantages, weights)
 
 
 def adaptive_kl_coef(
@@ -194,28 +214,38 @@ def kl_terms(log_ratio: torch.Tensor) -> KLEstimates:
     return KLEstimates(-log_ratio, 0.5 * log_ratio.square(), torch.expm1(log_ratio) - log_ratio)
 
 
-def kl_estimates(log_prob: torch.Tensor, old_log_prob: torch.Tensor) -> KLEstimates:
+def kl_estimates(
+    log_prob: torch.Tensor, old_log_prob: torch.Tensor, weights: torch.Tensor | None = None
+) -> KLEstimates:
     """:func:`kl_terms` of KL(pi_old || pi), log r = log pi(a|s) - log pi_old(a|s), averaged over
     the batch."""
-    return KLEstimates(*(term.mean() for term in kl_terms(log_prob - old_log_prob)))
+    return KLEstimates(*(weighted_mean(term, weights) for term in kl_terms(log_prob - old_log_prob)))
 
 
 def clip_fraction(
-    log_prob: torch.Tensor, old_log_prob: torch.Tensor, clip_eps: float, clip_eps_high: float | None = None
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    clip_eps: float,
+    clip_eps_high: float | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Share of samples whose ratio lies outside [1 - eps, 1 + eps_high] (``clip_eps_high``
     defaults to ``clip_eps``), the range :func:`clipped_surrogate_loss` clamps to."""
     high = clip_eps if clip_eps_high is None else clip_eps_high
     ratio = torch.exp(log_prob - old_log_prob)
-    return ((ratio < 1.0 - clip_eps) | (ratio > 1.0 + high)).float().mean()
+    return weighted_mean(((ratio < 1.0 - clip_eps) | (ratio > 1.0 + high)).float(), weights)
 
 
 def dual_clip_fraction(
-    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, dual_clip: float
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    dual_clip: float,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Share of samples where dual-clip PPO's bound holds the term at c * A: A < 0 and rho > c."""
     ratio = torch.exp(log_prob - old_log_prob)
-    return ((advantages < 0) & (ratio > dual_clip)).float().mean()
+    return weighted_mean(((advantages < 0) & (ratio > dual_clip)).float(), weights)
 
 
 def explained_variance(predictions: torch.Tensor, targets: torch.Tensor) -> float:

@@ -145,7 +145,7 @@ class Member:
         generators; what refuses it (another process there, a resume that does not fit) ends
         this member only."""
         try:
-            self._run = Run(self.job.cfg, self.job.run_dir, self.job.label, self.job.swept, fixed_size=True)
+            self._run = Run(self.job.cfg, self.job.run_dir, self.job.label, self.job.swept)
         except Exception as exc:  # the directory is not ours: nothing to write there
             self.outcome = exc
             return
@@ -207,8 +207,13 @@ class _Population:
         states = [m.run.state for m in members]
         self.agents = StackedAgents([state.agent for state in states])
         self.adam = StackedAdam(self.agents.packs, [state.optimizer for state in states])
+        # Envs that reset on the step after an episode ends leave that step out of the batch
+        # (rollout.py): the members' batches then differ in size, and are padded.
+        collector = states[0].collector
+        steps = collector.storage.num_steps * collector.envs.num_envs
+        padded_to = steps if collector.next_step_autoreset else None
         self.update = PopulationUpdate(
-            [state.updater for state in states], self.agents, self.adam, self._draw_orders
+            [state.updater for state in states], self.agents, self.adam, self._draw_orders, padded_to
         )
         self.device = self.agents.actor.flat.device
         self.evaluations = _Evaluations(self)
@@ -216,13 +221,13 @@ class _Population:
             for index, member in enumerate(members):
                 member.run.evaluator.play = partial(self.evaluations.returns, index)
 
-    def _draw_orders(self, n: int) -> torch.Tensor:
-        """Each member's random order of ``n`` samples, from its own torch generator, (K, n)."""
+    def _draw_orders(self, sizes: Sequence[int]) -> list[torch.Tensor]:
+        """Each member's random order of its ``sizes[k]`` samples, from its own torch generator."""
         orders = []
-        for member in self.members:
+        for member, size in zip(self.members, sizes, strict=True):
             with member.randomness.torch_active():
-                orders.append(torch.randperm(n, device=self.device))
-        return torch.stack(orders)
+                orders.append(torch.randperm(size, device=self.device))
+        return orders
 
     def train(self, stop: GracefulStop) -> None:
         """Iterate until every member has spent its budget (or failed); on a stop signal, every

@@ -15,8 +15,9 @@ and a member whose loss or gradient is not finite stops (its error is returned) 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -55,8 +56,11 @@ class PopulationUpdate:
     """Updates K members' agents (stacked in ``agents``, stepped by ``adam``) from their batches.
 
     ``updaters`` are the members' own (the first one's code computes every member's loss);
-    ``draw_orders(n)`` gives each member's random order of ``n`` samples, (K, n), drawn from the
-    member's own generator.
+    ``draw_orders(sizes)`` gives each member's random order of its ``sizes[k]`` samples, drawn
+    from the member's own generator. ``padded_to``: the members' batches may hold fewer samples
+    than that (their envs reset on the next step: ``envs.py``), and every batch and minibatch is
+    padded to the size it would have if none were missing (:func:`_minibatches`), whatever the
+    other members hold, so that no member's arithmetic depends on another's.
     """
 
     def __init__(
@@ -64,9 +68,11 @@ class PopulationUpdate:
         updaters: Sequence[Updater],
         agents: StackedAgents,
         adam: StackedAdam,
-        draw_orders: Callable[[int], torch.Tensor],
+        draw_orders: Callable[[Sequence[int]], list[torch.Tensor]],
+        padded_to: int | None = None,
     ) -> None:
         self.updaters, self.agents, self.adam, self.draw_orders = updaters, agents, adam, draw_orders
+        self.padded_to = padded_to
         self.template = updaters[0]
         loss = batched_loss_of(self.template)
         if loss is None:
@@ -94,9 +100,7 @@ class PopulationUpdate:
     def update(self, batches: Sequence[Batch], active: torch.Tensor) -> list[MemberResult | None]:
         """Update the ``active`` (K,) members on their ``batches``; per member, its metrics (as
         its own updater returns them), the NonFiniteError that stopped it, or None if inactive."""
-        if len({len(batch) for batch in batches}) > 1:
-            raise ValueError(f"the members' batches differ in size: {[len(b) for b in batches]}")
-        stacked = _stack(batches)
+        stacked = _stack(batches, self.padded_to)
         lrs = torch.tensor(
             [updater.optimizer.param_groups[0]["lr"] for updater in self.updaters], device=active.device
         )
@@ -115,13 +119,15 @@ class PopulationUpdate:
         names: list[str] = []
         members = torch.arange(len(batches), device=active.device).unsqueeze(1)
         for _ in range(cfg.update_epochs):
-            order = self.draw_orders(len(batches[0]))
-            shuffled = stacked.map(lambda field: field[members, order])  # noqa: B023 (used at once)
-            for mb in _split(shuffled, cfg.num_minibatches):
+            orders = self.draw_orders([len(batch) for batch in batches])
+            for idx, weights in _minibatches(orders, cfg.num_minibatches, self.padded_to):
+                mb = stacked.map(lambda field: field[members, idx])  # noqa: B023 (used at once)
+                mb = dataclasses.replace(mb, weights=weights)
                 out = self.agents.evaluate(mb.obs, mb.actions, mb.action_masks)
                 if self.target_kl is not None:
                     log_ratio = out.log_prob.detach() - mb.log_probs
-                    k3 = (torch.expm1(log_ratio) - log_ratio).mean(dim=1)
+                    k3 = torch.expm1(log_ratio) - log_ratio
+                    k3 = k3.mean(dim=1) if weights is None else (weights * k3).mean(dim=1)
                     over = running & (k3 > self.target_kl)
                     stopped |= over
                     running &= ~over
@@ -153,6 +159,11 @@ class PopulationUpdate:
     def _one_step(
         self, stacked: Batch, batches: Sequence[Batch], active: torch.Tensor, lrs: torch.Tensor
     ) -> list[MemberResult | None]:
+        sizes = [len(batch) for batch in batches]
+        whole = [torch.arange(size, device=active.device) for size in sizes]
+        idx, weights = next(_minibatches(whole, 1, self.padded_to))
+        members = torch.arange(len(batches), device=active.device).unsqueeze(1)
+        stacked = dataclasses.replace(stacked.map(lambda field: field[members, idx]), weights=weights)
         out = self.agents.evaluate(stacked.obs, stacked.actions, stacked.action_masks)
         loss, terms = vmap(self._member_loss)(self._member_values(), out, _fields(stacked))
         errors: dict[int, NonFiniteError] = {}
@@ -223,10 +234,19 @@ def _non_finite_report(loss: float, terms: dict[str, torch.Tensor], k: int) -> s
     return "the gradient norm is not finite"
 
 
-def _stack(batches: Sequence[Batch]) -> Batch:
-    """The members' batches as one, every field (K, B, ...)."""
+def _stack(batches: Sequence[Batch], padded_to: int | None) -> Batch:
+    """The members' batches as one, every field (K, B, ...): B is ``padded_to`` (each batch
+    padded with copies of its first sample, which :func:`_minibatches` gives weight 0), or the
+    members' common batch size."""
+    longest = padded_to or len(batches[0])
+    if padded_to is None and any(len(batch) != longest for batch in batches):
+        raise ValueError(f"the members' batches differ in size: {[len(b) for b in batches]}")
+
+    def padded(x: torch.Tensor) -> torch.Tensor:
+        return x if len(x) == longest else torch.cat([x, x[:1].expand(longest - len(x), *x.shape[1:])])
+
     fields: dict[str, Any] = {
-        name: None if value is None else torch.stack([getattr(b, name) for b in batches])
+        name: None if value is None else torch.stack([padded(getattr(b, name)) for b in batches])
         for name, value in _fields(batches[0], keep_none=True).items()
     }
     return type(batches[0])(**fields)
@@ -237,12 +257,28 @@ def _fields(batch: Batch, keep_none: bool = False) -> dict[str, Any]:
     return values if keep_none else {name: value for name, value in values.items() if value is not None}
 
 
-def _split(batch: Batch, parts: int) -> list[Batch]:
-    """``batch`` (K, B, ...) cut along the sample axis as ``Batch.shuffled_minibatches`` cuts."""
-    size, extra = divmod(batch.obs.shape[1], parts)
-    pieces, start = [], 0
+def _minibatches(
+    orders: Sequence[torch.Tensor], parts: int, padded_to: int | None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Minibatch i of every member: (K, S) sample indices and their loss weights (None: plain means).
+
+    Member k's order of its own B_k samples is cut as ``Batch.shuffled_minibatches`` cuts a
+    single run's (``parts`` consecutive pieces whose sizes differ by at most one), so each member
+    learns from the minibatches its single run would. With ``padded_to`` (batches that may miss
+    samples), piece i of every member is padded to S, the size piece i of a batch of
+    ``padded_to`` samples has, with weight 0, and its n samples weigh S / n: every mean of the
+    loss (``losses.weighted_mean``) is then the mean over the member's own samples, computed the
+    same way whatever the other members hold."""
+    cuts = [torch.tensor_split(order, parts) for order in orders]
+    full = [len(piece) for piece in torch.tensor_split(torch.empty(padded_to or 0), parts)]
     for i in range(parts):
-        length = size + (i < extra)
-        pieces.append(batch.map(lambda field: field.narrow(1, start, length)))  # noqa: B023
-        start += length
-    return pieces
+        pieces = [cut[i] for cut in cuts]
+        if padded_to is None:
+            yield torch.stack(pieces), None
+            continue
+        idx = torch.zeros(len(pieces), full[i], dtype=torch.long, device=pieces[0].device)
+        weights = torch.zeros(len(pieces), full[i], device=pieces[0].device)
+        for k, piece in enumerate(pieces):
+            idx[k, : len(piece)] = piece
+            weights[k, : len(piece)] = full[i] / max(len(piece), 1)
+        yield idx, weights

@@ -99,9 +99,7 @@ class Run:
         label: str = "",
         swept: Sequence[str] = (),
         parallel: DataParallel = SINGLE_PROCESS,
-        fixed_size: bool = False,
     ) -> None:
-        self.fixed_size = fixed_size  # a population member's batches: see iteration.training_envs
         self.cfg, self.run_dir, self.label, self.swept, self.parallel = cfg, run_dir, label, swept, parallel
         self.plain_config = cast(
             dict[str, Any], OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
@@ -141,7 +139,7 @@ class Run:
         device = pick_device(cfg.device)
         found = resume_checkpoint(cfg, self.run_dir)
         initial = starting_point(cfg.init_from) if found is None else None  # only a new run reads it
-        envs = self._resources.enter_context(training_envs(cfg, self.fixed_size))
+        envs = self._resources.enter_context(training_envs(cfg))
         state = build_state(cfg, envs, device, parallel, initial)
         if parallel.rank:  # the agent is built; from here on each rank draws its own numbers
             seed_everything(parallel.rank_seed(cfg.seed))

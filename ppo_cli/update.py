@@ -167,10 +167,13 @@ class ActorCriticSurrogateUpdater(SurrogateUpdater):
 
     def minibatch_loss(self, out: Evaluation, mb: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg = self.cfg
-        advantages = losses.normalize_advantages(mb.advantages) if cfg.norm_adv else mb.advantages
+        advantages = mb.advantages
+        if cfg.norm_adv:
+            advantages = losses.normalize_advantages(advantages, weights=mb.weights)
         terms = self.policy_loss(out, mb, advantages)
-        terms["value_loss"] = losses.value_loss(out.value, mb.values, mb.returns, self.value_clip_eps())
-        terms["entropy"] = out.entropy.mean()
+        value_clip = self.value_clip_eps()
+        terms["value_loss"] = losses.value_loss(out.value, mb.values, mb.returns, value_clip, mb.weights)
+        terms["entropy"] = losses.weighted_mean(out.entropy, mb.weights)
         loss = terms["policy_loss"] - cfg.ent_coef * terms["entropy"] + cfg.vf_coef * terms["value_loss"]
         return loss, terms
 
@@ -217,10 +220,12 @@ class OneStepUpdater(Updater):
 
     def policy_terms_of(self, out: Evaluation, batch: Batch) -> dict[str, torch.Tensor]:
         """The policy-gradient loss and the entropy of the evaluation ``out`` of ``batch``."""
-        advantages = losses.normalize_advantages(batch.advantages) if self.cfg.norm_adv else batch.advantages
+        advantages = batch.advantages
+        if self.cfg.norm_adv:
+            advantages = losses.normalize_advantages(advantages, weights=batch.weights)
         return {
-            "policy_loss": losses.policy_gradient_loss(out.log_prob, advantages),
-            "entropy": out.entropy.mean(),
+            "policy_loss": losses.policy_gradient_loss(out.log_prob, advantages, batch.weights),
+            "entropy": losses.weighted_mean(out.entropy, batch.weights),
         }
 
     def metrics_after_step(self, batch: Batch, terms: dict[str, torch.Tensor]) -> dict[str, float]:

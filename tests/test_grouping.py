@@ -99,7 +99,6 @@ def test_max_members_splits_the_groups_that_form_groups_makes() -> None:
         (("algo.ref_kl_coef=0.1",), "a reference policy"),
         (("seeds_per_job=2",), "seeds_per_job > 1"),
         (("init_from=runs/some_run",), "init_from"),
-        (("env.vectorization=vector_entry_point",), "env.vectorization=vector_entry_point resets"),
     ],
 )
 def test_why_not_batched_names_the_reason(overrides: tuple[str, ...], reason: str) -> None:

@@ -26,7 +26,7 @@ class A2CUpdater(OneStepUpdater):
     def batch_loss(self, out: Evaluation, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(loss, {name: term to log}) of the evaluation ``out`` of the whole ``batch``."""
         terms = self.policy_terms_of(out, batch)
-        terms["value_loss"] = losses.value_loss(out.value, batch.values, batch.returns, None)
+        terms["value_loss"] = losses.value_loss(out.value, batch.values, batch.returns, None, batch.weights)
         loss = (
             terms["policy_loss"]
             - self.cfg.ent_coef * terms["entropy"]

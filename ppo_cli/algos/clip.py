@@ -47,18 +47,18 @@ class ClipUpdater(ActorCriticSurrogateUpdater):
     def policy_loss(self, out: Evaluation, mb: Batch, advantages: torch.Tensor) -> dict[str, torch.Tensor]:
         cfg, eps = self.cfg, self.cfg.clip_eps
         if cfg.objective == "spo":
-            policy_loss = losses.spo_loss(out.log_prob, mb.log_probs, advantages, eps)
+            policy_loss = losses.spo_loss(out.log_prob, mb.log_probs, advantages, eps, mb.weights)
         else:
             policy_loss = losses.clipped_surrogate_loss(
-                out.log_prob, mb.log_probs, advantages, eps, dual_clip=cfg.dual_clip
+                out.log_prob, mb.log_probs, advantages, eps, dual_clip=cfg.dual_clip, weights=mb.weights
             )
         terms = {
             "policy_loss": policy_loss,
-            "clipfrac": losses.clip_fraction(out.log_prob.detach(), mb.log_probs, eps),
+            "clipfrac": losses.clip_fraction(out.log_prob.detach(), mb.log_probs, eps, weights=mb.weights),
         }
         if cfg.dual_clip is not None:
             terms["dual_clipfrac"] = losses.dual_clip_fraction(
-                out.log_prob.detach(), mb.log_probs, advantages, cfg.dual_clip
+                out.log_prob.detach(), mb.log_probs, advantages, cfg.dual_clip, mb.weights
             )
         return terms
 

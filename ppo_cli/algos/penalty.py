@@ -30,10 +30,12 @@ class PenaltyUpdater(ActorCriticSurrogateUpdater):
     def policy_loss(self, out: Evaluation, mb: Batch, advantages: torch.Tensor) -> dict[str, torch.Tensor]:
         estimator = self.cfg.kl_estimator  # only the one the penalty uses, with gradients
         if estimator == "exact":
-            penalty = self.agent.dist.kl(mb.policy_params, out.policy_params).mean()
+            penalty = losses.weighted_mean(
+                self.agent.dist.kl(mb.policy_params, out.policy_params), mb.weights
+            )
         else:
-            penalty = getattr(losses.kl_estimates(out.log_prob, mb.log_probs), estimator)
-        surrogate = losses.surrogate_loss(out.log_prob, mb.log_probs, advantages)
+            penalty = getattr(losses.kl_estimates(out.log_prob, mb.log_probs, mb.weights), estimator)
+        surrogate = losses.surrogate_loss(out.log_prob, mb.log_probs, advantages, mb.weights)
         return {"policy_loss": surrogate + self.beta * penalty, "surrogate_loss": surrogate}
 
     def finish_update(self, batch: Batch, metrics: dict[str, float]) -> dict[str, float]:
