@@ -43,7 +43,14 @@ from ppo_cli.acting import Acting, NumpyActing, PopulationActing
 from ppo_cli.config import TrainConfig
 from ppo_cli.errors import EnvError, Interrupted, NonFiniteError
 from ppo_cli.evaluate import EVAL_SEED_OFFSET, ActionRequest, Episodes, evaluating
-from ppo_cli.iteration import PreparedUpdate, TrainingState, batch_of, finish_iteration, start_iteration
+from ppo_cli.iteration import (
+    IterationResult,
+    PreparedUpdate,
+    TrainingState,
+    batch_of,
+    finish_iteration,
+    start_iteration,
+)
 from ppo_cli.population_update import PopulationUpdate
 from ppo_cli.rollout import Rollout, run_through
 from ppo_cli.signals import GracefulStop, training_stop
@@ -273,15 +280,22 @@ class _Population:
             template if m.ended or p is None else p.batch for p, m in zip(prepared, self.members, strict=True)
         ]
         results = self.update.update(batches, active)
-        signum = stop.signum  # read once: every member saves, or none does
-        for member, result in zip(self.members, results, strict=True):
+        # Every member's iteration is counted before any member logs, evaluates or saves: the
+        # members' evaluations play together, each at its member's new step (_Evaluations).
+        finished: dict[int, IterationResult] = {}
+        for k, (member, result) in enumerate(zip(self.members, results, strict=True)):
             if member.ended or result is None:
                 continue
             if isinstance(result, NonFiniteError):
                 member.end(member.run.located_error(result))
                 continue
-            done = partial(self._report, member, result, stopping=signum is not None)
-            self._guarded(member, done)
+            assert member.prepared is not None
+            finished[k] = finish_iteration(member.run.state, member.prepared, result)
+        signum = stop.signum  # read once: every member saves, or none does
+        for k, iteration in finished.items():
+            member = self.members[k]
+            if not member.ended:
+                self._guarded(member, partial(member.run.after_iteration, iteration, signum is not None))
         return signum
 
     def _collect(self) -> None:
@@ -320,12 +334,6 @@ class _Population:
         assert member.steps is not None
         rollout = run_through(member.steps)
         member.prepared = batch_of(member.run.state, member.learning_rate, rollout)
-
-    @staticmethod
-    def _report(member: Member, metrics: dict[str, float], stopping: bool) -> None:
-        assert member.prepared is not None
-        iteration = finish_iteration(member.run.state, member.prepared, metrics)
-        member.run.after_iteration(iteration, stopping)
 
 
 class _Evaluations:

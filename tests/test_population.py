@@ -16,8 +16,10 @@ from ppo_cli import population
 from ppo_cli.batch import Batch
 from ppo_cli.distributed import SINGLE_PROCESS
 from ppo_cli.errors import Interrupted, NonFiniteError
+from ppo_cli.evaluate import evaluate
 from ppo_cli.iteration import build_state
 from ppo_cli.logger import read_summary
+from ppo_cli.policy import agent_from_checkpoint
 from ppo_cli.population import MemberJob, train_population
 from ppo_cli.population_update import PopulationUpdate
 from ppo_cli.signals import GracefulStop
@@ -174,3 +176,27 @@ def test_the_batched_update_stops_a_member_whose_loss_is_not_finite_before_its_s
     assert torch.equal(before[1], after[1])
     assert float(states[1].optimizer.state_dict()["state"][0]["step"]) == 0.0
     assert float(states[0].optimizer.state_dict()["state"][0]["step"]) == 1.0
+
+
+def test_the_members_evaluations_play_once_per_round_and_score_as_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Evaluating every 2 of 8 iterations: 4 rounds (steps 64, 128, 192 and the final one), each
+    playing every member's episodes once, together; each member's curve is what its own
+    evaluations would score."""
+    played: list[int] = []
+    evaluating = population.evaluating
+
+    def counted(agent: Any, env_cfg: Any, episodes: int, seed: int, device: Any) -> Any:
+        played.append(seed)
+        return evaluating(agent, env_cfg, episodes, seed, device)
+
+    monkeypatch.setattr(population, "evaluating", counted)
+    extra = ("eval.interval=2", "eval.episodes=2")
+    train_population(_jobs(tmp_path, ("seed=0",), ("seed=1",), extra=extra))
+    assert sorted(played) == sorted([10_000, 10_001] * 4)
+    path = tmp_path / "member1" / "checkpoints" / "best.pt"
+    best = torch.load(path, weights_only=True)
+    agent = agent_from_checkpoint(best, path).network
+    alone = evaluate(agent, compose_config(*TINY).env, 2, True, 10_001, torch.device("cpu"))
+    assert best["best_eval"]["eval_mean"] == pytest.approx(float(alone.returns.mean()))
