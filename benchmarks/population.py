@@ -1,7 +1,7 @@
 """A population of K seeds in one process against one single run, side by side in one invocation.
 
     python benchmarks/population.py --members 1 4 8 16                  # CartPole's preset
-    python benchmarks/population.py --case HalfCheetah --members 5
+    python benchmarks/population.py --case HalfCheetah --members 5     # bench.py's case (b)
     python benchmarks/population.py --members 2 --total-timesteps 1024   # smoke
 
 Each row is one whole ``ppo-train`` process (imports, env construction, evaluations included):
@@ -26,20 +26,23 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import CASES as BENCH_CASES  # the script's own directory is on sys.path
+from bench import ppo_cli_command
+
 PYTHON = sys.executable
 PPO_TRAIN = str(Path(PYTHON).parent / "ppo-train")
 
+
+def _case_b() -> list[str]:
+    """Benchmark case (b) of ``bench.py`` (HalfCheetah-v5, 1 env x 2048 steps, 10 epochs x 32
+    minibatches, 64-64 tanh MLPs, normalisation, 100k steps), without its run directory and seed."""
+    command = ppo_cli_command(BENCH_CASES["b"], Path("unused"), 0)[1:]
+    return [arg for arg in command if not arg.startswith(("hydra.run.dir=", "seed="))]
+
+
 CASES: dict[str, list[str]] = {
     "CartPole": ["env=CartPole"],  # the preset with PPO-Clip's tuned settings: 100k steps
-    # benchmark case (b) (bench.py): 1 env x 2048 steps, 10 epochs x 32 minibatches, 100k steps
-    "HalfCheetah": [
-        "env=HalfCheetah",
-        "env.num_envs=1",
-        "env.num_steps=2048",
-        "algo.update_epochs=10",
-        "algo.num_minibatches=32",
-        "total_timesteps=100000",
-    ],
+    "HalfCheetah": _case_b(),
 }
 
 

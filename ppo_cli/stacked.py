@@ -142,21 +142,28 @@ class StackedAdam:
         """One Adam step of the members where ``active`` (K,) is True; the others keep their
         parameters, moments and step counts. ``lr`` and ``eps`` are (K,)."""
         beta1, beta2 = ADAM_BETAS
+        every = bool(active.all())  # the common case: moments updated in place, nothing masked
         keep = ~active.unsqueeze(1)
         for p, pack in enumerate(self.packs):
             grad = pack.flat.grad
             if grad is None:  # no loss term reached this network: Adam leaves it alone
                 continue
             steps = self.steps[p] + active.to(self.steps.dtype)
-            exp_avg = torch.lerp(self.exp_avg[p], grad, 1 - beta1)
-            exp_avg_sq = self.exp_avg_sq[p] * beta2 + (1 - beta2) * grad.square()
+            if every:
+                exp_avg = self.exp_avg[p].lerp_(grad, 1 - beta1)
+                exp_avg_sq = self.exp_avg_sq[p].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            else:
+                exp_avg = torch.lerp(self.exp_avg[p], grad, 1 - beta1)
+                exp_avg_sq = self.exp_avg_sq[p] * beta2 + (1 - beta2) * grad.square()
             bias1 = 1 - beta1 ** steps.clamp(min=1)
             bias2_sqrt = (1 - beta2 ** steps.clamp(min=1)).sqrt()
-            denom = exp_avg_sq.sqrt() / bias2_sqrt.unsqueeze(1) + eps.unsqueeze(1)
-            update = exp_avg / denom * (lr / bias1).unsqueeze(1)
-            pack.flat.data.sub_(update.masked_fill_(keep, 0.0))
-            self.exp_avg[p].copy_(torch.where(keep, self.exp_avg[p], exp_avg))
-            self.exp_avg_sq[p].copy_(torch.where(keep, self.exp_avg_sq[p], exp_avg_sq))
+            denom = (exp_avg_sq.sqrt() / bias2_sqrt.unsqueeze(1)).add_(eps.unsqueeze(1))
+            update = (exp_avg / denom).mul_((lr / bias1).unsqueeze(1))
+            if not every:
+                update.masked_fill_(keep, 0.0)
+                self.exp_avg[p].copy_(torch.where(keep, self.exp_avg[p], exp_avg))
+                self.exp_avg_sq[p].copy_(torch.where(keep, self.exp_avg_sq[p], exp_avg_sq))
+            pack.flat.data.sub_(update)
             self.steps[p].copy_(steps)
 
     def zero_grad(self) -> None:
