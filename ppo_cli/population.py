@@ -291,11 +291,12 @@ class _Population:
                 continue
             assert member.prepared is not None
             finished[k] = finish_iteration(member.run.state, member.prepared, result)
-        signum = stop.signum  # read once: every member saves, or none does
         for k, iteration in finished.items():
-            member = self.members[k]
-            if not member.ended:
-                self._guarded(member, partial(member.run.after_iteration, iteration, signum is not None))
+            self._guarded(self.members[k], partial(self.members[k].run.report, iteration))
+        signum = stop.signum  # read once: every member saves, or none does
+        for k in finished:
+            if not self.members[k].ended:
+                self._guarded(self.members[k], partial(self.members[k].run.checkpoint, signum is not None))
         return signum
 
     def _collect(self) -> None:

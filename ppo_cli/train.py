@@ -68,8 +68,9 @@ def train(cfg: TrainConfig, run_dir: Path, label: str = "", swept: Sequence[str]
             while run.training:
                 with run.located():
                     result = run_iteration(run.state)
+                run.report(result)
                 stop_signal = parallel.any_signal(stop.signum)  # every rank stops alike
-                run.after_iteration(result, stopping=stop_signal is not None)
+                run.checkpoint(stopping=stop_signal is not None)
                 if stop_signal is not None:
                     raise run.interruption(stop_signal)
             run.finish()
@@ -87,8 +88,8 @@ class Run:
 
     Built, it holds ``run_dir`` (see ``rundir.py``: another process there is refused); :meth:`open`
     builds (or resumes) the training state and accepts the run, and only then writes into the
-    directory; :meth:`after_iteration` logs, evaluates (every ``eval.interval`` iterations) and
-    checkpoints; :meth:`finish` evaluates and saves the trained agent; :meth:`close` (always)
+    directory; :meth:`report` logs and evaluates (every ``eval.interval`` iterations),
+    :meth:`checkpoint` saves; :meth:`finish` evaluates and saves the trained agent; :meth:`close` (always)
     writes ``summary.json`` with how the run ended and lets the directory go.
     """
 
@@ -181,9 +182,9 @@ class Run:
             return EnvError(f"{located}; {last_good}", exc.details)
         return NonFiniteError(f"{located}; training stopped before the optimizer step, {last_good}")
 
-    def after_iteration(self, result: IterationResult, stopping: bool) -> None:
-        """Log the iteration, evaluate if one is due (before the checkpoint, which keeps the best
-        so far), and save every ``checkpoint.interval`` iterations or when ``stopping``."""
+    def report(self, result: IterationResult) -> None:
+        """Log the iteration and evaluate if an evaluation is due (before :meth:`checkpoint`,
+        whose checkpoint keeps the best evaluation so far)."""
         state, logger = self.state, self.logger
         if logger is not None:
             sps = (state.global_step - self.start_step) / (
@@ -193,8 +194,12 @@ class Run:
             logger.progress(state.global_step, sps, recent_mean(state))
         self.summary["global_step"] = state.global_step
         self.evaluator.after_iteration(state)
+
+    def checkpoint(self, stopping: bool) -> None:
+        """Save every ``checkpoint.interval`` iterations, and when ``stopping`` (a stop signal
+        came: checked after :meth:`report`, so that one sent while it logged counts now)."""
         interval = self.cfg.checkpoint.interval
-        periodic = bool(interval) and state.iteration % interval == 0
+        periodic = bool(interval) and self.state.iteration % interval == 0
         if periodic or stopping:
             self._save(periodic)
 
