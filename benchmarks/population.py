@@ -98,7 +98,9 @@ def main() -> None:
                 sweep_dir = Path(tmp) / f"population_{members}_{repeat}"
                 seeds = ",".join(str(seed) for seed in range(members))
                 command = [PPO_TRAIN, "-m", *shared, f"seed={seeds}", "hydra/launcher=population"]
-                wall, rss = run_process([*command, f"hydra.sweep.dir={sweep_dir}"])
+                # Job directories named by number: case (b)'s overrides make too long a file name.
+                sweep = [f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${hydra.job.num}"]
+                wall, rss = run_process([*command, *sweep])
                 rows.append(
                     {
                         "run": "population",
