@@ -26,6 +26,7 @@ SIGTERM stop them all after the iteration, each with its checkpoint written.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import signal
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -175,7 +176,9 @@ class Member:
             self.outcome = self.run.summary if exc is None else exc
 
 
-def train_population(jobs: Sequence[MemberJob]) -> list[dict[str, Any] | BaseException]:
+def train_population(
+    jobs: Sequence[MemberJob], threads: int | None = None
+) -> list[dict[str, Any] | BaseException]:
     """Train ``jobs`` as one population; per job, its final summary (what ``train()`` returns)
     or the exception that ended it (its ``summary.json`` records it as failed, and the other
     members go on). SIGINT / SIGTERM: every member's checkpoint is written, then ``Interrupted``
@@ -183,13 +186,16 @@ def train_population(jobs: Sequence[MemberJob]) -> list[dict[str, Any] | BaseExc
 
     The jobs must have one shape (``grouping.py`` forms such groups): the same env, networks,
     rollout and minibatch sizes and variant; they may differ in seed and in the numbers of their
-    algorithm's keys."""
+    algorithm's keys. ``threads``: torch's intra-op threads while they train (0: one per core;
+    None: as the members' ``torch_threads`` set them)."""
     members: list[Member] = []
     try:
         with training_stop(distributed=False) as stop:
             for job in jobs:
                 members.append(Member(job))
                 members[-1].start()
+            if threads is not None:  # after the members' own setting, which opening them applies
+                torch.set_num_threads(threads or os.cpu_count() or 1)
             training = [m for m in members if not m.ended]
             for member in training:
                 if not member.run.training:  # resumed after it had completed

@@ -118,6 +118,7 @@ class PopulationUpdate:
         stepped: list[torch.Tensor] = []  # (K,) per minibatch: who stepped on it
         names: list[str] = []
         members = torch.arange(len(batches), device=active.device).unsqueeze(1)
+        values = self._member_values()  # the updaters' state changes only after the update
         for _ in range(cfg.update_epochs):
             orders = self.draw_orders([len(batch) for batch in batches])
             for idx, weights in _minibatches(orders, cfg.num_minibatches, self.padded_to):
@@ -133,7 +134,7 @@ class PopulationUpdate:
                     running &= ~over
                 if not bool(running.any()):
                     break
-                loss, terms = vmap(self._member_loss)(self._member_values(), out, _fields(mb))
+                loss, terms = vmap(self._member_loss)(values, out, _fields(mb))
                 failed = self._step(loss, terms, running, lrs, errors)
                 names = list(terms)
                 logged.append(torch.stack([value.detach() for value in terms.values()], dim=1))

@@ -38,16 +38,14 @@ class StackedPack:
         for row, pack in zip(self.flat.data, packs, strict=True):
             pack.rebind(row)
         self.shapes = [param.shape for param in packs[0].params]
+        self.sizes = [math.prod(shape) for shape in self.shapes]
 
     def views(self) -> list[torch.Tensor]:
         """Every parameter of the network, stacked: (K, *shape) views of :attr:`flat` that carry
-        gradients back to it."""
-        members, offset, views = self.flat.shape[0], 0, []
-        for shape in self.shapes:
-            size = math.prod(shape)
-            views.append(self.flat[:, offset : offset + size].view(members, *shape))
-            offset += size
-        return views
+        gradients back to it (through one split, whose backward is one concatenation)."""
+        members = self.flat.shape[0]
+        pieces = torch.split(self.flat, self.sizes, dim=1)
+        return [piece.view(members, *shape) for piece, shape in zip(pieces, self.shapes, strict=True)]
 
 
 def stacked_mlp(params: Sequence[torch.Tensor], x: torch.Tensor, activation: str) -> torch.Tensor:

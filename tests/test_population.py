@@ -88,9 +88,19 @@ def test_a_member_trains_as_its_single_run_does(tmp_path: Path, kind: str) -> No
 
 def test_a_member_does_not_depend_on_its_neighbours_hyperparameters(tmp_path: Path) -> None:
     """The issue's independence check: member 0's weights are bit-identical whether member 1
-    learns at 1e-4 or 1e-2 (and seeds its own generators elsewhere)."""
-    first = train_population(_jobs(tmp_path / "a", ("seed=0",), ("seed=5", "algo.learning_rate=1e-4")))
-    second = train_population(_jobs(tmp_path / "b", ("seed=0",), ("seed=6", "algo.learning_rate=1e-2")))
+    learns at 1e-4 or 1e-2 (and seeds its own generators elsewhere), on two torch threads as the
+    launcher's default runs it on this machine's two cores."""
+    previous = torch.get_num_threads()
+    try:
+        first = train_population(
+            _jobs(tmp_path / "a", ("seed=0",), ("seed=5", "algo.learning_rate=1e-4")), threads=2
+        )
+        assert torch.get_num_threads() == 2
+        second = train_population(
+            _jobs(tmp_path / "b", ("seed=0",), ("seed=6", "algo.learning_rate=1e-2")), threads=2
+        )
+    finally:
+        torch.set_num_threads(previous)
     assert all(isinstance(outcome, dict) for outcome in first + second)
     assert _max_difference(_weights(tmp_path / "a" / "member0"), _weights(tmp_path / "b" / "member0")) == 0.0
     assert _max_difference(_weights(tmp_path / "a" / "member1"), _weights(tmp_path / "b" / "member1")) > 0.0

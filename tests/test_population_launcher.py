@@ -57,6 +57,7 @@ class FakePopulation:
         self.populations: list[list[MemberJob]] = []
         self.trains = trains
         self.fail_seeds = set(fail_seeds)
+        self.threads: int | None = None
 
     def module(self) -> types.ModuleType:
         module = types.ModuleType("ppo_cli.population")
@@ -64,8 +65,11 @@ class FakePopulation:
         module.train_population = self.train_population  # type: ignore[attr-defined]
         return module
 
-    def train_population(self, jobs: Sequence[MemberJob]) -> list[dict[str, Any] | BaseException]:
+    def train_population(
+        self, jobs: Sequence[MemberJob], threads: int | None = None
+    ) -> list[dict[str, Any] | BaseException]:
         self.populations.append(list(jobs))
+        self.threads = threads
         results: list[dict[str, Any] | BaseException] = []
         for job in jobs:
             # As the trainer does: accept the run (held by the launcher), log its lines to its log.
@@ -144,6 +148,7 @@ def test_the_launcher_is_a_hydra_plugin_with_max_members() -> None:
         capped = compose("train", ["hydra/launcher=population", "hydra.launcher.max_members=4"], True)
     assert default.hydra.launcher._target_.startswith("hydra_plugins.ppo_cli_population.")
     assert default.hydra.launcher.max_members == 16
+    assert default.hydra.launcher.torch_threads == 0
     assert capped.hydra.launcher.max_members == 4
 
 
@@ -200,23 +205,36 @@ def test_max_members_splits_a_group_and_each_member_returns_its_result(
     job_returns: dict[int, JobReturn],
 ) -> None:
     population = fake()
-    args = ("seed=0,1,2", "hydra.launcher.max_members=2")
+    args = ("seed=0,1,2", "hydra.launcher.max_members=2", "hydra.launcher.torch_threads=3")
     code, output, sweep_dir = _sweep(tmp_path, monkeypatch, capsys, *args)
     assert code == 0, output
     assert [[m.cfg.seed for m in members] for members in population.populations] == [[0, 1], [2]]
+    assert population.threads == 3
     assert "population of 2: jobs 0-1" in output and "population of 1: job 2" in output
     assert {num: ret.return_value for num, ret in job_returns.items()} == {n: float(n) for n in range(3)}
     assert {row["status"] for row in _rows(sweep_dir)} == {"completed"}
 
 
-def test_max_members_below_one_is_refused_in_one_line(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("override", "error"),
+    [
+        ("hydra.launcher.max_members=0", "hydra.launcher.max_members: an integer >= 1, not 0"),
+        (
+            "hydra.launcher.torch_threads=-1",
+            "hydra.launcher.torch_threads: an integer >= 0 (0: one per core), not -1",
+        ),
+    ],
+)
+def test_a_launcher_setting_out_of_range_is_refused_in_one_line(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    override: str,
+    error: str,
 ) -> None:
-    code, output, _ = _sweep(tmp_path, monkeypatch, capsys, "seed=0,1", "hydra.launcher.max_members=0")
+    code, output, _ = _sweep(tmp_path, monkeypatch, capsys, "seed=0,1", override)
     assert code == 2
-    assert output.strip().splitlines()[-1] == (
-        "ppo-train: error: hydra.launcher.max_members: an integer >= 1, not 0"
-    )
+    assert output.strip().splitlines()[-1] == f"ppo-train: error: {error}"
 
 
 @pytest.mark.slow
@@ -295,7 +313,7 @@ def test_a_signal_stops_the_population_with_the_exit_code_of_a_signal(
 ) -> None:
     population = fake()
 
-    def interrupted(jobs: Sequence[MemberJob]) -> list[dict[str, Any] | BaseException]:
+    def interrupted(jobs: Sequence[MemberJob], threads: int | None) -> list[dict[str, Any] | BaseException]:
         raise KeyboardInterrupt
 
     monkeypatch.setattr(population, "train_population", interrupted)

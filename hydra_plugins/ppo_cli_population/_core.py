@@ -73,6 +73,10 @@ def launch(
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
     if not (isinstance(launcher.max_members, int) and launcher.max_members >= 1):
         raise ConfigError("hydra.launcher.max_members", f"an integer >= 1, not {launcher.max_members}")
+    if not (isinstance(launcher.torch_threads, int) and launcher.torch_threads >= 0):
+        raise ConfigError(
+            "hydra.launcher.torch_threads", f"an integer >= 0 (0: one per core), not {launcher.torch_threads}"
+        )
     Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
     log.info("Launching %d jobs as populations of up to %d", len(job_overrides), launcher.max_members)
     hydra_before = HydraConfig.instance().cfg
@@ -181,7 +185,7 @@ def _run_population(launcher: PopulationLauncher, members: list[_Job]) -> dict[i
                 ready.append((member, stack.enter_context(cli.job_setup(job_return.cfg, parallel))))
             except Exception as exc:  # logged and recorded as the task function would
                 outcomes[member.num] = exc
-        results = _train([job for _, job in ready]) if ready else []
+        results = _train([job for _, job in ready], launcher.torch_threads) if ready else []
         for (member, job), result in zip(ready, results, strict=True):
             if isinstance(result, BaseException):
                 cli.log_job_failure(member.config.hydra, job.run_dir, result)
@@ -225,13 +229,14 @@ def _start(launcher: PopulationLauncher, member: _Job, stack: ExitStack) -> JobR
     return job_return
 
 
-def _train(jobs: list[cli.Job]) -> list[dict[str, Any] | BaseException]:
+def _train(jobs: list[cli.Job], threads: int) -> list[dict[str, Any] | BaseException]:
     """``ppo_cli.population.train_population`` (looked up now: tests stand in for it) on the
-    members; a failure of the population as a whole is every member's."""
+    members, with ``threads`` torch threads; a failure of the population as a whole is every
+    member's."""
     population = importlib.import_module("ppo_cli.population")
     members = [population.MemberJob(job.cfg, job.run_dir, job.label, job.swept) for job in jobs]
     try:
-        return list(population.train_population(members))
+        return list(population.train_population(members, threads))
     except Interrupted as exc:  # every member saved: the whole sweep goes on from there
         raise Interrupted(exc.exit_code - 128, f"{exc}; resume with: {_resume_sweep_command()}") from None
     except Exception as exc:

@@ -14,8 +14,9 @@ class PopulationLauncher(Launcher):
     """Trains each group of compatible jobs as one population in this process; runs the jobs that
     cannot be batched one after another, as Hydra's basic launcher does."""
 
-    def __init__(self, max_members: int = 16) -> None:
+    def __init__(self, max_members: int = 16, torch_threads: int = 0) -> None:
         self.max_members = max_members
+        self.torch_threads = torch_threads
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None
