@@ -63,10 +63,6 @@ def _under_torchrun(cfg: TrainConfig) -> bool:
 # The batched trainer grows; so shrinks this table.
 NOT_BATCHED: tuple[tuple[Callable[[TrainConfig], bool], str], ...] = (
     (
-        lambda cfg: cfg.algo.name == "trpo",
-        "TRPO's per-member conjugate gradient and line search are not batched yet",
-    ),
-    (
         lambda cfg: cfg.algo.name == "grpo",
         "GRPO learns from whole episodes: each member's batch has its own size",
     ),

@@ -2,7 +2,8 @@
 leading member dimension, one batched forward and backward per minibatch, one Adam step.
 
 Each member's loss is its own variant's: the first member's updater code (``minibatch_loss`` of
-PPO-Clip and PPO-Penalty, ``batch_loss`` of A2C) runs under ``torch.func.vmap`` over the members,
+PPO-Clip and PPO-Penalty, ``batch_loss`` of A2C, TRPO's ``surrogate_of`` and ``mean_kl_of`` and
+its critic's loss) runs under ``torch.func.vmap`` over the members,
 with each member's values of the hyperparameters that differ between them (a learning rate, a
 clip range, ...) and of its updater's own numbers (PPO-Penalty's beta) passed in as tensors. So
 the loss is written once, in ``algos/``, and means, advantage normalisations and clip fractions
@@ -10,6 +11,8 @@ are each member's own. The loop around it is the single run's (``update.py``) wi
 made per member: each member's minibatch order comes from its own random generator, a member
 whose KL passes ``target_kl`` stops stepping for the rest of the update while the others go on,
 and a member whose loss or gradient is not finite stops (its error is returned) before its step.
+TRPO's step is ``trust_region.batched_trust_region_step``: each member's conjugate gradient and
+line search, on the rows of the stacked actor.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import copy
 import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.func import vmap
@@ -27,20 +30,22 @@ from ppo_cli.agent import Evaluation
 from ppo_cli.algos.a2c import A2CUpdater
 from ppo_cli.algos.clip import ClipUpdater
 from ppo_cli.algos.penalty import PenaltyUpdater
+from ppo_cli.algos.trpo import TRPOUpdater
 from ppo_cli.batch import Batch
-from ppo_cli.config import AlgoConfig
+from ppo_cli.config import AlgoConfig, TRPOConfig
 from ppo_cli.errors import NonFiniteError
 from ppo_cli.stacked import StackedAdam, StackedAgents
-from ppo_cli.update import SurrogateUpdater, Updater
+from ppo_cli.trust_region import batched_trust_region_step, non_finite_gradient
+from ppo_cli.update import SurrogateUpdater, Updater, critic_regression_loss
 
 LossFn = Callable[[Updater, Evaluation, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 MemberResult = dict[str, float] | NonFiniteError
 
 
 def batched_loss_of(updater: Updater) -> LossFn | None:
-    """The loss a population evaluates for ``updater``'s variant, or None when its update is not
-    batched (a variant whose update is not one loss minimised by Adam steps: TRPO, REINFORCE's
-    separate critic regression, GRPO's reference policy)."""
+    """The loss a population minimises by Adam steps for ``updater``'s variant; None for TRPO
+    (a trust-region step of the policy, then critic regression: :meth:`PopulationUpdate._trust_region`)
+    and for the variants not batched (REINFORCE's and GRPO's whole-episode batches)."""
     if isinstance(updater, ClipUpdater | PenaltyUpdater):
         return lambda u, out, mb: u.minibatch_loss(out, mb)  # type: ignore[attr-defined]
     if isinstance(updater, A2CUpdater):
@@ -75,9 +80,9 @@ class PopulationUpdate:
         self.padded_to = padded_to
         self.template = updaters[0]
         loss = batched_loss_of(self.template)
-        if loss is None:
+        if loss is None and not isinstance(self.template, TRPOUpdater):
             raise ValueError(f"{type(self.template).__name__}'s update is not batched")
-        self.loss: LossFn = loss
+        self.loss = loss
         cfgs = [updater.cfg for updater in updaters]
         device = agents.actor.flat.device
         # Every number of the config that differs between the members goes in as a tensor; the
@@ -106,6 +111,8 @@ class PopulationUpdate:
         )
         if isinstance(self.template, SurrogateUpdater):
             return self._epochs(stacked, batches, active, lrs)
+        if isinstance(self.template, TRPOUpdater):
+            return self._trust_region(stacked, batches, active, lrs)
         return self._one_step(stacked, batches, active, lrs)
 
     def _epochs(
@@ -118,7 +125,8 @@ class PopulationUpdate:
         stepped: list[torch.Tensor] = []  # (K,) per minibatch: who stepped on it
         names: list[str] = []
         members = torch.arange(len(batches), device=active.device).unsqueeze(1)
-        values = self._member_values()  # the updaters' state changes only after the update
+        assert self.loss is not None
+        member_loss = self._batched(self.loss)  # the updaters' state changes only after the update
         for _ in range(cfg.update_epochs):
             orders = self.draw_orders([len(batch) for batch in batches])
             for idx, weights in _minibatches(orders, cfg.num_minibatches, self.padded_to):
@@ -134,7 +142,7 @@ class PopulationUpdate:
                     running &= ~over
                 if not bool(running.any()):
                     break
-                loss, terms = vmap(self._member_loss)(values, out, _fields(mb))
+                loss, terms = member_loss(out, mb)
                 failed = self._step(loss, terms, running, lrs, errors)
                 names = list(terms)
                 logged.append(torch.stack([value.detach() for value in terms.values()], dim=1))
@@ -166,7 +174,8 @@ class PopulationUpdate:
         members = torch.arange(len(batches), device=active.device).unsqueeze(1)
         stacked = dataclasses.replace(stacked.map(lambda field: field[members, idx]), weights=weights)
         out = self.agents.evaluate(stacked.obs, stacked.actions, stacked.action_masks)
-        loss, terms = vmap(self._member_loss)(self._member_values(), out, _fields(stacked))
+        assert self.loss is not None
+        loss, terms = self._batched(self.loss)(out, stacked)
         errors: dict[int, NonFiniteError] = {}
         self._step(loss, terms, active, lrs, errors)
         results: list[MemberResult | None] = []
@@ -178,6 +187,71 @@ class PopulationUpdate:
             results.append(updater.metrics_after_step(batches[k], own))  # type: ignore[attr-defined]
         return results
 
+    def _trust_region(
+        self, stacked: Batch, batches: Sequence[Batch], active: torch.Tensor, lrs: torch.Tensor
+    ) -> list[MemberResult | None]:
+        """TRPO (``algos/trpo.py``) for every member: its trust-region step of the policy on its
+        whole batch (``trust_region.batched_trust_region_step``), then its critic regression."""
+        cfg = cast(TRPOConfig, self.template.cfg)
+        sizes = [len(batch) for batch in batches]
+        members = torch.arange(len(batches), device=active.device).unsqueeze(1)
+        whole = [torch.arange(size, device=active.device) for size in sizes]
+        idx, weights = next(_minibatches(whole, 1, self.padded_to))
+        batch = dataclasses.replace(stacked.map(lambda field: field[members, idx]), weights=weights)
+        surrogate = self._batched(lambda updater, params, b: updater.surrogate_of(params, b))  # type: ignore[attr-defined]
+        mean_kl = self._batched(lambda updater, params, b: updater.mean_kl_of(params, b))  # type: ignore[attr-defined]
+        steps, not_finite = batched_trust_region_step(
+            self.agents.actor.flat,
+            lambda: surrogate(self.agents.policy_params(batch.obs, batch.action_masks), batch),
+            lambda: mean_kl(self.agents.policy_params(batch.obs, batch.action_masks), batch),
+            cfg.max_kl,
+            cfg.cg_iterations,
+            cfg.cg_damping,
+            cfg.line_search_steps,
+            cfg.backtrack_coef,
+            active,
+        )
+        failed = (active & not_finite).nonzero().flatten().tolist()
+        errors = {k: non_finite_gradient(steps[k].surrogate_before) for k in failed}
+        value_losses = self._regress_critics(stacked, sizes, active & ~not_finite, lrs, errors)
+        results: list[MemberResult | None] = []
+        for k, updater in enumerate(self.updaters):
+            if k in errors or not bool(active[k]):
+                results.append(errors.get(k))
+                continue
+            results.append(cast(TRPOUpdater, updater).metrics_of(batches[k], value_losses[k], steps[k]))
+        return results
+
+    def _regress_critics(
+        self,
+        stacked: Batch,
+        sizes: Sequence[int],
+        running: torch.Tensor,
+        lrs: torch.Tensor,
+        errors: dict[int, NonFiniteError],
+    ) -> torch.Tensor:
+        """``update.regress_critic`` of the ``running`` members at once (each with its own
+        minibatch orders); each member's mean value loss, (K,)."""
+        cfg = cast(TRPOConfig, self.template.cfg)
+        members = torch.arange(len(sizes), device=running.device).unsqueeze(1)
+        critic_loss = self._batched(
+            lambda updater, value, mb: critic_regression_loss(
+                updater.cfg,  # type: ignore[arg-type]
+                value,
+                mb.values,
+                mb.returns,
+                mb.weights,
+            )
+        )
+        running, value_losses = running.clone(), []
+        for _ in range(cfg.value_epochs):
+            for idx, weights in _minibatches(self.draw_orders(sizes), cfg.value_minibatches, self.padded_to):
+                mb = dataclasses.replace(stacked.map(lambda field: field[members, idx]), weights=weights)  # noqa: B023
+                loss, terms = critic_loss(self.agents.value(mb.obs), mb)
+                running &= ~self._step(loss, terms, running, lrs, errors)
+                value_losses.append(terms["value_loss"].detach())
+        return torch.stack(value_losses).mean(dim=0)
+
     def _member_values(self) -> dict[str, torch.Tensor]:
         """The numbers that differ between the members: config keys, and the updaters' state."""
         state = {
@@ -188,17 +262,22 @@ class PopulationUpdate:
         }
         return {**{f"cfg.{name}": value for name, value in self.hyper.items()}, **state}
 
-    def _member_loss(
-        self, values: dict[str, torch.Tensor], out: Evaluation, fields: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One member's loss (under vmap: ``values`` and the tensors are that member's)."""
-        updater = copy.copy(self.template)
-        updater.cfg = copy.copy(updater.cfg)
-        for key, value in values.items():
-            kind, name = key.split(".", 1)
-            # object.__setattr__: the schema's checks would read the traced value as a bool.
-            object.__setattr__(updater.cfg if kind == "cfg" else updater, name, value)
-        return self.loss(updater, out, Batch(**fields))
+    def _batched(self, method: Callable[[Updater, Any, Batch], Any]) -> Callable[[Any, Batch], Any]:
+        """``method(updater, arg, batch)`` of every member at once, under vmap: each member's call
+        sees its own slice of ``arg`` and of the (K, ...) ``batch``, and an updater (a copy of the
+        template's) whose config numbers and state are that member's."""
+        values = self._member_values()
+
+        def member(values: dict[str, torch.Tensor], arg: Any, fields: dict[str, torch.Tensor]) -> Any:
+            updater = copy.copy(self.template)
+            updater.cfg = copy.copy(updater.cfg)
+            for key, value in values.items():
+                kind, name = key.split(".", 1)
+                # object.__setattr__: the schema's checks would read the traced value as a bool.
+                object.__setattr__(updater.cfg if kind == "cfg" else updater, name, value)
+            return method(updater, arg, Batch(**fields))
+
+        return lambda arg, batch: vmap(member)(values, arg, _fields(batch))
 
     def _step(
         self,

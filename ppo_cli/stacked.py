@@ -88,8 +88,11 @@ class StackedAgents:
         agent = self.template
         params = self.policy_params(obs, masks)
         log_prob, entropy = agent.dist.log_prob_entropy(params, actions)
-        value = stacked_mlp(self.critic.views(), obs, agent.critic.activation_name).squeeze(-1)
-        return Evaluation(log_prob, entropy, value, params)
+        return Evaluation(log_prob, entropy, self.value(obs), params)
+
+    def value(self, obs: torch.Tensor) -> torch.Tensor:
+        """Every member's V on its own (K, B, obs_dim) observations: (K, B)."""
+        return stacked_mlp(self.critic.views(), obs, self.template.critic.activation_name).squeeze(-1)
 
 
 class StackedAdam:

@@ -31,23 +31,48 @@ def conjugate_gradient(
     """Approximately solve A x = b for a symmetric positive-definite A given only x -> A x.
 
     Exact after n iterations for an n x n system (in exact arithmetic); stops early once the squared
-    residual falls below ``tolerance``.
+    residual falls below ``tolerance``. ``b`` of shape (K, n) holds K independent systems (a
+    population's members, ``population_update.py``; ``matvec`` multiplies each row by its own
+    matrix): each stops on its own residual, and a stopped row is left as it is.
     """
     x = torch.zeros_like(b)
     residual = b.clone()
     direction = b.clone()
-    residual_sq = residual @ residual
+    residual_sq = _dot(residual, residual)
     for _ in range(iterations):
-        if residual_sq < tolerance:
+        running = residual_sq >= tolerance
+        if not bool(running.any()):
             break
         a_direction = matvec(direction)
-        alpha = residual_sq / (direction @ a_direction)
+        alpha = torch.where(running, residual_sq / _dot(direction, a_direction), 0.0).unsqueeze(-1)
         x += alpha * direction
         residual -= alpha * a_direction
-        new_residual_sq = residual @ residual
-        direction = residual + (new_residual_sq / residual_sq) * direction
-        residual_sq = new_residual_sq
+        new_residual_sq = _dot(residual, residual)
+        beta = (new_residual_sq / residual_sq).unsqueeze(-1)
+        direction = torch.where(running.unsqueeze(-1), residual + beta * direction, direction)
+        residual_sq = torch.where(running, new_residual_sq, residual_sq)
     return x
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products over the last dimension."""
+    return (a * b).sum(dim=-1)
+
+
+def scaled_step(
+    direction: torch.Tensor,
+    fisher_vector_product: Callable[[torch.Tensor], torch.Tensor],
+    max_kl: float,
+) -> torch.Tensor:
+    """``direction`` (rows) scaled so that the damped quadratic model of the KL,
+    0.5 * s^T (F + lambda I) s, equals ``max_kl`` (step 3 above)."""
+    quadratic = _dot(direction, fisher_vector_product(direction))
+    return direction * torch.sqrt(2 * max_kl / quadratic.clamp_min(1e-12)).unsqueeze(-1)
+
+
+def non_finite_gradient(surrogate: float) -> NonFiniteError:
+    """The error of a surrogate whose gradient is not finite (a NaN surrogate has NaN gradients)."""
+    return NonFiniteError(f"the TRPO surrogate's gradient is not finite (surrogate {surrogate:g})")
 
 
 class StepResult(NamedTuple):
@@ -79,9 +104,8 @@ def trust_region_step(
     """
     surrogate_before = surrogate()
     grad = average(parameters_to_vector(torch.autograd.grad(surrogate_before, params)))
-    if not bool(torch.isfinite(grad).all()):  # a NaN surrogate has NaN gradients too
-        value = float(surrogate_before.detach())
-        raise NonFiniteError(f"the TRPO surrogate's gradient is not finite (surrogate {value:g})")
+    if not bool(torch.isfinite(grad).all()):
+        raise non_finite_gradient(float(surrogate_before.detach()))
     kl_grad = parameters_to_vector(torch.autograd.grad(mean_kl(), params, create_graph=True))
 
     def fisher_vector_product(v: torch.Tensor) -> torch.Tensor:
@@ -89,8 +113,7 @@ def trust_region_step(
         return average(parameters_to_vector(hv)) + cg_damping * v
 
     direction = conjugate_gradient(fisher_vector_product, grad, cg_iterations)
-    quadratic = direction @ fisher_vector_product(direction)
-    full_step = direction * torch.sqrt(2 * max_kl / quadratic.clamp_min(1e-12))
+    full_step = scaled_step(direction, fisher_vector_product, max_kl)
     old = parameters_to_vector(params).detach()
     before = float(average(surrogate_before.detach()))
     with torch.no_grad():
@@ -102,3 +125,60 @@ def trust_region_step(
                 return StepResult(before, after, kl, fraction)
         copy_into(old, params)
     return StepResult(before, before, 0.0, 0.0)
+
+
+def batched_trust_region_step(
+    flat: torch.Tensor,
+    surrogate: Callable[[], torch.Tensor],
+    mean_kl: Callable[[], torch.Tensor],
+    max_kl: float,
+    cg_iterations: int,
+    cg_damping: float,
+    line_search_steps: int,
+    backtrack: float,
+    running: torch.Tensor,
+) -> tuple[list[StepResult], torch.Tensor]:
+    """:func:`trust_region_step` for the K members of a population at once (``population_update.py``).
+
+    Row k of the leaf ``flat`` (K, P) holds member k's policy parameters; ``surrogate`` and
+    ``mean_kl`` give every member's value (K,) from the current rows. Each member's problem is
+    its own: the gradient of the members' summed surrogates with respect to row k is member k's
+    gradient alone, likewise every Fisher-vector product, the conjugate gradient stops per row, and
+    each member's line search accepts its own fraction. Only the ``running`` (K,) members move.
+    Returns each member's result, and which members' surrogate gradient was not finite (those
+    are left unmoved).
+    """
+    surrogate_before = surrogate()
+    (grad,) = torch.autograd.grad(surrogate_before.sum(), flat)
+    finite = torch.isfinite(grad).all(dim=1)
+    running = running & finite
+    (kl_grad,) = torch.autograd.grad(mean_kl().sum(), flat, create_graph=True)
+
+    def fisher_vector_product(v: torch.Tensor) -> torch.Tensor:
+        (hv,) = torch.autograd.grad((kl_grad * v).sum(), flat, retain_graph=True)
+        return hv + cg_damping * v
+
+    # A member that does not move solves for nothing: its residual starts at 0.
+    gradient = torch.where(running.unsqueeze(1), grad, 0.0)
+    direction = conjugate_gradient(fisher_vector_product, gradient, cg_iterations)
+    full_step = scaled_step(direction, fisher_vector_product, max_kl)
+    old = flat.detach().clone()
+    before = surrogate_before.detach()
+    after, kl, fraction = before.clone(), torch.zeros_like(before), torch.zeros_like(before)
+    accepted = torch.zeros_like(running)
+    with torch.no_grad():
+        for k in range(line_search_steps):
+            pending = running & ~accepted
+            if not bool(pending.any()):
+                break
+            step_fraction = backtrack**k
+            flat.copy_(torch.where(pending.unsqueeze(1), old + step_fraction * full_step, flat))
+            tried, tried_kl = surrogate(), mean_kl()
+            # Compared as the single run compares: the KL in float64 against max_kl.
+            good = pending & (tried_kl.double() <= max_kl) & (tried > before)
+            after, kl = torch.where(good, tried, after), torch.where(good, tried_kl, kl)
+            fraction = torch.where(good, step_fraction, fraction)
+            accepted |= good
+        flat.copy_(torch.where(accepted.unsqueeze(1), flat, old))
+    rows = zip(before.tolist(), after.tolist(), kl.tolist(), fraction.tolist(), strict=True)
+    return [StepResult(*row) for row in rows], ~finite

@@ -251,9 +251,21 @@ def regress_critic(updater: Updater, batch: Batch, cfg: CriticRegression) -> tor
     for _ in range(cfg.value_epochs):
         order = torch.randperm(len(batch), device=batch.obs.device)
         for idx in torch.tensor_split(order, cfg.value_minibatches):
-            value_loss = losses.value_loss(
-                updater.agent.value(batch.obs[idx]), batch.values[idx], batch.returns[idx], None
-            )
-            updater.step(cfg.vf_coef * value_loss, {"value_loss": value_loss})
-            value_losses.append(value_loss.detach())
+            value = updater.agent.value(batch.obs[idx])
+            loss, terms = critic_regression_loss(cfg, value, batch.values[idx], batch.returns[idx])
+            updater.step(loss, terms)
+            value_losses.append(terms["value_loss"].detach())
     return torch.stack(value_losses).mean()
+
+
+def critic_regression_loss(
+    cfg: CriticRegression,
+    value: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(vf_coef * the value loss of V's ``value`` on the ``returns``, {"value_loss": that loss}):
+    the loss of one step of :func:`regress_critic` (a population's members take theirs together)."""
+    value_loss = losses.value_loss(value, old_values, returns, None, weights)
+    return cfg.vf_coef * value_loss, {"value_loss": value_loss}

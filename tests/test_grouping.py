@@ -86,7 +86,6 @@ def test_max_members_splits_the_groups_that_form_groups_makes() -> None:
 @pytest.mark.parametrize(
     ("overrides", "reason"),
     [
-        (("algo=trpo",), "TRPO's per-member conjugate gradient and line search are not batched yet"),
         (
             ("algo=grpo",),
             "GRPO learns from whole episodes: each member's batch has its own size",
@@ -110,6 +109,7 @@ def test_an_ordinary_job_can_be_batched() -> None:
     assert why_not_batched(compose_config("algo=clip")) is None
     assert why_not_batched(compose_config("algo=a2c")) is None
     assert why_not_batched(compose_config("algo=penalty")) is None
+    assert why_not_batched(compose_config("algo=trpo")) is None
 
 
 def test_a_tracker_and_torchrun_cannot_be_batched(monkeypatch: pytest.MonkeyPatch) -> None:
