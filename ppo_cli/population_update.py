@@ -192,7 +192,6 @@ class PopulationUpdate:
     ) -> list[MemberResult | None]:
         """TRPO (``algos/trpo.py``) for every member: its trust-region step of the policy on its
         whole batch (``trust_region.batched_trust_region_step``), then its critic regression."""
-        cfg = cast(TRPOConfig, self.template.cfg)
         sizes = [len(batch) for batch in batches]
         members = torch.arange(len(batches), device=active.device).unsqueeze(1)
         whole = [torch.arange(size, device=active.device) for size in sizes]
@@ -204,11 +203,7 @@ class PopulationUpdate:
             self.agents.actor.flat,
             lambda: surrogate(self.agents.policy_params(batch.obs, batch.action_masks), batch),
             lambda: mean_kl(self.agents.policy_params(batch.obs, batch.action_masks), batch),
-            cfg.max_kl,
-            cfg.cg_iterations,
-            cfg.cg_damping,
-            cfg.line_search_steps,
-            cfg.backtrack_coef,
+            cast(TRPOUpdater, self.template).region,
             active,
         )
         failed = (active & not_finite).nonzero().flatten().tolist()

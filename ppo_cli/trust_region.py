@@ -75,6 +75,17 @@ def non_finite_gradient(surrogate: float) -> NonFiniteError:
     return NonFiniteError(f"the TRPO surrogate's gradient is not finite (surrogate {surrogate:g})")
 
 
+class TrustRegion(NamedTuple):
+    """How a step is taken: delta (``max_kl``), the conjugate gradient's iterations and damping
+    lambda, and the line search's tries and backtracking factor."""
+
+    max_kl: float
+    cg_iterations: int
+    cg_damping: float
+    line_search_steps: int
+    backtrack: float
+
+
 class StepResult(NamedTuple):
     """What the line search did: which fraction of the full step it took (0 = rejected)."""
 
@@ -88,16 +99,12 @@ def trust_region_step(
     params: list[torch.nn.Parameter],
     surrogate: Callable[[], torch.Tensor],
     mean_kl: Callable[[], torch.Tensor],
-    max_kl: float,
-    cg_iterations: int,
-    cg_damping: float,
-    line_search_steps: int,
-    backtrack: float,
+    region: TrustRegion,
     average: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
 ) -> StepResult:
     """Move ``params`` by one TRPO step; ``surrogate`` and ``mean_kl`` recompute from the current params.
 
-    ``cg_damping`` adds lambda * I to F so the solve stays well-posed when F is near singular.
+    ``region.cg_damping`` adds lambda * I to F so the solve stays well-posed when F is near singular.
     ``average`` turns a local quantity into the mean over data-parallel ranks (see
     ``distributed.py``): the gradient, every Fisher-vector product and the line search's
     measurements, so that every rank computes the same step.
@@ -110,18 +117,18 @@ def trust_region_step(
 
     def fisher_vector_product(v: torch.Tensor) -> torch.Tensor:
         hv = torch.autograd.grad(kl_grad @ v, params, retain_graph=True)
-        return average(parameters_to_vector(hv)) + cg_damping * v
+        return average(parameters_to_vector(hv)) + region.cg_damping * v
 
-    direction = conjugate_gradient(fisher_vector_product, grad, cg_iterations)
-    full_step = scaled_step(direction, fisher_vector_product, max_kl)
+    direction = conjugate_gradient(fisher_vector_product, grad, region.cg_iterations)
+    full_step = scaled_step(direction, fisher_vector_product, region.max_kl)
     old = parameters_to_vector(params).detach()
     before = float(average(surrogate_before.detach()))
     with torch.no_grad():
-        for k in range(line_search_steps):
-            fraction = backtrack**k
+        for k in range(region.line_search_steps):
+            fraction = region.backtrack**k
             copy_into(old + fraction * full_step, params)
             after, kl = average(torch.stack([surrogate(), mean_kl()])).tolist()
-            if kl <= max_kl and after > before:
+            if kl <= region.max_kl and after > before:
                 return StepResult(before, after, kl, fraction)
         copy_into(old, params)
     return StepResult(before, before, 0.0, 0.0)
@@ -131,11 +138,7 @@ def batched_trust_region_step(
     flat: torch.Tensor,
     surrogate: Callable[[], torch.Tensor],
     mean_kl: Callable[[], torch.Tensor],
-    max_kl: float,
-    cg_iterations: int,
-    cg_damping: float,
-    line_search_steps: int,
-    backtrack: float,
+    region: TrustRegion,
     running: torch.Tensor,
 ) -> tuple[list[StepResult], torch.Tensor]:
     """:func:`trust_region_step` for the K members of a population at once (``population_update.py``).
@@ -156,26 +159,26 @@ def batched_trust_region_step(
 
     def fisher_vector_product(v: torch.Tensor) -> torch.Tensor:
         (hv,) = torch.autograd.grad((kl_grad * v).sum(), flat, retain_graph=True)
-        return hv + cg_damping * v
+        return hv + region.cg_damping * v
 
     # A member that does not move solves for nothing: its residual starts at 0.
     gradient = torch.where(running.unsqueeze(1), grad, 0.0)
-    direction = conjugate_gradient(fisher_vector_product, gradient, cg_iterations)
-    full_step = scaled_step(direction, fisher_vector_product, max_kl)
+    direction = conjugate_gradient(fisher_vector_product, gradient, region.cg_iterations)
+    full_step = scaled_step(direction, fisher_vector_product, region.max_kl)
     old = flat.detach().clone()
     before = surrogate_before.detach()
     after, kl, fraction = before.clone(), torch.zeros_like(before), torch.zeros_like(before)
     accepted = torch.zeros_like(running)
     with torch.no_grad():
-        for k in range(line_search_steps):
+        for k in range(region.line_search_steps):
             pending = running & ~accepted
             if not bool(pending.any()):
                 break
-            step_fraction = backtrack**k
+            step_fraction = region.backtrack**k
             flat.copy_(torch.where(pending.unsqueeze(1), old + step_fraction * full_step, flat))
             tried, tried_kl = surrogate(), mean_kl()
             # Compared as the single run compares: the KL in float64 against max_kl.
-            good = pending & (tried_kl.double() <= max_kl) & (tried > before)
+            good = pending & (tried_kl.double() <= region.max_kl) & (tried > before)
             after, kl = torch.where(good, tried, after), torch.where(good, tried_kl, kl)
             fraction = torch.where(good, step_fraction, fraction)
             accepted |= good

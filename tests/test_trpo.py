@@ -12,7 +12,7 @@ from ppo_cli import losses
 from ppo_cli.agent import ActorCritic
 from ppo_cli.algos.trpo import TRPOUpdater
 from ppo_cli.config import AgentConfig, TRPOConfig
-from ppo_cli.trust_region import conjugate_gradient, trust_region_step
+from ppo_cli.trust_region import TrustRegion, batched_trust_region_step, conjugate_gradient, trust_region_step
 
 
 def test_conjugate_gradient_solves_a_known_spd_system() -> None:
@@ -43,15 +43,39 @@ def test_full_step_is_scaled_by_the_damped_quadratic_model() -> None:
     g = torch.tensor([1.0, 1.0], dtype=torch.float64)
     damping, max_kl = 0.5, 0.01
     theta = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
-    result = trust_region_step(
-        [theta], lambda: g @ theta, lambda: 0.5 * theta @ fisher @ theta, max_kl, 2, damping, 1, 0.5
-    )
+    region = TrustRegion(max_kl, cg_iterations=2, cg_damping=damping, line_search_steps=1, backtrack=0.5)
+    result = trust_region_step([theta], lambda: g @ theta, lambda: 0.5 * theta @ fisher @ theta, region)
     # (F + 0.5 I) = diag(1.5, 4.5): s = (2/3, 2/9), s^T (F + 0.5 I) s = 2/3 + 2/9 = 8/9.
     s = torch.tensor([2 / 3, 2 / 9], dtype=torch.float64)
     expected = s * (2 * max_kl / (8 / 9)) ** 0.5
     torch.testing.assert_close(theta.detach(), expected)
     assert result.step_fraction == 1.0
     assert 0.5 * expected @ fisher @ expected < 0.9 * max_kl  # the undamped model: well under delta
+
+
+def test_a_batched_step_solves_each_members_problem_alone() -> None:
+    """Three members, rows of one (3, 2) leaf: member 0 has the problem above, member 1 a
+    different Fisher matrix and gradient (its step by hand as well), member 2 a NaN gradient.
+    Each row moves as its own single step would; the NaN member is reported and left at 0."""
+    fishers = torch.tensor([[[1.0, 0.0], [0.0, 4.0]], [[2.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]]])
+    gradients = torch.tensor([[1.0, 1.0], [2.0, -1.0], [float("nan"), 1.0]])
+    fishers, gradients = fishers.double(), gradients.double()
+    flat = torch.zeros(3, 2, dtype=torch.float64, requires_grad=True)
+    region = TrustRegion(0.01, cg_iterations=2, cg_damping=0.5, line_search_steps=1, backtrack=0.5)
+    results, not_finite = batched_trust_region_step(
+        flat,
+        lambda: (gradients * flat).sum(dim=1),
+        lambda: 0.5 * torch.einsum("ki,kij,kj->k", flat, fishers, flat),
+        region,
+        torch.ones(3, dtype=torch.bool),
+    )
+    # Member 1: (F + 0.5 I) = diag(2.5, 1.5), s = (0.8, -2/3), s^T (F + 0.5 I) s = 1.6 + 2/3 = 34/15.
+    steps = [(torch.tensor([2 / 3, 2 / 9]), 8 / 9), (torch.tensor([0.8, -2 / 3]), 34 / 15)]
+    for k, (s, quadratic) in enumerate(steps):
+        torch.testing.assert_close(flat[k].detach(), s.double() * (2 * 0.01 / quadratic) ** 0.5)
+        assert results[k].step_fraction == 1.0
+    assert not_finite.tolist() == [False, False, True]
+    assert flat[2].detach().tolist() == [0.0, 0.0] and results[2].step_fraction == 0.0
 
 
 def trpo_config(max_kl: float) -> TRPOConfig:

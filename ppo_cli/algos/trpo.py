@@ -9,7 +9,7 @@ from ppo_cli import losses
 from ppo_cli.algos.variant import ActorCriticVariant
 from ppo_cli.batch import Batch
 from ppo_cli.config import TRPOConfig
-from ppo_cli.trust_region import StepResult, trust_region_step
+from ppo_cli.trust_region import StepResult, TrustRegion, trust_region_step
 from ppo_cli.update import OneStepUpdater, regress_critic
 
 
@@ -19,8 +19,6 @@ class TRPOUpdater(OneStepUpdater):
     cfg: TRPOConfig
 
     def update(self, batch: Batch) -> dict[str, float]:
-        cfg = self.cfg
-
         def policy() -> torch.Tensor:
             return self.agent.policy_params(batch.obs, batch.action_masks, batch.memory)
 
@@ -28,14 +26,18 @@ class TRPOUpdater(OneStepUpdater):
             self.agent.actor_parameters(),
             lambda: self.surrogate_of(policy(), batch),
             lambda: self.mean_kl_of(policy(), batch),
-            cfg.max_kl,
-            cfg.cg_iterations,
-            cfg.cg_damping,
-            cfg.line_search_steps,
-            cfg.backtrack_coef,
+            self.region,
             self.parallel.average,
         )
-        return self.metrics_of(batch, regress_critic(self, batch, cfg), result)
+        return self.metrics_of(batch, regress_critic(self, batch, self.cfg), result)
+
+    @property
+    def region(self) -> TrustRegion:
+        """How the policy step is taken (its config's keys)."""
+        cfg = self.cfg
+        return TrustRegion(
+            cfg.max_kl, cfg.cg_iterations, cfg.cg_damping, cfg.line_search_steps, cfg.backtrack_coef
+        )
 
     def surrogate_of(self, policy_params: torch.Tensor, batch: Batch) -> torch.Tensor:
         """The objective TRPO maximises, for the policy whose output on ``batch`` is
