@@ -3,6 +3,7 @@
     python benchmarks/population.py --members 1 4 8 16                  # CartPole's preset
     python benchmarks/population.py --case HalfCheetah --members 5     # bench.py's case (b)
     python benchmarks/population.py --members 2 --total-timesteps 1024   # smoke
+    python benchmarks/population.py algo=trpo --members 8               # overrides for every run
 
 Each row is one whole ``ppo-train`` process (imports, env construction, evaluations included):
 the single run ``ppo-train <case> seed=0``, and ``ppo-train -m <case> seed=0,...,K-1
@@ -74,8 +75,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="single / population pairs per K")
     parser.add_argument("--total-timesteps", type=int, help="env steps of every run: a smoke run")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("overrides", nargs="*", help="ppo-train overrides added to every run (algo=trpo)")
     args = parser.parse_args()
-    shared = [*CASES[args.case], f"device={args.device}", "progress=false"]
+    shared = [*CASES[args.case], *args.overrides, f"device={args.device}", "progress=false"]
     if args.total_timesteps:
         shared.append(f"total_timesteps={args.total_timesteps}")
     rows: list[dict[str, Any]] = []
@@ -112,7 +114,8 @@ def main() -> None:
                 )
                 print(f"done: K={members}, repeat {repeat}", file=sys.stderr)
     single_wall = statistics.median(singles)
-    print(f"case {args.case}; single run: median wall {single_wall:.1f} s over {len(singles)} runs\n")
+    extra = f" {' '.join(args.overrides)}" if args.overrides else ""
+    print(f"case {args.case}{extra}; single run: median wall {single_wall:.1f} s over {len(singles)} runs\n")
     print("| run | members | wall s | wall / single | throughput vs K singles | peak RSS MB | final evals |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
