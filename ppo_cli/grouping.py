@@ -64,11 +64,7 @@ def _under_torchrun(cfg: TrainConfig) -> bool:
 NOT_BATCHED: tuple[tuple[Callable[[TrainConfig], bool], str], ...] = (
     (
         lambda cfg: cfg.algo.name == "grpo",
-        "GRPO learns from whole episodes: each member's batch has its own size",
-    ),
-    (
-        lambda cfg: cfg.algo.name == "pg",
-        "REINFORCE (algo=pg) learns from whole episodes: each member's batch has its own size",
+        "GRPO's per-step loss weights (algo.loss_agg) are not batched yet",
     ),
     (_shared_trunk, "a shared trunk (CNN, LSTM/GRU) is not batched yet"),
     (_reference_policy, "a reference policy (algo.ref_kl_coef > 0) is not batched yet"),

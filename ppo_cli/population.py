@@ -221,10 +221,11 @@ class _Population:
         self.agents = StackedAgents([state.agent for state in states])
         self.adam = StackedAdam(self.agents.packs, [state.optimizer for state in states])
         # Envs that reset on the step after an episode ends leave that step out of the batch
-        # (rollout.py): the members' batches then differ in size, and are padded.
+        # (rollout.py), whole-episode rollouts their steps after the episode's end: the
+        # members' batches then differ in size, and are padded.
         collector = states[0].collector
         steps = collector.storage.num_steps * collector.envs.num_envs
-        padded_to = steps if collector.next_step_autoreset else None
+        padded_to = steps if collector.next_step_autoreset or not collector.lockstep else None
         self.update = PopulationUpdate(
             [state.updater for state in states], self.agents, self.adam, self._draw_orders, padded_to
         )
@@ -308,8 +309,13 @@ class _Population:
     def _collect(self) -> None:
         """Every member still training starts its iteration and collects its rollout, all in
         lockstep: at each step the members act in one batched pass (``acting.PopulationActing``,
-        when every member acts in numpy), then each steps its own envs; then each builds its batch."""
+        when every member acts in numpy), then each steps its own envs; then each builds its batch.
+        Collectors that do not step in lockstep (``Collector.lockstep``) collect one after the other."""
         members = [m for m in self.members if not m.ended]
+        if members and not members[0].run.state.collector.lockstep:
+            for member in members:
+                self._guarded(member, partial(self._collect_alone, member))
+            return
         for member in members:
             self._guarded(member, partial(self._start, member))
         members = [m for m in members if not m.ended]
@@ -330,6 +336,14 @@ class _Population:
         for member in members:
             if not member.ended:
                 self._guarded(member, partial(self._finish_collection, member))
+
+    @staticmethod
+    def _collect_alone(member: Member) -> None:
+        """A member whose collector does not step in lockstep (whole episodes) collects its
+        rollout whole, acting alone."""
+        state = member.run.state
+        learning_rate = start_iteration(state)
+        member.prepared = batch_of(state, learning_rate, state.collector.collect())
 
     @staticmethod
     def _start(member: Member) -> None:

@@ -30,13 +30,14 @@ from ppo_cli.agent import Evaluation
 from ppo_cli.algos.a2c import A2CUpdater
 from ppo_cli.algos.clip import ClipUpdater
 from ppo_cli.algos.penalty import PenaltyUpdater
+from ppo_cli.algos.pg import PGUpdater
 from ppo_cli.algos.trpo import TRPOUpdater
 from ppo_cli.batch import Batch
-from ppo_cli.config import AlgoConfig, TRPOConfig
+from ppo_cli.config import AlgoConfig
 from ppo_cli.errors import NonFiniteError
 from ppo_cli.stacked import StackedAdam, StackedAgents
 from ppo_cli.trust_region import batched_trust_region_step, non_finite_gradient
-from ppo_cli.update import SurrogateUpdater, Updater, critic_regression_loss
+from ppo_cli.update import CriticRegression, OneStepUpdater, SurrogateUpdater, Updater, critic_regression_loss
 
 LossFn = Callable[[Updater, Evaluation, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 MemberResult = dict[str, float] | NonFiniteError
@@ -45,10 +46,10 @@ MemberResult = dict[str, float] | NonFiniteError
 def batched_loss_of(updater: Updater) -> LossFn | None:
     """The loss a population minimises by Adam steps for ``updater``'s variant; None for TRPO
     (a trust-region step of the policy, then critic regression: :meth:`PopulationUpdate._trust_region`)
-    and for the variants not batched (REINFORCE's and GRPO's whole-episode batches)."""
+    and for GRPO (not batched yet)."""
     if isinstance(updater, ClipUpdater | PenaltyUpdater):
         return lambda u, out, mb: u.minibatch_loss(out, mb)  # type: ignore[attr-defined]
-    if isinstance(updater, A2CUpdater):
+    if isinstance(updater, A2CUpdater | PGUpdater):
         return lambda u, out, mb: u.batch_loss(out, mb)  # type: ignore[attr-defined]
     return None
 
@@ -172,12 +173,14 @@ class PopulationUpdate:
         whole = [torch.arange(size, device=active.device) for size in sizes]
         idx, weights = next(_minibatches(whole, 1, self.padded_to))
         members = torch.arange(len(batches), device=active.device).unsqueeze(1)
-        stacked = dataclasses.replace(stacked.map(lambda field: field[members, idx]), weights=weights)
-        out = self.agents.evaluate(stacked.obs, stacked.actions, stacked.action_masks)
+        batch = dataclasses.replace(stacked.map(lambda field: field[members, idx]), weights=weights)
+        out = self.agents.evaluate(batch.obs, batch.actions, batch.action_masks)
         assert self.loss is not None
-        loss, terms = self._batched(self.loss)(out, stacked)
+        loss, terms = self._batched(self.loss)(out, batch)
         errors: dict[int, NonFiniteError] = {}
-        self._step(loss, terms, active, lrs, errors)
+        failed = self._step(loss, terms, active, lrs, errors)
+        if cast(OneStepUpdater, self.template).regresses_critic:
+            terms["value_loss"] = self._regress_critics(stacked, sizes, active & ~failed, lrs, errors)
         results: list[MemberResult | None] = []
         for k, updater in enumerate(self.updaters):
             if k in errors or not bool(active[k]):
@@ -227,7 +230,7 @@ class PopulationUpdate:
     ) -> torch.Tensor:
         """``update.regress_critic`` of the ``running`` members at once (each with its own
         minibatch orders); each member's mean value loss, (K,)."""
-        cfg = cast(TRPOConfig, self.template.cfg)
+        cfg = cast(CriticRegression, self.template.cfg)
         members = torch.arange(len(sizes), device=running.device).unsqueeze(1)
         critic_loss = self._batched(
             lambda updater, value, mb: critic_regression_loss(

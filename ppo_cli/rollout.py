@@ -133,6 +133,10 @@ class Rollout:
 class Collector:
     """Steps a vector env with an agent and writes the transitions into a storage."""
 
+    # Whether a population (population.py) may step this collector in lockstep with its other
+    # members' through :meth:`collecting`, acting for all of them in one batched pass.
+    lockstep = True
+
     def __init__(
         self,
         envs: VectorEnv,

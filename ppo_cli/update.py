@@ -214,6 +214,12 @@ class OneStepUpdater(Updater):
 
     cfg: ActorCriticConfig | PGConfig
 
+    @property
+    def regresses_critic(self) -> bool:
+        """Whether the policy step is followed by :func:`regress_critic` (PG's learned baseline):
+        a population (``population_update.py``) regresses its members' critics together."""
+        return False
+
     def policy_terms(self, batch: Batch) -> tuple[Evaluation, dict[str, torch.Tensor]]:
         out = self.agent.evaluate(batch.obs, batch.actions, batch.action_masks, batch.memory)
         return out, self.policy_terms_of(out, batch)

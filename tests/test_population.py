@@ -61,6 +61,9 @@ KINDS = {
     "a2c": ("algo=a2c",),
     "trpo": ("algo=trpo",),
     "trpo-box": ("algo=trpo", "env=Pendulum", "env.num_envs=2", "env.num_steps=16"),
+    # whole episodes (collected member by member, batches of their own sizes), critic regression
+    "pg": ("algo=pg", "algo.value_minibatches=2"),
+    "pg-no-critic": ("algo=pg", "algo.value_minibatches=2", "algo.baseline=mean", "algo.norm_adv=true"),
     # a Gaussian policy, observation and reward normalisation, time-limit bootstrapping
     "box": ("env=Pendulum", "env.num_envs=2", "env.num_steps=16", *EPOCHS),
     "multidiscrete": ("env.id=synthetic_envs:MatchDigits-v0", *EPOCHS),
@@ -85,7 +88,7 @@ def test_a_member_trains_as_its_single_run_does(tmp_path: Path, kind: str) -> No
     assert [outcome["status"] for outcome in outcomes] == ["completed", "completed"]  # type: ignore[index]
     single = train(compose_config(*TINY, *extra, "seed=0"), tmp_path / "single")
     member = read_summary(tmp_path / "member0")
-    assert member["global_step"] == single["global_step"] == 256
+    assert member["global_step"] == single["global_step"] >= 256  # whole episodes may end past it
     assert member["eval_mean"] == pytest.approx(single["eval_mean"], rel=1e-3)
     difference = _max_difference(_weights(tmp_path / "member0"), _weights(tmp_path / "single"))
     assert difference < TOLERANCE.get(kind, 1e-4)

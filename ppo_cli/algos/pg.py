@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ppo_cli.advantages import monte_carlo_weights
+from ppo_cli.agent import Evaluation
 from ppo_cli.algos.whole_episodes import WholeEpisodeVariant
 from ppo_cli.batch import Batch
 from ppo_cli.config import PGConfig
@@ -27,11 +28,21 @@ class PGUpdater(OneStepUpdater):
     cfg: PGConfig
 
     def update(self, batch: Batch) -> dict[str, float]:
-        _, terms = self.policy_terms(batch)
-        self.step(terms["policy_loss"] - self.cfg.ent_coef * terms["entropy"], terms)
-        if self.cfg.baseline == "value":
+        out = self.agent.evaluate(batch.obs, batch.actions, batch.action_masks, batch.memory)
+        loss, terms = self.batch_loss(out, batch)
+        self.step(loss, terms)
+        if self.regresses_critic:
             terms["value_loss"] = regress_critic(self, batch, self.cfg)
         return self.metrics_after_step(batch, terms)
+
+    def batch_loss(self, out: Evaluation, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, {name: term to log}) of the policy step on the evaluation ``out`` of ``batch``."""
+        terms = self.policy_terms_of(out, batch)
+        return terms["policy_loss"] - self.cfg.ent_coef * terms["entropy"], terms
+
+    @property
+    def regresses_critic(self) -> bool:
+        return self.cfg.baseline == "value"
 
 
 class PG(WholeEpisodeVariant):

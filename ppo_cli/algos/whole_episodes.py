@@ -41,6 +41,10 @@ class GroupCollector(Collector):
     every episode played is reported.
     """
 
+    # Its passes end when every episode has, and dynamic sampling may play more: a population
+    # (population.py) collects its members' rollouts whole, one after the other.
+    lockstep = False
+
     def __init__(
         self,
         envs: VectorEnv,
