@@ -38,6 +38,7 @@ from ppo_cli.errors import ConfigError, EnvError, Interrupted, UserError
 from ppo_cli.help_page import help_text
 from ppo_cli.hydra_config import register_schemas, to_train_config, unknown_key_error
 from ppo_cli.provenance import log_presets
+from ppo_cli.signals import STOP_SIGNALS, ignore_stop_signals
 
 # The modules that import torch and gymnasium are imported by the functions that train or evaluate:
 # --help, --cfg, --info and completion queries answer without them (``answers_at_once``). For a
@@ -268,6 +269,8 @@ def _exit_if_expected(exc: BaseException, prog: str) -> None:
     outcome = expected_outcome(exc)
     if outcome is not None:
         report, code = outcome
+        if code in {128 + signum for signum in STOP_SIGNALS}:
+            ignore_stop_signals()
         print(f"{prog}: {report}{env_traceback(exc)}", file=sys.stderr)
         sys.exit(code)
 

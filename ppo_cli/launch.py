@@ -28,7 +28,13 @@ from collections.abc import Callable
 
 from ppo_cli import supervisor
 from ppo_cli.errors import Interrupted
-from ppo_cli.signals import STOP_SIGNALS, SUPERVISOR_ECHO_S, GracefulStop, StdoutReaderGone
+from ppo_cli.signals import (
+    STOP_SIGNALS,
+    SUPERVISOR_ECHO_S,
+    GracefulStop,
+    StdoutReaderGone,
+    ignore_stop_signals,
+)
 
 IMPORT_THRESHOLD = 10_000  # allocations between collections of the youngest generation (default 700)
 
@@ -75,6 +81,7 @@ def _entry_point(
 
 
 def _exit(prog: str, interrupted: Interrupted) -> None:
+    ignore_stop_signals()
     print(f"{prog}: {interrupted}", file=sys.stderr)
     sys.exit(interrupted.exit_code)
 

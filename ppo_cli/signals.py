@@ -96,6 +96,17 @@ class GracefulStop:
         self._previous.clear()
 
 
+def ignore_stop_signals() -> None:
+    """The process is ending because a stop signal stopped it: later copies of one (the
+    supervisor's forwarded echo arriving late on a loaded machine, another Ctrl-C) have nothing
+    left to stop. Ignored, they cannot kill it either while the interpreter shuts down (which
+    puts back the default handlers, under which SIGTERM kills), so its exit code and its one
+    line stay its own."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+
+
 def training_stop(distributed: bool) -> GracefulStop:
     """The training loop's GracefulStop, with the echo window of whatever may forward it a
     signal it already got: torchrun's agent (``distributed``), ppo-train's supervisor, or none."""

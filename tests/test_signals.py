@@ -8,8 +8,9 @@ import time
 
 import pytest
 
-from ppo_cli.errors import Interrupted
-from ppo_cli.signals import GracefulStop
+from ppo_cli import cli
+from ppo_cli.errors import Interrupted, UserError
+from ppo_cli.signals import STOP_SIGNALS, GracefulStop
 
 
 @pytest.fixture(autouse=True)
@@ -54,3 +55,26 @@ def test_the_echo_of_a_signal_that_stopped_the_process_is_ignored() -> None:
                 os.kill(os.getpid(), signal.SIGTERM)  # a second request: at once
             os.kill(os.getpid(), signal.SIGTERM)  # its echo
         os.kill(os.getpid(), signal.SIGTERM)  # another echo, reaching the outer handler
+
+
+@pytest.mark.parametrize(
+    ("exc", "ignored"),
+    [(Interrupted(signal.SIGTERM, "stopped by SIGTERM"), True), (UserError("seed: not a number"), False)],
+    ids=["stopped by a signal", "bad input"],
+)
+def test_a_command_ending_for_a_signal_ignores_later_copies_of_one(exc: BaseException, ignored: bool) -> None:
+    """ppo-train's last words after a stop signal (cli._exit_if_expected): a late copy (the
+    supervisor's echo on a loaded machine) must not kill it while it exits, when Python has put the
+    default handlers back; another ending leaves the handlers alone."""
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            cli._exit_if_expected(exc, "ppo-train")
+        assert exit_info.value.code == (128 + signal.SIGTERM if ignored else UserError.exit_code)
+        handlers = [signal.getsignal(signum) for signum in STOP_SIGNALS]
+        assert handlers == ([signal.SIG_IGN] * 2 if ignored else list(previous.values()))
+        if ignored:
+            os.kill(os.getpid(), signal.SIGTERM)  # the late echo: nothing happens
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
