@@ -170,10 +170,7 @@ class PopulationUpdate:
         self, stacked: Batch, batches: Sequence[Batch], active: torch.Tensor, lrs: torch.Tensor
     ) -> list[MemberResult | None]:
         sizes = [len(batch) for batch in batches]
-        whole = [torch.arange(size, device=active.device) for size in sizes]
-        idx, weights = next(_minibatches(whole, 1, self.padded_to))
-        members = torch.arange(len(batches), device=active.device).unsqueeze(1)
-        batch = dataclasses.replace(stacked.map(lambda field: field[members, idx]), weights=weights)
+        batch = self._whole(stacked, sizes)
         out = self.agents.evaluate(batch.obs, batch.actions, batch.action_masks)
         assert self.loss is not None
         loss, terms = self._batched(self.loss)(out, batch)
@@ -196,16 +193,17 @@ class PopulationUpdate:
         """TRPO (``algos/trpo.py``) for every member: its trust-region step of the policy on its
         whole batch (``trust_region.batched_trust_region_step``), then its critic regression."""
         sizes = [len(batch) for batch in batches]
-        members = torch.arange(len(batches), device=active.device).unsqueeze(1)
-        whole = [torch.arange(size, device=active.device) for size in sizes]
-        idx, weights = next(_minibatches(whole, 1, self.padded_to))
-        batch = dataclasses.replace(stacked.map(lambda field: field[members, idx]), weights=weights)
+        batch = self._whole(stacked, sizes)
         surrogate = self._batched(lambda updater, params, b: updater.surrogate_of(params, b))  # type: ignore[attr-defined]
         mean_kl = self._batched(lambda updater, params, b: updater.mean_kl_of(params, b))  # type: ignore[attr-defined]
+
+        def policy() -> torch.Tensor:
+            return self.agents.policy_params(batch.obs, batch.action_masks)
+
         steps, not_finite = batched_trust_region_step(
             self.agents.actor.flat,
-            lambda: surrogate(self.agents.policy_params(batch.obs, batch.action_masks), batch),
-            lambda: mean_kl(self.agents.policy_params(batch.obs, batch.action_masks), batch),
+            lambda: surrogate(policy(), batch),
+            lambda: mean_kl(policy(), batch),
             cast(TRPOUpdater, self.template).region,
             active,
         )
@@ -219,6 +217,15 @@ class PopulationUpdate:
                 continue
             results.append(cast(TRPOUpdater, updater).metrics_of(batches[k], value_losses[k], steps[k]))
         return results
+
+    def _whole(self, stacked: Batch, sizes: Sequence[int]) -> Batch:
+        """Every member's whole batch, (K, B, ...), as one step on the whole batch takes it (its
+        samples in order, padded with weight 0 to ``padded_to``, see :func:`_minibatches`)."""
+        device = stacked.obs.device
+        whole = [torch.arange(size, device=device) for size in sizes]
+        idx, weights = next(_minibatches(whole, 1, self.padded_to))
+        members = torch.arange(len(sizes), device=device).unsqueeze(1)
+        return dataclasses.replace(stacked.map(lambda field: field[members, idx]), weights=weights)
 
     def _regress_critics(
         self,
